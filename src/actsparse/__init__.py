@@ -1,0 +1,23 @@
+"""actsparse: post-training N:M activation sparsity for Hugging Face causal language models."""
+
+__version__ = "0.1.0"
+
+from actsparse.config import SparsityConfig
+from actsparse.errors import ActsparseError
+from actsparse.evaluate import evaluate
+from actsparse.flops import flop_report
+from actsparse.models import load_model
+from actsparse.patterns import Pattern, parse_pattern
+from actsparse.sparsify import SparsityHandle, sparsify
+
+__all__ = [
+    "ActsparseError",
+    "Pattern",
+    "SparsityConfig",
+    "SparsityHandle",
+    "evaluate",
+    "flop_report",
+    "load_model",
+    "parse_pattern",
+    "sparsify",
+]

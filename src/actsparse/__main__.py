@@ -1,0 +1,3 @@
+from actsparse.cli import main
+
+main()

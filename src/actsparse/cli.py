@@ -1,0 +1,161 @@
+"""The ``actsparse`` command: parses, calls the API, prints. User mistakes exit 2 with one sentence."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from actsparse.config import DEFAULT_TARGETS, SparsityConfig
+from actsparse.data import load_text, token_windows
+from actsparse.errors import ActsparseError
+from actsparse.evaluate import EvalRow, evaluate, results_document
+from actsparse.flops import flop_report
+from actsparse.models import EMBEDDED_MODELS, converted_dir, load_model, resolve_model
+from actsparse.paths import write_json_atomic
+from actsparse.sparsify import sparsify
+
+app = typer.Typer(help="Post-training N:M activation sparsity for Hugging Face causal language models.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+errors = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option(help="Embedded name (see `actsparse models`), Hub id, model folder or .gguf file.")]
+PatternOpt = Annotated[str, typer.Option(help="Comma-separated patterns: N:M (keep N of every M) or unstructured:<density>.")]
+CriterionOpt = Annotated[str, typer.Option(help="Comma-separated criteria: magnitude, wina, amber, clact, variance.")]
+PhaseOpt = Annotated[str, typer.Option(help="prefill: sparsify prompt processing only; all: every call.")]
+IncludeOpt = Annotated[list[str], typer.Option(help="Regex on layer names to sparsify (repeatable).")]
+ExcludeOpt = Annotated[list[str], typer.Option(help="Regex on layer names to keep dense (repeatable).")]
+RemainderOpt = Annotated[str, typer.Option(help="When in_features is not a multiple of M: error, or dense (keep the tail dense).")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+
+
+def _configs(pattern: str, criterion: str, phase: str, include: list[str], exclude: list[str], remainder: str) -> list[SparsityConfig]:
+    patterns = [p.strip() for p in pattern.split(",") if p.strip()]
+    criteria = [c.strip() for c in criterion.split(",") if c.strip()]
+    if not patterns or not criteria:
+        raise ActsparseError("Give at least one --pattern and one --criterion, e.g. --pattern 8:16 --criterion amber.")
+    return [
+        SparsityConfig(pattern=p, criterion=c, phase=phase, include=tuple(include), exclude=tuple(exclude), remainder=remainder)
+        for p, c in itertools.product(patterns, criteria)
+    ]
+
+
+def _quality_table(rows: list[EvalRow], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("configuration", "perplexity", "KL to dense", "top-1 agree", "sparse FLOP share", "density", "FLOPs removed"):
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for row in rows:
+        flops = row.flops
+        density = flops["measured_density"]
+        removed = flops["measured_removed_share"]
+        table.add_row(
+            row.label,
+            f"{row.perplexity:.2f}",
+            f"{row.kl_to_dense:.4f}",
+            f"{row.top1_agreement:.1%}",
+            f"{flops['sparse_share']:.1%}",
+            "—" if density is None else f"{density:.3f}",
+            "—" if removed is None else f"{removed:.1%}",
+        )
+    return table
+
+
+@app.command("eval")
+def eval_command(
+    model: ModelOpt = "smollm2-135m",
+    pattern: PatternOpt = "2:4,8:16,16:32",
+    criterion: CriterionOpt = "magnitude,amber",
+    dataset: Annotated[str, typer.Option(help="sotu, wikitext2, or a path to a text file (evaluation split).")] = "sotu",
+    seqlen: Annotated[int, typer.Option(help="Tokens per window, BOS included.")] = 512,
+    windows: Annotated[int, typer.Option(help="Number of windows to evaluate; 0 for the whole split.")] = 32,
+    phase: PhaseOpt = "prefill",
+    include: IncludeOpt = [DEFAULT_TARGETS],
+    exclude: ExcludeOpt = [],
+    remainder: RemainderOpt = "error",
+    dtype: DtypeOpt = "float32",
+    out: Annotated[Path, typer.Option(help="JSON file for every figure (written atomically).")] = Path("results/eval.json"),
+) -> None:
+    """Perplexity, KL to dense and top-1 agreement of the dense model and every pattern × criterion."""
+    configs = _configs(pattern, criterion, phase, include, exclude, remainder)
+    loaded, tokenizer = load_model(model, dtype)
+    text = load_text(dataset, "evaluation")
+    tokens = token_windows(tokenizer, text, seqlen, windows or None)
+    rows = evaluate(loaded, tokens, configs)
+    text_info = {"source": dataset, "split": "evaluation", "seqlen": seqlen, "windows": len(tokens), "tokens": tokens.numel()}
+    write_json_atomic(out, results_document(rows, model, text_info))
+    console.print(_quality_table(rows, f"{model} on {dataset} (evaluation split): {len(tokens)} windows × {seqlen} tokens"))
+    console.print(f"Saved to {out}")
+
+
+@app.command()
+def info(
+    model: ModelOpt = "smollm2-135m",
+    pattern: Annotated[str, typer.Option(help="N:M or unstructured:<density>.")] = "8:16",
+    criterion: Annotated[str, typer.Option(help="magnitude, wina, amber, clact or variance.")] = "amber",
+    phase: PhaseOpt = "prefill",
+    include: IncludeOpt = [DEFAULT_TARGETS],
+    exclude: ExcludeOpt = [],
+    remainder: RemainderOpt = "error",
+) -> None:
+    """The layers a configuration would sparsify and the share of linear FLOPs it makes sparse."""
+    (config,) = _configs(pattern, criterion, phase, include, exclude, remainder)
+    loaded, _ = load_model(model)
+    report = flop_report(loaded, sparsify(loaded, config))
+    table = Table(title=f"{model}: {config.label}, phase {config.phase}")
+    for column in ("layer", "in", "out", "MFLOPs/token", "sparse", "density"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for layer in report.layers:
+        table.add_row(
+            layer.name, str(layer.in_features), str(layer.out_features), f"{layer.flops_per_token / 1e6:.2f}",
+            "yes" if layer.sparse else "no", f"{layer.nominal_density:.3f}",
+        )
+    console.print(table)
+    console.print(
+        f"Sparse share of linear FLOPs: {report.sparse_share:.1%} (LM head excluded; "
+        f"{report.sparse_share_with_lm_head:.1%} with the LM head of {report.lm_head_flops_per_token / 1e6:.1f} MFLOPs/token). "
+        f"FLOPs removed at this density: {report.removed_share:.1%}."
+    )
+
+
+@app.command()
+def models() -> None:
+    """The models that ship inside PyPI packages and work offline."""
+    table = Table(title="Embedded models")
+    for column in ("name", "model", "package", "converted"):
+        table.add_column(column)
+    for m in EMBEDDED_MODELS.values():
+        converted = (converted_dir(m.name) / "config.json").exists()
+        table.add_row(m.name, m.description, m.package, "yes" if converted else "on first use")
+    console.print(table)
+
+
+@app.command()
+def prepare(
+    model: Annotated[list[str], typer.Option(help="Model to convert into the cache (repeatable).")] = ["smollm2-135m"],
+    dataset: Annotated[list[str], typer.Option(help="Text to fetch into the cache (repeatable).")] = ["sotu"],
+) -> None:
+    """Fetch texts and convert models into the cache now, so later runs start at once."""
+    for name in dataset:
+        load_text(name, "evaluation")
+        console.print(f"text {name}: ready")
+    for name in model:
+        console.print(f"model {name}: ready in {resolve_model(name)}")
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        app()
+    except ActsparseError as error:
+        errors.print(f"[bold red]error:[/] {error}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        errors.print("interrupted")
+        sys.exit(130)

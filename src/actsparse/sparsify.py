@@ -1,0 +1,107 @@
+"""Attach and detach N:M activation sparsity on a model: ``sparsify(model, config) -> handle``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from actsparse.config import SparsityConfig
+from actsparse.errors import ActsparseError
+from actsparse.layers import SparseLinear
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` of ``model`` by name, except its LM head (the output embedding)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head and name
+    }
+
+
+def target_layers(model: nn.Module, config: SparsityConfig) -> dict[str, nn.Linear]:
+    """The linear layers ``config`` selects: names matching an include and no exclude expression.
+
+    An include or exclude expression that matches no linear layer is refused, as is an empty result.
+    """
+    layers = linear_layers(model)
+    for kind, expressions in (("include", config.include), ("exclude", config.exclude)):
+        for expression in expressions:
+            if not any(re.search(expression, name) for name in layers):
+                raise ActsparseError(
+                    f"The {kind} filter '{expression}' matches no linear layer of this model; "
+                    "list the layer names with `actsparse info --model ...` and adjust the filter."
+                )
+    chosen = {
+        name: module
+        for name, module in layers.items()
+        if any(re.search(e, name) for e in config.include)
+        and not any(re.search(e, name) for e in config.exclude)
+    }
+    if not chosen:
+        raise ActsparseError(
+            "No linear layer is left to sparsify after the include and exclude filters; "
+            "loosen --exclude or widen --include."
+        )
+    return chosen
+
+
+@dataclass
+class SparsityHandle:
+    """What ``sparsify`` returns: the wrapped layers, and the means to take them out and back.
+
+    ``remove()`` puts every original ``nn.Linear`` object back, so the model is bit-for-bit what it
+    was; ``attach()`` re-inserts the same prepared layers (no factor is recomputed).
+    """
+
+    model: nn.Module
+    config: SparsityConfig
+    layers: dict[str, SparseLinear]
+    originals: dict[str, nn.Linear]
+    attached: bool = False
+
+    def _swap_in(self, modules: dict[str, nn.Module]) -> None:
+        for name, module in modules.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), child, module)
+
+    def attach(self) -> SparsityHandle:
+        """Put the sparse layers into the model (no-op when already attached)."""
+        if not self.attached:
+            self._swap_in(self.layers)
+            self.attached = True
+        return self
+
+    def remove(self) -> None:
+        """Restore the original dense layers (no-op when already removed)."""
+        if self.attached:
+            self._swap_in(self.originals)
+            self.attached = False
+
+    def measure_density(self, enabled: bool = True) -> None:
+        """Start (or stop) counting the non-zero inputs of every sparsified call, from zero."""
+        for layer in self.layers.values():
+            layer.measure_density = enabled
+            layer.reset_counters()
+
+    def __enter__(self) -> SparsityHandle:
+        return self.attach()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+
+def sparsify(model: nn.Module, config: SparsityConfig | None = None) -> SparsityHandle:
+    """Attach N:M activation sparsity to ``model`` in place and return the handle that undoes it.
+
+    The model stays an ordinary ``nn.Module`` (a transformers model stays one): each target
+    ``nn.Linear`` is replaced by a ``SparseLinear`` that shares its parameters. Use the handle as a
+    context manager, or call ``handle.remove()``, to get the dense model back exactly.
+    """
+    config = config or SparsityConfig()
+    originals = target_layers(model, config)
+    layers = {name: SparseLinear.from_linear(linear, name, config) for name, linear in originals.items()}
+    return SparsityHandle(model, config, layers, originals).attach()

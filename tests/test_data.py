@@ -1,0 +1,50 @@
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from actsparse import ActsparseError
+from actsparse.data import SOTU_FIRST_EVALUATION_YEAR, load_text, sotu_addresses, sotu_dir, token_windows
+
+
+@pytest.fixture
+def word_tokenizer():
+    """One token per word of a tiny vocabulary, with BOS id 1."""
+    vocab = {"<unk>": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate("one two three four five six".split())}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>")
+
+
+def test_windows_start_with_bos_and_do_not_overlap(word_tokenizer):
+    windows = token_windows(word_tokenizer, "one two three four five six one two", seqlen=4)
+    assert windows.tolist() == [[1, 2, 3, 4], [1, 5, 6, 7]]
+
+
+def test_max_windows(word_tokenizer):
+    assert token_windows(word_tokenizer, "one two three four five six", seqlen=3, max_windows=2).shape == (2, 3)
+
+
+def test_text_too_short_names_the_fix(word_tokenizer):
+    with pytest.raises(ActsparseError, match="fewer than one window of 16; use a longer text or a smaller --seqlen"):
+        token_windows(word_tokenizer, "one two", seqlen=16)
+
+
+def test_local_text_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello there", encoding="utf-8")
+    assert load_text(str(path)) == "hello there"
+
+
+def test_unknown_text_source():
+    with pytest.raises(ActsparseError, match="neither a known dataset"):
+        load_text("no-such-file.txt")
+
+
+def test_sotu_splits_never_overlap_and_cover_every_address():
+    calibration, evaluation = sotu_addresses("calibration"), sotu_addresses("evaluation")
+    assert not set(calibration) & set(evaluation)
+    assert len(calibration) + len(evaluation) == len(list(sotu_dir().glob("*.txt")))
+    assert calibration[0].name.startswith("1790") and evaluation[-1].name.startswith("2021")
+    assert all(int(f.name[:4]) < SOTU_FIRST_EVALUATION_YEAR for f in calibration)
+    assert all(int(f.name[:4]) >= SOTU_FIRST_EVALUATION_YEAR for f in evaluation)
+    assert len(load_text("sotu", "evaluation").split()) > 100_000
