@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from actsparse import kernels
 from actsparse.config import DEFAULT_TARGETS, SparsityConfig
 from actsparse.data import load_text, token_windows
 from actsparse.errors import ActsparseError
@@ -22,7 +23,8 @@ from actsparse.paths import write_json_atomic
 from actsparse.sparsify import sparsify
 
 app = typer.Typer(help="Post-training N:M activation sparsity for Hugging Face causal language models.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console()
+# Tables are wider than the 80 columns rich assumes when the output is a file or a pipe.
+console = Console() if sys.stdout.isatty() else Console(width=120)
 errors = Console(stderr=True)
 
 ModelOpt = Annotated[str, typer.Option(help="Embedded name (see `actsparse models`), Hub id, model folder or .gguf file.")]
@@ -48,8 +50,9 @@ def _configs(pattern: str, criterion: str, phase: str, include: list[str], exclu
 
 def _quality_table(rows: list[EvalRow], title: str) -> Table:
     table = Table(title=title)
-    for column in ("configuration", "perplexity", "KL to dense", "top-1 agree", "sparse FLOP share", "density", "FLOPs removed"):
-        table.add_column(column, justify="left" if column == "configuration" else "right")
+    table.add_column("config", no_wrap=True)
+    for column in ("ppl", "KL", "top-1", "sparse FLOPs", "density", "removed"):
+        table.add_column(column, justify="right", no_wrap=True)
     for row in rows:
         flops = row.flops
         density = flops["measured_density"]
@@ -89,7 +92,12 @@ def eval_command(
     rows = evaluate(loaded, tokens, configs)
     text_info = {"source": dataset, "split": "evaluation", "seqlen": seqlen, "windows": len(tokens), "tokens": tokens.numel()}
     write_json_atomic(out, results_document(rows, model, text_info))
-    console.print(_quality_table(rows, f"{model} on {dataset} (evaluation split): {len(tokens)} windows × {seqlen} tokens"))
+    console.print(_quality_table(rows, f"{model}, {dataset} evaluation split, {len(tokens)} windows × {seqlen} tokens"))
+    console.print(
+        "ppl: perplexity; KL: mean KL(dense ‖ sparse) per token; top-1: agreement with the dense model's "
+        "next token; sparse FLOPs: share of linear FLOPs (LM head excluded) with sparse inputs; density: "
+        "measured share of non-zero inputs; removed: share of linear FLOPs removed."
+    )
     console.print(f"Saved to {out}")
 
 
@@ -108,8 +116,9 @@ def info(
     loaded, _ = load_model(model)
     report = flop_report(loaded, sparsify(loaded, config))
     table = Table(title=f"{model}: {config.label}, phase {config.phase}")
-    for column in ("layer", "in", "out", "MFLOPs/token", "sparse", "density"):
-        table.add_column(column, justify="left" if column == "layer" else "right")
+    table.add_column("layer", no_wrap=True)
+    for column in ("in", "out", "MFLOPs/token", "sparse", "density"):
+        table.add_column(column, justify="right", no_wrap=True)
     for layer in report.layers:
         table.add_row(
             layer.name, str(layer.in_features), str(layer.out_features), f"{layer.flops_per_token / 1e6:.2f}",
@@ -120,6 +129,10 @@ def info(
         f"Sparse share of linear FLOPs: {report.sparse_share:.1%} (LM head excluded; "
         f"{report.sparse_share_with_lm_head:.1%} with the LM head of {report.lm_head_flops_per_token / 1e6:.1f} MFLOPs/token). "
         f"FLOPs removed at this density: {report.removed_share:.1%}."
+    )
+    console.print(
+        "Selection pass: "
+        + ("compiled (float32 N:M on the CPU)" if kernels.AVAILABLE else "PyTorch only: the compiled pass was not built")
     )
 
 
