@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/overhead.py [--model smollm2-135m] [--pattern 8:16] [--criterion amber]
 
-Both are timed in the same run, alternately, and the medians compared.
+Dense, sparse with the compiled selection pass, and sparse with the PyTorch-only selection are timed
+in the same run, interleaved, and their medians compared.
 """
 
 from __future__ import annotations
@@ -10,19 +11,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
-from actsparse import SparsityConfig, load_model, sparsify
+from actsparse import SparsityConfig, kernels, load_model, sparsify
 
 
-def median_seconds(run, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(run: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -38,26 +37,36 @@ def main() -> None:
     ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     handle = sparsify(model, SparsityConfig(pattern=args.pattern, criterion=args.criterion))
     handle.remove()
+    compiled = kernels.AVAILABLE
 
     def prefill() -> None:
         with torch.inference_mode():
             model(ids, use_cache=False)
 
-    def sparse_prefill() -> None:
-        with handle:
-            prefill()
+    def sparse_prefill(use_compiled: bool) -> Callable[[], None]:
+        def run() -> None:
+            kernels.AVAILABLE = use_compiled  # the switch the layers consult on every call
+            with handle:
+                prefill()
+            kernels.AVAILABLE = compiled
 
-    prefill(), sparse_prefill()  # warm-up
-    dense, sparse = [], []
+        return run
+
+    runs = {"dense": prefill, "sparse, PyTorch selection": sparse_prefill(False)}
+    if compiled:
+        runs["sparse, compiled selection"] = sparse_prefill(True)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # warm-up
     for _ in range(args.repeats):
-        dense.append(median_seconds(prefill, 1))
-        sparse.append(median_seconds(sparse_prefill, 1))
-    d, s = statistics.median(dense), statistics.median(sparse)
-    print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}")
+        for name, run in runs.items():
+            times[name].append(seconds(run))
+    dense = statistics.median(times["dense"])
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{args.model}, {args.tokens}-token prefill, {args.pattern} {args.criterion} on every decoder projection")
-    print(f"dense  {d * 1e3:8.1f} ms (median of {args.repeats})")
-    print(f"sparse {s * 1e3:8.1f} ms (median of {args.repeats})")
-    print(f"ratio  {s / d:8.2f}x")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:28s} {median * 1e3:8.1f} ms   {median / dense:5.2f}x dense   (median of {args.repeats})")
 
 
 if __name__ == "__main__":
