@@ -86,8 +86,8 @@ def eval_command(
 ) -> None:
     """Perplexity, KL to dense and top-1 agreement of the dense model and every pattern × criterion."""
     configs = _configs(pattern, criterion, phase, include, exclude, remainder)
-    loaded, tokenizer = load_model(model, dtype)
     text = load_text(dataset, "evaluation")
+    loaded, tokenizer = load_model(model, dtype)
     tokens = token_windows(tokenizer, text, seqlen, windows or None)
     rows = evaluate(loaded, tokens, configs)
     text_info = {"source": dataset, "split": "evaluation", "seqlen": seqlen, "windows": len(tokens), "tokens": tokens.numel()}

@@ -57,20 +57,19 @@ class FlopReport:
         return removed / self.linear_flops_per_token
 
     @property
-    def measured_removed_share(self) -> float | None:
+    def measured_density(self) -> float | None:
+        """FLOP-weighted density of the sparse layers' inputs, as measured (None before a measure)."""
         sparse = [l for l in self.layers if l.sparse]
         if not sparse or any(l.measured_density is None for l in sparse):
             return None
-        removed = sum(l.flops_per_token * (1 - l.measured_density) for l in sparse)
-        return removed / self.linear_flops_per_token
+        return sum(l.flops_per_token * l.measured_density for l in sparse) / self.sparse_flops_per_token
 
     @property
-    def measured_density(self) -> float | None:
-        """FLOP-weighted density of the sparse layers' inputs, as measured."""
-        removed = self.measured_removed_share
-        if removed is None:
+    def measured_removed_share(self) -> float | None:
+        density = self.measured_density
+        if density is None:
             return None
-        return 1 - removed * self.linear_flops_per_token / self.sparse_flops_per_token
+        return (1 - density) * self.sparse_flops_per_token / self.linear_flops_per_token
 
     def summary(self) -> dict[str, Any]:
         """The totals, JSON-ready."""

@@ -13,7 +13,6 @@
  * Built by setuptools with the system compiler; no Python or PyTorch headers are used.
  */
 #include <stdint.h>
-#include <string.h>
 
 #define MAX_M 64
 
