@@ -35,3 +35,47 @@ def test_results_are_written_atomically(llama, tokens, tmp_path):
     assert document["rows"][1]["config"]["pattern"] == "2:4"
     assert {"torch", "transformers", "actsparse"} <= document["versions"].keys()
     assert [p.name for p in path.parent.iterdir()] == ["eval.json"]
+
+
+def test_an_interrupted_run_resumes_to_the_same_figures(llama, tokens, tmp_path, monkeypatch):
+    configs = [SparsityConfig(pattern="2:4", criterion="magnitude"), SparsityConfig(pattern="8:16", criterion="amber")]
+    windows = torch.cat([tokens, tokens.flip(-1)])  # 4 windows
+    uninterrupted = evaluate(llama, windows, configs, progress=False)
+
+    checkpoint = tmp_path / "eval.json.partial"
+    calls = {"n": 0}
+    original_forward = type(llama).forward
+
+    def failing_forward(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * (1 + len(configs)) + 1:  # the first pass of the third window
+            raise KeyboardInterrupt
+        return original_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(llama), "forward", failing_forward)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(llama, windows, configs, progress=False, checkpoint=checkpoint)
+    assert json.loads(checkpoint.read_text())["windows_done"] == 2
+
+    counted = {"n": 0}
+
+    def counting_forward(self, *args, **kwargs):
+        counted["n"] += 1
+        return original_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(llama), "forward", counting_forward)
+    resumed = evaluate(llama, windows, configs, progress=False, checkpoint=checkpoint)
+    assert counted["n"] == 2 * (1 + len(configs))  # only the two missing windows ran
+    assert not checkpoint.exists()
+    for a, b in zip(uninterrupted, resumed):
+        assert a.perplexity == pytest.approx(b.perplexity, rel=1e-9)
+        assert a.kl_to_dense == pytest.approx(b.kl_to_dense, rel=1e-9)
+        assert a.top1_agreement == b.top1_agreement
+        assert a.flops["measured_density"] == b.flops["measured_density"]
+
+
+def test_a_checkpoint_of_another_run_is_ignored(llama, tokens, tmp_path):
+    checkpoint = tmp_path / "eval.json.partial"
+    checkpoint.write_text(json.dumps({"key": "another run", "windows_done": 2}))
+    rows = evaluate(llama, tokens, [SparsityConfig(pattern="2:4")], progress=False, checkpoint=checkpoint)
+    assert rows[0].perplexity == evaluate(llama, tokens, [], progress=False)[0].perplexity

@@ -89,7 +89,8 @@ def eval_command(
     text = load_text(dataset, "evaluation")
     loaded, tokenizer = load_model(model, dtype)
     tokens = token_windows(tokenizer, text, seqlen, windows or None)
-    rows = evaluate(loaded, tokens, configs)
+    # An interrupted run leaves its totals beside --out; the same command resumes from them.
+    rows = evaluate(loaded, tokens, configs, checkpoint=out.with_name(out.name + ".partial"))
     text_info = {"source": dataset, "split": "evaluation", "seqlen": seqlen, "windows": len(tokens), "tokens": tokens.numel()}
     write_json_atomic(out, results_document(rows, model, text_info))
     console.print(_quality_table(rows, f"{model}, {dataset} evaluation split, {len(tokens)} windows × {seqlen} tokens"))
@@ -170,5 +171,5 @@ def main() -> None:
         errors.print(f"[bold red]error:[/] {error}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
-        errors.print("interrupted")
+        errors.print("interrupted; `actsparse eval` resumes from where it stopped when run again with the same options")
         sys.exit(130)

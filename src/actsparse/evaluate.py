@@ -6,9 +6,12 @@ next-token distribution, and top-1 agreement with the dense model's next-token c
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import platform
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +23,7 @@ from tqdm.auto import tqdm
 from actsparse import __version__
 from actsparse.config import SparsityConfig
 from actsparse.flops import flop_report
+from actsparse.paths import write_json_atomic
 from actsparse.sparsify import SparsityHandle, sparsify
 
 
@@ -64,13 +68,40 @@ def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.float(), dim=-1)
 
 
+def _run_key(model: nn.Module, windows: torch.Tensor, configs: list[SparsityConfig]) -> str:
+    """Fingerprint of a run: the configurations, the exact tokens, and a sample of every weight."""
+    digest = hashlib.sha256(json.dumps([c.to_dict() for c in configs]).encode())
+    digest.update(windows.numpy().tobytes())
+    for name, parameter in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(parameter.detach().flatten()[:64].float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _load_checkpoint(checkpoint: Path | None, key: str) -> dict[str, Any] | None:
+    if checkpoint is None or not checkpoint.exists():
+        return None
+    try:
+        state = json.loads(checkpoint.read_text())
+    except json.JSONDecodeError:
+        return None
+    return state if state.get("key") == key else None
+
+
 def evaluate(
-    model: nn.Module, windows: torch.Tensor, configs: list[SparsityConfig], progress: bool = True
+    model: nn.Module,
+    windows: torch.Tensor,
+    configs: list[SparsityConfig],
+    progress: bool = True,
+    checkpoint: Path | None = None,
 ) -> list[EvalRow]:
     """Evaluate the dense model and every configuration in ``configs`` on ``windows`` (``(W, T)``).
 
     Each window runs once dense and once per configuration, so every row sees the same tokens and
     the dense distribution never has to be stored. The model is left dense afterwards.
+
+    With ``checkpoint``, the running totals are saved there (atomically) after every window, and a
+    run of the same model, windows and configurations resumes from it; it is deleted at the end.
     """
     handles: list[SparsityHandle] = []
     for config in configs:
@@ -79,9 +110,18 @@ def evaluate(
         handle.measure_density()
         handles.append(handle)
     dense, sparse = _Totals(), [_Totals() for _ in handles]
-    bar = tqdm(total=len(windows) * (1 + len(handles)), desc="evaluating", unit="pass", disable=not progress)
+    key, done = _run_key(model, windows, configs), 0
+    if state := _load_checkpoint(checkpoint, key):
+        done, dense = state["windows_done"], _Totals(**state["dense"])
+        sparse = [_Totals(**saved["totals"]) for saved in state["configs"]]
+        for handle, saved in zip(handles, state["configs"]):
+            for name, (kept, seen) in saved["counters"].items():
+                handle.layers[name].kept_inputs, handle.layers[name].seen_inputs = kept, seen
+    passes = 1 + len(handles)
+    bar = tqdm(total=len(windows) * passes, initial=done * passes, desc="evaluating", unit="pass", disable=not progress)
     with torch.inference_mode():
-        for window in windows:
+        for index in range(done, len(windows)):
+            window = windows[index]
             dense_log_probs = _log_probs(model, window)
             targets = window[1:]
             dense.add(dense_log_probs, targets, dense_log_probs)
@@ -90,11 +130,32 @@ def evaluate(
                 with handle:
                     totals.add(_log_probs(model, window), targets, dense_log_probs)
                 bar.update()
+            if checkpoint is not None:
+                write_json_atomic(checkpoint, _checkpoint_state(key, index + 1, dense, handles, sparse))
     bar.close()
     rows = [_row("dense", None, dense, flop_report(model))]
     for handle, totals in zip(handles, sparse):
         rows.append(_row(handle.config.label, handle.config, totals, flop_report(model, handle)))
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     return rows
+
+
+def _checkpoint_state(
+    key: str, windows_done: int, dense: _Totals, handles: list[SparsityHandle], sparse: list[_Totals]
+) -> dict[str, Any]:
+    return {
+        "key": key,
+        "windows_done": windows_done,
+        "dense": asdict(dense),
+        "configs": [
+            {
+                "totals": asdict(totals),
+                "counters": {name: [l.kept_inputs, l.seen_inputs] for name, l in handle.layers.items()},
+            }
+            for handle, totals in zip(handles, sparse)
+        ],
+    }
 
 
 def _row(label: str, config: SparsityConfig | None, totals: _Totals, flops: Any) -> EvalRow:
