@@ -23,6 +23,8 @@ def run(monkeypatch, capsys, *args):
         (["eval", "--model", "./missing-model"], "Model './missing-model' was not found"),
         (["eval", "--phase", "decode"], "Unknown phase 'decode'"),
         (["info", "--model", "./missing-model"], "was not found"),
+        (["info", "--pattern", "2:4,8:16"], "describes one configuration"),
+        (["eval", "--pattern", ","], "Give at least one --pattern"),
     ],
 )
 def test_user_errors_exit_2_with_one_sentence(monkeypatch, capsys, args, message):

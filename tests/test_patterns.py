@@ -1,7 +1,6 @@
 import pytest
 
 from actsparse import ActsparseError, parse_pattern
-from actsparse.patterns import parse_patterns
 
 
 def test_nm_pattern_keeps_n_of_m():
@@ -17,8 +16,8 @@ def test_unstructured_pattern_keeps_a_share_of_the_row():
     assert str(pattern) == "unstructured:0.25"
 
 
-def test_list_of_patterns():
-    assert [str(p) for p in parse_patterns("2:4, 8:16,16:32")] == ["2:4", "8:16", "16:32"]
+def test_spaces_are_allowed():
+    assert str(parse_pattern(" 2 : 4 ")) == "2:4"
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,12 @@ from actsparse.models import EMBEDDED_MODELS, converted_dir, load_model, resolve
 from actsparse.paths import write_json_atomic
 from actsparse.sparsify import sparsify
 
-app = typer.Typer(help="Post-training N:M activation sparsity for Hugging Face causal language models.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Post-training N:M activation sparsity for Hugging Face causal language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 # Tables are wider than the 80 columns rich assumes when the output is a file or a pipe.
 console = Console() if sys.stdout.isatty() else Console(width=120)
 errors = Console(stderr=True)
@@ -37,13 +42,16 @@ RemainderOpt = Annotated[str, typer.Option(help="When in_features is not a multi
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 
 
-def _configs(pattern: str, criterion: str, phase: str, include: list[str], exclude: list[str], remainder: str) -> list[SparsityConfig]:
+def _configs(
+    pattern: str, criterion: str, phase: str, include: list[str], exclude: list[str], remainder: str
+) -> list[SparsityConfig]:
+    """One configuration per pattern × criterion of the comma-separated lists."""
     patterns = [p.strip() for p in pattern.split(",") if p.strip()]
     criteria = [c.strip() for c in criterion.split(",") if c.strip()]
     if not patterns or not criteria:
         raise ActsparseError("Give at least one --pattern and one --criterion, e.g. --pattern 8:16 --criterion amber.")
     return [
-        SparsityConfig(pattern=p, criterion=c, phase=phase, include=tuple(include), exclude=tuple(exclude), remainder=remainder)
+        SparsityConfig(p, c, phase, tuple(include), tuple(exclude), remainder)
         for p, c in itertools.product(patterns, criteria)
     ]
 
@@ -113,7 +121,10 @@ def info(
     remainder: RemainderOpt = "error",
 ) -> None:
     """The layers a configuration would sparsify and the share of linear FLOPs it makes sparse."""
-    (config,) = _configs(pattern, criterion, phase, include, exclude, remainder)
+    configs = _configs(pattern, criterion, phase, include, exclude, remainder)
+    if len(configs) != 1:
+        raise ActsparseError("`actsparse info` describes one configuration; give one --pattern and one --criterion.")
+    config = configs[0]
     loaded, _ = load_model(model)
     report = flop_report(loaded, sparsify(loaded, config))
     table = Table(title=f"{model}: {config.label}, phase {config.phase}")

@@ -63,7 +63,3 @@ def parse_pattern(text: str | Pattern) -> Pattern:
         "or unstructured:<density> (e.g. unstructured:0.5)."
     )
 
-
-def parse_patterns(text: str) -> list[Pattern]:
-    """Parse a comma-separated list such as ``"2:4,8:16,16:32"``."""
-    return [parse_pattern(part) for part in text.split(",") if part.strip()]
