@@ -34,7 +34,9 @@ def main() -> None:
     args = parser.parse_args()
 
     model, _ = load_model(args.model)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0)
+    )
     handle = sparsify(model, SparsityConfig(pattern=args.pattern, criterion=args.criterion))
     handle.remove()
     compiled = kernels.AVAILABLE
@@ -63,10 +65,14 @@ def main() -> None:
             times[name].append(seconds(run))
     dense = statistics.median(times["dense"])
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{args.model}, {args.tokens}-token prefill, {args.pattern} {args.criterion} on every decoder projection")
+    print(
+        f"{args.model}, {args.tokens}-token prefill, {args.pattern} {args.criterion} on every decoder projection"
+    )
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:28s} {median * 1e3:8.1f} ms   {median / dense:5.2f}x dense   (median of {args.repeats})")
+        print(
+            f"{name:28s} {median * 1e3:8.1f} ms   {median / dense:5.2f}x dense   (median of {args.repeats})"
+        )
 
 
 if __name__ == "__main__":

@@ -57,5 +57,7 @@ def test_every_criterion_has_a_positive_score_for_nonzero_inputs():
 
 
 def test_unknown_criterion_lists_the_known_ones():
-    with pytest.raises(ActsparseError, match="Unknown criterion 'topk'; choose one of magnitude, wina, amber"):
+    with pytest.raises(
+        ActsparseError, match="Unknown criterion 'topk'; choose one of magnitude, wina, amber"
+    ):
         get_criterion("topk")

@@ -1,6 +1,6 @@
 import pytest
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from actsparse import ActsparseError
 from actsparse.data import SOTU_FIRST_EVALUATION_YEAR, load_text, sotu_addresses, sotu_dir, token_windows
@@ -9,7 +9,7 @@ from actsparse.data import SOTU_FIRST_EVALUATION_YEAR, load_text, sotu_addresses
 @pytest.fixture
 def word_tokenizer():
     """One token per word of a tiny vocabulary, with BOS id 1."""
-    vocab = {"<unk>": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate("one two three four five six".split())}}
+    vocab = {"<unk>": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate(["one", "two", "three", "four", "five", "six"])}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>")
@@ -21,11 +21,16 @@ def test_windows_start_with_bos_and_do_not_overlap(word_tokenizer):
 
 
 def test_max_windows(word_tokenizer):
-    assert token_windows(word_tokenizer, "one two three four five six", seqlen=3, max_windows=2).shape == (2, 3)
+    assert token_windows(word_tokenizer, "one two three four five six", seqlen=3, max_windows=2).shape == (
+        2,
+        3,
+    )
 
 
 def test_text_too_short_names_the_fix(word_tokenizer):
-    with pytest.raises(ActsparseError, match="fewer than one window of 16; use a longer text or a smaller --seqlen"):
+    with pytest.raises(
+        ActsparseError, match="fewer than one window of 16; use a longer text or a smaller --seqlen"
+    ):
         token_windows(word_tokenizer, "one two", seqlen=16)
 
 

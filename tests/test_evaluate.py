@@ -13,7 +13,10 @@ from actsparse.paths import write_json_atomic
 def test_dense_row_and_one_row_per_config_over_the_same_windows(llama, tokens):
     with torch.no_grad():
         dense_logits = llama(tokens, use_cache=False).logits
-    configs = [SparsityConfig(pattern="2:4", criterion="magnitude"), SparsityConfig(pattern="8:16", criterion="amber")]
+    configs = [
+        SparsityConfig(pattern="2:4", criterion="magnitude"),
+        SparsityConfig(pattern="8:16", criterion="amber"),
+    ]
     rows = evaluate(llama, tokens, configs, progress=False)
     assert [r.label for r in rows] == ["dense", "2:4 magnitude", "8:16 amber"]
     dense = rows[0]
@@ -38,7 +41,10 @@ def test_results_are_written_atomically(llama, tokens, tmp_path):
 
 
 def test_an_interrupted_run_resumes_to_the_same_figures(llama, tokens, tmp_path, monkeypatch):
-    configs = [SparsityConfig(pattern="2:4", criterion="magnitude"), SparsityConfig(pattern="8:16", criterion="amber")]
+    configs = [
+        SparsityConfig(pattern="2:4", criterion="magnitude"),
+        SparsityConfig(pattern="8:16", criterion="amber"),
+    ]
     windows = torch.cat([tokens, tokens.flip(-1)])  # 4 windows
     uninterrupted = evaluate(llama, windows, configs, progress=False)
 

@@ -41,7 +41,8 @@ def word_tokenizer_dir(tmp_path_factory):
 
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1}, unk_token="<unk>")),
-        bos_token="<s>", unk_token="<unk>",
+        bos_token="<s>",
+        unk_token="<unk>",
     )
     folder = tmp_path_factory.mktemp("tokenizer")
     tok.save_pretrained(folder)

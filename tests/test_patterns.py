@@ -31,5 +31,7 @@ def test_spaces_are_allowed():
     ],
 )
 def test_bad_patterns_are_refused_with_the_fix(text, message):
-    with pytest.raises(ActsparseError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+    with pytest.raises(
+        ActsparseError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")
+    ):
         parse_pattern(text)

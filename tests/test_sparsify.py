@@ -80,13 +80,19 @@ def test_qwen2_biases_are_kept(qwen2, tokens):
     layer = handle.layers["model.layers.0.self_attn.q_proj"]
     assert layer.bias is q_proj.bias
     x = torch.randn(1, 5, layer.in_features)
-    torch.testing.assert_close(layer(x), torch.nn.functional.linear(layer.sparsify_input(x), q_proj.weight, q_proj.bias))
+    torch.testing.assert_close(
+        layer(x), torch.nn.functional.linear(layer.sparsify_input(x), q_proj.weight, q_proj.bias)
+    )
 
 
 def test_include_and_exclude_filters(llama):
-    handle = sparsify(llama, SparsityConfig(include=("mlp",), exclude=(r"layers\.0\.",), criterion="magnitude"))
+    handle = sparsify(
+        llama, SparsityConfig(include=("mlp",), exclude=(r"layers\.0\.",), criterion="magnitude")
+    )
     assert sorted(handle.layers) == [
-        "model.layers.1.mlp.down_proj", "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.layers.1.mlp.gate_proj",
+        "model.layers.1.mlp.up_proj",
     ]
 
 
@@ -105,7 +111,10 @@ def test_invalid_regular_expression_is_an_error():
 
 
 def test_input_width_not_divisible_by_m_names_the_layer(llama, tokens):
-    with pytest.raises(ActsparseError, match=r"Layer model\.layers\.0\.self_attn\.q_proj has 64 inputs, not a multiple of M=24"):
+    with pytest.raises(
+        ActsparseError,
+        match=r"Layer model\.layers\.0\.self_attn\.q_proj has 64 inputs, not a multiple of M=24",
+    ):
         sparsify(llama, SparsityConfig(pattern="8:24"))
     handle = sparsify(llama, SparsityConfig(pattern="8:24", remainder="dense", criterion="magnitude"))
     layer = handle.layers["model.layers.0.self_attn.q_proj"]
@@ -119,7 +128,9 @@ def test_nan_activations_are_reported_with_the_layer(llama):
     for dtype in (torch.float32, torch.bfloat16):  # compiled pass and PyTorch path
         x = torch.randn(1, 3, layer.in_features, dtype=dtype)
         x[0, 1, 7] = float("nan")
-        with pytest.raises(ActsparseError, match=r"Layer model\.layers\.0\.mlp\.down_proj received NaN activations"):
+        with pytest.raises(
+            ActsparseError, match=r"Layer model\.layers\.0\.mlp\.down_proj received NaN activations"
+        ):
             layer.sparsify_input(x)
 
 

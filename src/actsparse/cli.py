@@ -32,13 +32,21 @@ app = typer.Typer(
 console = Console() if sys.stdout.isatty() else Console(width=120)
 errors = Console(stderr=True)
 
-ModelOpt = Annotated[str, typer.Option(help="Embedded name (see `actsparse models`), Hub id, model folder or .gguf file.")]
-PatternOpt = Annotated[str, typer.Option(help="Comma-separated patterns: N:M (keep N of every M) or unstructured:<density>.")]
-CriterionOpt = Annotated[str, typer.Option(help="Comma-separated criteria: magnitude, wina, amber, clact, variance.")]
+ModelOpt = Annotated[
+    str, typer.Option(help="Embedded name (see `actsparse models`), Hub id, model folder or .gguf file.")
+]
+PatternOpt = Annotated[
+    str, typer.Option(help="Comma-separated patterns: N:M (keep N of every M) or unstructured:<density>.")
+]
+CriterionOpt = Annotated[
+    str, typer.Option(help="Comma-separated criteria: magnitude, wina, amber, clact, variance.")
+]
 PhaseOpt = Annotated[str, typer.Option(help="prefill: sparsify prompt processing only; all: every call.")]
 IncludeOpt = Annotated[list[str], typer.Option(help="Regex on layer names to sparsify (repeatable).")]
 ExcludeOpt = Annotated[list[str], typer.Option(help="Regex on layer names to keep dense (repeatable).")]
-RemainderOpt = Annotated[str, typer.Option(help="When in_features is not a multiple of M: error, or dense (keep the tail dense).")]
+RemainderOpt = Annotated[
+    str, typer.Option(help="When in_features is not a multiple of M: error, or dense (keep the tail dense).")
+]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 
 
@@ -49,7 +57,9 @@ def _configs(
     patterns = [p.strip() for p in pattern.split(",") if p.strip()]
     criteria = [c.strip() for c in criterion.split(",") if c.strip()]
     if not patterns or not criteria:
-        raise ActsparseError("Give at least one --pattern and one --criterion, e.g. --pattern 8:16 --criterion amber.")
+        raise ActsparseError(
+            "Give at least one --pattern and one --criterion, e.g. --pattern 8:16 --criterion amber."
+        )
     return [
         SparsityConfig(p, c, phase, tuple(include), tuple(exclude), remainder)
         for p, c in itertools.product(patterns, criteria)
@@ -82,7 +92,9 @@ def eval_command(
     model: ModelOpt = "smollm2-135m",
     pattern: PatternOpt = "2:4,8:16,16:32",
     criterion: CriterionOpt = "magnitude,amber",
-    dataset: Annotated[str, typer.Option(help="sotu, wikitext2, or a path to a text file (evaluation split).")] = "sotu",
+    dataset: Annotated[
+        str, typer.Option(help="sotu, wikitext2, or a path to a text file (evaluation split).")
+    ] = "sotu",
     seqlen: Annotated[int, typer.Option(help="Tokens per window, BOS included.")] = 512,
     windows: Annotated[int, typer.Option(help="Number of windows to evaluate; 0 for the whole split.")] = 32,
     phase: PhaseOpt = "prefill",
@@ -90,7 +102,9 @@ def eval_command(
     exclude: ExcludeOpt = [],
     remainder: RemainderOpt = "error",
     dtype: DtypeOpt = "float32",
-    out: Annotated[Path, typer.Option(help="JSON file for every figure (written atomically).")] = Path("results/eval.json"),
+    out: Annotated[Path, typer.Option(help="JSON file for every figure (written atomically).")] = Path(
+        "results/eval.json"
+    ),
 ) -> None:
     """Perplexity, KL to dense and top-1 agreement of the dense model and every pattern × criterion."""
     configs = _configs(pattern, criterion, phase, include, exclude, remainder)
@@ -99,9 +113,17 @@ def eval_command(
     tokens = token_windows(tokenizer, text, seqlen, windows or None)
     # An interrupted run leaves its totals beside --out; the same command resumes from them.
     rows = evaluate(loaded, tokens, configs, checkpoint=out.with_name(out.name + ".partial"))
-    text_info = {"source": dataset, "split": "evaluation", "seqlen": seqlen, "windows": len(tokens), "tokens": tokens.numel()}
+    text_info = {
+        "source": dataset,
+        "split": "evaluation",
+        "seqlen": seqlen,
+        "windows": len(tokens),
+        "tokens": tokens.numel(),
+    }
     write_json_atomic(out, results_document(rows, model, text_info))
-    console.print(_quality_table(rows, f"{model}, {dataset} evaluation split, {len(tokens)} windows × {seqlen} tokens"))
+    console.print(
+        _quality_table(rows, f"{model}, {dataset} evaluation split, {len(tokens)} windows × {seqlen} tokens")
+    )
     console.print(
         "ppl: perplexity; KL: mean KL(dense ‖ sparse) per token; top-1: agreement with the dense model's "
         "next token; sparse FLOPs: share of linear FLOPs (LM head excluded) with sparse inputs; density: "
@@ -123,7 +145,9 @@ def info(
     """The layers a configuration would sparsify and the share of linear FLOPs it makes sparse."""
     configs = _configs(pattern, criterion, phase, include, exclude, remainder)
     if len(configs) != 1:
-        raise ActsparseError("`actsparse info` describes one configuration; give one --pattern and one --criterion.")
+        raise ActsparseError(
+            "`actsparse info` describes one configuration; give one --pattern and one --criterion."
+        )
     config = configs[0]
     loaded, _ = load_model(model)
     report = flop_report(loaded, sparsify(loaded, config))
@@ -133,8 +157,12 @@ def info(
         table.add_column(column, justify="right", no_wrap=True)
     for layer in report.layers:
         table.add_row(
-            layer.name, str(layer.in_features), str(layer.out_features), f"{layer.flops_per_token / 1e6:.2f}",
-            "yes" if layer.sparse else "no", f"{layer.nominal_density:.3f}",
+            layer.name,
+            str(layer.in_features),
+            str(layer.out_features),
+            f"{layer.flops_per_token / 1e6:.2f}",
+            "yes" if layer.sparse else "no",
+            f"{layer.nominal_density:.3f}",
         )
     console.print(table)
     console.print(
@@ -144,7 +172,11 @@ def info(
     )
     console.print(
         "Selection pass: "
-        + ("compiled (float32 N:M on the CPU)" if kernels.AVAILABLE else "PyTorch only: the compiled pass was not built")
+        + (
+            "compiled (float32 N:M on the CPU)"
+            if kernels.AVAILABLE
+            else "PyTorch only: the compiled pass was not built"
+        )
     )
 
 
@@ -162,7 +194,9 @@ def models() -> None:
 
 @app.command()
 def prepare(
-    model: Annotated[list[str], typer.Option(help="Model to convert into the cache (repeatable).")] = ["smollm2-135m"],
+    model: Annotated[list[str], typer.Option(help="Model to convert into the cache (repeatable).")] = [
+        "smollm2-135m"
+    ],
     dataset: Annotated[list[str], typer.Option(help="Text to fetch into the cache (repeatable).")] = ["sotu"],
 ) -> None:
     """Fetch texts and convert models into the cache now, so later runs start at once."""
@@ -182,5 +216,7 @@ def main() -> None:
         errors.print(f"[bold red]error:[/] {error}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
-        errors.print("interrupted; `actsparse eval` resumes from where it stopped when run again with the same options")
+        errors.print(
+            "interrupted; `actsparse eval` resumes from where it stopped when run again with the same options"
+        )
         sys.exit(130)

@@ -84,6 +84,4 @@ def get_criterion(name: str) -> Criterion:
     try:
         return CRITERIA[name]
     except KeyError:
-        raise ActsparseError(
-            f"Unknown criterion '{name}'; choose one of {', '.join(CRITERIA)}."
-        ) from None
+        raise ActsparseError(f"Unknown criterion '{name}'; choose one of {', '.join(CRITERIA)}.") from None

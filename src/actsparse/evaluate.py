@@ -118,7 +118,13 @@ def evaluate(
             for name, (kept, seen) in saved["counters"].items():
                 handle.layers[name].kept_inputs, handle.layers[name].seen_inputs = kept, seen
     passes = 1 + len(handles)
-    bar = tqdm(total=len(windows) * passes, initial=done * passes, desc="evaluating", unit="pass", disable=not progress)
+    bar = tqdm(
+        total=len(windows) * passes,
+        initial=done * passes,
+        desc="evaluating",
+        unit="pass",
+        disable=not progress,
+    )
     with torch.inference_mode():
         for index in range(done, len(windows)):
             window = windows[index]

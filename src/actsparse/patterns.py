@@ -62,4 +62,3 @@ def parse_pattern(text: str | Pattern) -> Pattern:
         f"Pattern '{text}' is not understood; write N:M (keep N of every M, e.g. 8:16) "
         "or unstructured:<density> (e.g. unstructured:0.5)."
     )
-

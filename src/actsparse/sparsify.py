@@ -12,9 +12,14 @@ from actsparse.errors import ActsparseError
 from actsparse.layers import SparseLinear
 
 
+def lm_head(model: nn.Module) -> nn.Module | None:
+    """The model's output embedding (its LM head), which is never sparsified."""
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` of ``model`` by name, except its LM head (the output embedding)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    """Every ``nn.Linear`` of ``model`` by name, except its LM head."""
+    head = lm_head(model)
     return {
         name: module
         for name, module in model.named_modules()

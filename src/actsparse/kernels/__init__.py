@@ -52,8 +52,15 @@ def nm_select(x: torch.Tensor, factor: torch.Tensor | None, n: int, m: int) -> t
     has_nan = ctypes.c_int32(0)
     width = x.shape[-1]
     kept = _LIBRARY.actsparse_nm_select_f32(
-        x.data_ptr(), None if factor is None else factor.data_ptr(), out.data_ptr(),
-        x.numel() // width, width, n, m, torch.get_num_threads(), ctypes.byref(has_nan),
+        x.data_ptr(),
+        None if factor is None else factor.data_ptr(),
+        out.data_ptr(),
+        x.numel() // width,
+        width,
+        n,
+        m,
+        torch.get_num_threads(),
+        ctypes.byref(has_nan),
     )
     if kept < 0:
         raise ValueError(f"nm_select does not support {n}:{m}")
