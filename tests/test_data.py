@@ -9,7 +9,11 @@ from actsparse.data import SOTU_FIRST_EVALUATION_YEAR, load_text, sotu_addresses
 @pytest.fixture
 def word_tokenizer():
     """One token per word of a tiny vocabulary, with BOS id 1."""
-    vocab = {"<unk>": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate(["one", "two", "three", "four", "five", "six"])}}
+    vocab = {
+        "<unk>": 0,
+        "<s>": 1,
+        **{w: i + 2 for i, w in enumerate(["one", "two", "three", "four", "five", "six"])},
+    }
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>")

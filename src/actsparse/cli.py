@@ -13,14 +13,17 @@ from rich.console import Console
 from rich.table import Table
 
 from actsparse import kernels
+from actsparse.baselines import WeightPruningConfig
 from actsparse.config import DEFAULT_TARGETS, SparsityConfig
 from actsparse.data import load_text, token_windows
 from actsparse.errors import ActsparseError
-from actsparse.evaluate import EvalRow, evaluate, results_document
+from actsparse.evaluate import EvalRow, Variant, evaluate, results_document, results_markdown
 from actsparse.flops import flop_report
 from actsparse.models import EMBEDDED_MODELS, converted_dir, load_model, resolve_model
-from actsparse.paths import write_json_atomic
-from actsparse.sparsify import sparsify
+from actsparse.paths import write_json_atomic, write_text_atomic
+from actsparse.policy import layer_sensitivity
+from actsparse.sparsify import sparsify, target_layers
+from actsparse.variants import parse_variant, read_variants
 
 app = typer.Typer(
     help="Post-training N:M activation sparsity for Hugging Face causal language models.",
@@ -50,20 +53,26 @@ RemainderOpt = Annotated[
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 
 
-def _configs(
-    pattern: str, criterion: str, phase: str, include: list[str], exclude: list[str], remainder: str
-) -> list[SparsityConfig]:
-    """One configuration per pattern × criterion of the comma-separated lists."""
-    patterns = [p.strip() for p in pattern.split(",") if p.strip()]
-    criteria = [c.strip() for c in criterion.split(",") if c.strip()]
-    if not patterns or not criteria:
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _configs(pattern: str, criterion: str, policy: str, weights: str, shared: dict) -> list[Variant]:
+    """Every pattern × criterion × policy, then each weight-pruning method at each N:M pattern."""
+    patterns, criteria, policies = _split(pattern), _split(criterion), _split(policy)
+    if not patterns or not criteria or not policies:
         raise ActsparseError(
             "Give at least one --pattern and one --criterion, e.g. --pattern 8:16 --criterion amber."
         )
-    return [
-        SparsityConfig(p, c, phase, tuple(include), tuple(exclude), remainder)
-        for p, c in itertools.product(patterns, criteria)
+    configs: list[Variant] = [
+        SparsityConfig(pattern=p, criterion=c, policy=pol, **shared)
+        for p, c, pol in itertools.product(patterns, criteria, policies)
     ]
+    configs += [
+        WeightPruningConfig(method=method, pattern=p, include=shared["include"], exclude=shared["exclude"])
+        for method, p in itertools.product(_split(weights), patterns)
+    ]
+    return configs
 
 
 def _quality_table(rows: list[EvalRow], title: str) -> Table:
@@ -92,11 +101,33 @@ def eval_command(
     model: ModelOpt = "smollm2-135m",
     pattern: PatternOpt = "2:4,8:16,16:32",
     criterion: CriterionOpt = "magnitude,amber",
+    policy: Annotated[str, typer.Option(help="Comma-separated layer policies: all, amber, budget.")] = "all",
+    flop_share: Annotated[
+        float, typer.Option(help="Target share of linear FLOPs for --policy budget.")
+    ] = 0.55,
+    amber_skip: Annotated[int, typer.Option(help="Most sensitive q/gate layers the amber policy skips.")] = 5,
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="Also prune weights at each N:M pattern: comma-separated magnitude, wanda, sparsegpt."
+        ),
+    ] = "",
+    variant: Annotated[
+        list[str],
+        typer.Option(help="Exact variant, e.g. 'pattern=8:16 criterion=amber quant=w8a8' (repeatable)."),
+    ] = [],
+    variants: Annotated[Path | None, typer.Option(help="File with one variant per line.")] = None,
     dataset: Annotated[
         str, typer.Option(help="sotu, wikitext2, or a path to a text file (evaluation split).")
     ] = "sotu",
     seqlen: Annotated[int, typer.Option(help="Tokens per window, BOS included.")] = 512,
     windows: Annotated[int, typer.Option(help="Number of windows to evaluate; 0 for the whole split.")] = 32,
+    calib_windows: Annotated[
+        int,
+        typer.Option(
+            help="Calibration windows (calibration split) for policies, smoothing, Wanda, SparseGPT."
+        ),
+    ] = 16,
     phase: PhaseOpt = "prefill",
     include: IncludeOpt = [DEFAULT_TARGETS],
     exclude: ExcludeOpt = [],
@@ -105,30 +136,88 @@ def eval_command(
     out: Annotated[Path, typer.Option(help="JSON file for every figure (written atomically).")] = Path(
         "results/eval.json"
     ),
+    markdown: Annotated[Path | None, typer.Option(help="Also write the table as Markdown here.")] = None,
 ) -> None:
-    """Perplexity, KL to dense and top-1 agreement of the dense model and every pattern × criterion."""
-    configs = _configs(pattern, criterion, phase, include, exclude, remainder)
+    """Perplexity, KL to dense and top-1 agreement of the dense model and every variant.
+
+    Without --variant/--variants: every pattern × criterion × policy, plus weight pruning per pattern.
+    """
+    shared = {"phase": phase, "include": tuple(include), "exclude": tuple(exclude), "remainder": remainder}
+    shared |= {"flop_share": flop_share, "amber_skip": amber_skip}
+    configs = [parse_variant(spec, shared) for spec in variant]
+    if variants is not None:
+        configs += read_variants(variants, shared)
+    if not configs:
+        configs = _configs(pattern, criterion, policy, weights, shared)
     text = load_text(dataset, "evaluation")
     loaded, tokenizer = load_model(model, dtype)
     tokens = token_windows(tokenizer, text, seqlen, windows or None)
+    calibration = None
+    if any(c.needs_calibration for c in configs):
+        calibration = token_windows(tokenizer, load_text(dataset, "calibration"), seqlen, calib_windows)
     # An interrupted run leaves its totals beside --out; the same command resumes from them.
-    rows = evaluate(loaded, tokens, configs, checkpoint=out.with_name(out.name + ".partial"))
+    rows = evaluate(loaded, tokens, configs, calibration, checkpoint=out.with_name(out.name + ".partial"))
     text_info = {
         "source": dataset,
         "split": "evaluation",
         "seqlen": seqlen,
         "windows": len(tokens),
         "tokens": tokens.numel(),
+        "calibration_windows": 0 if calibration is None else len(calibration),
     }
     write_json_atomic(out, results_document(rows, model, text_info))
-    console.print(
-        _quality_table(rows, f"{model}, {dataset} evaluation split, {len(tokens)} windows × {seqlen} tokens")
-    )
+    title = f"{model}, {dataset} evaluation split, {len(tokens)} windows × {seqlen} tokens"
+    if markdown is not None:
+        write_text_atomic(markdown, results_markdown(rows, title))
+    console.print(_quality_table(rows, title))
     console.print(
         "ppl: perplexity; KL: mean KL(dense ‖ sparse) per token; top-1: agreement with the dense model's "
-        "next token; sparse FLOPs: share of linear FLOPs (LM head excluded) with sparse inputs; density: "
-        "measured share of non-zero inputs; removed: share of linear FLOPs removed."
+        "next token; sparse FLOPs: share of linear FLOPs (LM head excluded) with sparse inputs (or sparse "
+        "weights); density: measured share of non-zero inputs (or weights); removed: share of linear FLOPs removed."
     )
+    console.print(f"Saved to {out}")
+
+
+@app.command()
+def sensitivity(
+    model: ModelOpt = "smollm2-135m",
+    pattern: Annotated[str, typer.Option(help="N:M or unstructured:<density>.")] = "8:16",
+    criterion: Annotated[str, typer.Option(help="magnitude, wina, amber, clact or variance.")] = "amber",
+    dataset: Annotated[
+        str, typer.Option(help="sotu, wikitext2, or a text file (calibration split).")
+    ] = "sotu",
+    seqlen: Annotated[int, typer.Option(help="Tokens per window, BOS included.")] = 512,
+    calib_windows: Annotated[int, typer.Option(help="Calibration windows.")] = 16,
+    include: IncludeOpt = [DEFAULT_TARGETS],
+    exclude: ExcludeOpt = [],
+    remainder: RemainderOpt = "error",
+    out: Annotated[Path, typer.Option(help="JSON file of the sensitivities.")] = Path(
+        "results/sensitivity.json"
+    ),
+) -> None:
+    """Relative output error ‖Y − Y'‖/‖Y‖ of every target layer sparsified alone, most sensitive first."""
+    config = SparsityConfig(
+        pattern, criterion, include=tuple(include), exclude=tuple(exclude), remainder=remainder
+    )
+    loaded, tokenizer = load_model(model)
+    calibration = token_windows(tokenizer, load_text(dataset, "calibration"), seqlen, calib_windows)
+    candidates = target_layers(loaded, config)
+    ranked = sorted(layer_sensitivity(loaded, calibration, candidates, config).items(), key=lambda kv: -kv[1])
+    write_json_atomic(
+        out,
+        {
+            "model": model,
+            "config": config.to_dict(),
+            "calibration_windows": len(calibration),
+            "sensitivity": dict(ranked),
+        },
+    )
+    table = Table(title=f"{model}: sensitivity to {config.label} ({len(calibration)} calibration windows)")
+    for column, justify in (("rank", "right"), ("layer", "left"), ("‖Y − Y'‖ / ‖Y‖", "right")):
+        table.add_column(column, justify=justify, no_wrap=True)
+    for rank, (name, value) in enumerate(ranked, 1):
+        table.add_row(str(rank), name, f"{value:.4f}")
+    console.print(table)
     console.print(f"Saved to {out}")
 
 
@@ -137,20 +226,37 @@ def info(
     model: ModelOpt = "smollm2-135m",
     pattern: Annotated[str, typer.Option(help="N:M or unstructured:<density>.")] = "8:16",
     criterion: Annotated[str, typer.Option(help="magnitude, wina, amber, clact or variance.")] = "amber",
+    policy: Annotated[
+        str, typer.Option(help="all, amber or budget (these two measure on calibration text).")
+    ] = "all",
+    flop_share: Annotated[
+        float, typer.Option(help="Target share of linear FLOPs for --policy budget.")
+    ] = 0.55,
+    amber_skip: Annotated[int, typer.Option(help="Most sensitive q/gate layers the amber policy skips.")] = 5,
+    dataset: Annotated[
+        str, typer.Option(help="Calibration text for policies: sotu, wikitext2 or a file.")
+    ] = "sotu",
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    calib_windows: Annotated[int, typer.Option(help="Calibration windows for policies.")] = 16,
     phase: PhaseOpt = "prefill",
     include: IncludeOpt = [DEFAULT_TARGETS],
     exclude: ExcludeOpt = [],
     remainder: RemainderOpt = "error",
 ) -> None:
     """The layers a configuration would sparsify and the share of linear FLOPs it makes sparse."""
-    configs = _configs(pattern, criterion, phase, include, exclude, remainder)
-    if len(configs) != 1:
+    if len(_split(pattern)) != 1 or len(_split(criterion)) != 1:
         raise ActsparseError(
             "`actsparse info` describes one configuration; give one --pattern and one --criterion."
         )
-    config = configs[0]
-    loaded, _ = load_model(model)
-    report = flop_report(loaded, sparsify(loaded, config))
+    config = SparsityConfig(
+        pattern, criterion, phase, tuple(include), tuple(exclude), remainder, policy, flop_share, amber_skip
+    )
+    loaded, tokenizer = load_model(model)
+    calibration = None
+    if config.needs_calibration:
+        calibration = token_windows(tokenizer, load_text(dataset, "calibration"), seqlen, calib_windows)
+    handle = sparsify(loaded, config, calibration)
+    report = flop_report(loaded, handle)
     table = Table(title=f"{model}: {config.label}, phase {config.phase}")
     table.add_column("layer", no_wrap=True)
     for column in ("in", "out", "MFLOPs/token", "sparse", "density"):

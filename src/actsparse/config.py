@@ -15,6 +15,10 @@ DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_proj$"
 
 PHASES = ("prefill", "all")
 REMAINDERS = ("error", "dense")
+POLICIES = ("all", "amber", "budget")
+SMOOTHINGS = ("none", "smoothquant", "outstanding")
+QUANTS = ("none", "w8a8")
+DEFAULT_ALPHA = {"smoothquant": 0.5, "outstanding": 0.1}
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,17 @@ class SparsityConfig:
         exclude: regular expressions; a matching layer is never a target. The LM head never is.
         remainder: what to do when a layer's input width is not a multiple of M: ``"error"``
             refuses, ``"dense"`` keeps the last ``in % M`` inputs dense.
+        policy: which target layers are sparsified: ``"all"``, ``"amber"`` (Amber Pruner's rule:
+            down always, q and gate except in up to ``amber_skip`` most sensitive layers each while
+            the sparse share stays at least ``flop_share``; never k, v, o, up) or ``"budget"`` (the
+            least sensitive set reaching ``flop_share`` of linear FLOPs). Policies other than
+            ``all`` measure sensitivities on calibration text.
+        smooth: per-input-channel scaling before selection, from calibration maxima:
+            ``"smoothquant"`` (``s = max|X|^α / max|W|^(1−α)``, X/s and W·s) or ``"outstanding"``
+            (Outstanding-sparse: the inverse scale, which widens the activation range).
+        smooth_alpha: α of the smoothing; None means 0.5 for smoothquant and 0.1 for outstanding.
+        quant: ``"w8a8"`` adds int8 weights per output channel and int8 activations per token
+            (simulated) to every target layer not matched by ``quant_exclude``.
     """
 
     pattern: str = "8:16"
@@ -38,6 +53,13 @@ class SparsityConfig:
     include: tuple[str, ...] = (DEFAULT_TARGETS,)
     exclude: tuple[str, ...] = ()
     remainder: Literal["error", "dense"] = "error"
+    policy: Literal["all", "amber", "budget"] = "all"
+    flop_share: float = 0.55
+    amber_skip: int = 5
+    smooth: Literal["none", "smoothquant", "outstanding"] = "none"
+    smooth_alpha: float | None = None
+    quant: Literal["none", "w8a8"] = "none"
+    quant_exclude: tuple[str, ...] = ()
     parsed_pattern: Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -45,12 +67,28 @@ class SparsityConfig:
         object.__setattr__(self, "pattern", str(self.parsed_pattern))
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "quant_exclude", tuple(self.quant_exclude))
+        if self.smooth_alpha is None and self.smooth != "none":
+            object.__setattr__(self, "smooth_alpha", DEFAULT_ALPHA.get(self.smooth))
         get_criterion(self.criterion)
         if self.phase not in PHASES:
             raise ActsparseError(f"Unknown phase '{self.phase}'; choose 'prefill' or 'all'.")
         if self.remainder not in REMAINDERS:
             raise ActsparseError(f"Unknown remainder policy '{self.remainder}'; choose 'error' or 'dense'.")
-        for expression in (*self.include, *self.exclude):
+        for name, value, allowed in (
+            ("policy", self.policy, POLICIES),
+            ("smoothing", self.smooth, SMOOTHINGS),
+            ("quantisation", self.quant, QUANTS),
+        ):
+            if value not in allowed:
+                raise ActsparseError(f"Unknown {name} '{value}'; choose one of {', '.join(allowed)}.")
+        if not 0 < self.flop_share <= 1:
+            raise ActsparseError(f"flop_share {self.flop_share:g} is outside (0, 1]; use e.g. 0.55.")
+        if self.amber_skip < 0:
+            raise ActsparseError(f"amber_skip {self.amber_skip} is negative; use 0 or more (5 is published).")
+        if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
+            raise ActsparseError(f"smooth_alpha {self.smooth_alpha:g} is outside [0, 1]; use e.g. 0.5.")
+        for expression in (*self.include, *self.exclude, *self.quant_exclude):
             try:
                 re.compile(expression)
             except re.error as error:
@@ -60,16 +98,30 @@ class SparsityConfig:
 
     @property
     def label(self) -> str:
-        """Short name for tables, e.g. ``"8:16 amber"``."""
-        return f"{self.pattern} {self.criterion}"
+        """Short name for tables, e.g. ``"8:16 amber"`` or ``"8:16 amber policy=amber w8a8"``."""
+        parts = [self.pattern] if self.parsed_pattern.dense else [self.pattern, self.criterion]
+        if self.policy != "all":
+            parts.append(f"policy={self.policy}")
+        if self.smooth != "none":
+            parts.append(self.smooth)
+        if self.quant != "none":
+            parts.append(self.quant)
+        return " ".join(parts)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when attaching measures something on calibration text first."""
+        return self.policy != "all" or self.smooth != "none"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; ``SparsityConfig.from_dict`` reads it back."""
         data = asdict(self)
         data.pop("parsed_pattern")
-        data["include"], data["exclude"] = list(self.include), list(self.exclude)
+        for name in ("include", "exclude", "quant_exclude"):
+            data[name] = list(data[name])
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SparsityConfig:
+        """Read back ``to_dict``."""
         return cls(**data)

@@ -21,18 +21,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from actsparse import __version__
+from actsparse.baselines import WeightPruningConfig, WeightPruningHandle, prune_weights
 from actsparse.config import SparsityConfig
 from actsparse.flops import flop_report
+from actsparse.layers import SparseLinear
 from actsparse.paths import write_json_atomic
 from actsparse.sparsify import SparsityHandle, sparsify
+
+Variant = SparsityConfig | WeightPruningConfig
+"""What ``evaluate`` compares with the dense model: activation sparsity or weight pruning."""
 
 
 @dataclass
 class EvalRow:
-    """Figures of one configuration (``config`` is None for the dense model)."""
+    """Figures of one variant; ``config`` is its description (None for the dense model)."""
 
     label: str
-    config: SparsityConfig | None
+    config: dict[str, Any] | None
     perplexity: float
     kl_to_dense: float
     top1_agreement: float
@@ -41,7 +46,7 @@ class EvalRow:
     def to_dict(self) -> dict[str, Any]:
         return {
             "label": self.label,
-            "config": self.config.to_dict() if self.config else None,
+            "config": self.config,
             "perplexity": self.perplexity,
             "kl_to_dense": self.kl_to_dense,
             "top1_agreement": self.top1_agreement,
@@ -68,7 +73,16 @@ def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.float(), dim=-1)
 
 
-def _run_key(model: nn.Module, windows: torch.Tensor, configs: list[SparsityConfig]) -> str:
+def attach_variant(
+    model: nn.Module, variant: Variant, calibration: torch.Tensor | None = None
+) -> SparsityHandle | WeightPruningHandle:
+    """Attach one variant to ``model`` and return its handle."""
+    if isinstance(variant, WeightPruningConfig):
+        return prune_weights(model, variant, calibration)
+    return sparsify(model, variant, calibration)
+
+
+def _run_key(model: nn.Module, windows: torch.Tensor, configs: list[Variant]) -> str:
     """Fingerprint of a run: the configurations, the exact tokens, and a sample of every weight."""
     digest = hashlib.sha256(json.dumps([c.to_dict() for c in configs]).encode())
     digest.update(windows.numpy().tobytes())
@@ -91,11 +105,15 @@ def _load_checkpoint(checkpoint: Path | None, key: str) -> dict[str, Any] | None
 def evaluate(
     model: nn.Module,
     windows: torch.Tensor,
-    configs: list[SparsityConfig],
+    configs: list[Variant],
+    calibration: torch.Tensor | None = None,
     progress: bool = True,
     checkpoint: Path | None = None,
 ) -> list[EvalRow]:
-    """Evaluate the dense model and every configuration in ``configs`` on ``windows`` (``(W, T)``).
+    """Evaluate the dense model and every variant in ``configs`` on ``windows`` (``(W, T)``).
+
+    ``calibration`` windows (from the calibration split) serve the variants that measure something
+    first: layer policies, smoothing, Wanda and SparseGPT.
 
     Each window runs once dense and once per configuration, so every row sees the same tokens and
     the dense distribution never has to be stored. The model is left dense afterwards.
@@ -103,9 +121,9 @@ def evaluate(
     With ``checkpoint``, the running totals are saved there (atomically) after every window, and a
     run of the same model, windows and configurations resumes from it; it is deleted at the end.
     """
-    handles: list[SparsityHandle] = []
+    handles = []
     for config in configs:
-        handle = sparsify(model, config)
+        handle = attach_variant(model, config, calibration)
         handle.remove()
         handle.measure_density()
         handles.append(handle)
@@ -141,14 +159,18 @@ def evaluate(
     bar.close()
     rows = [_row("dense", None, dense, flop_report(model))]
     for handle, totals in zip(handles, sparse):
-        rows.append(_row(handle.config.label, handle.config, totals, flop_report(model, handle)))
+        rows.append(_row(handle.label, handle.describe(), totals, flop_report(model, handle)))
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     return rows
 
 
 def _checkpoint_state(
-    key: str, windows_done: int, dense: _Totals, handles: list[SparsityHandle], sparse: list[_Totals]
+    key: str,
+    windows_done: int,
+    dense: _Totals,
+    handles: list[SparsityHandle | WeightPruningHandle],
+    sparse: list[_Totals],
 ) -> dict[str, Any]:
     return {
         "key": key,
@@ -157,14 +179,18 @@ def _checkpoint_state(
         "configs": [
             {
                 "totals": asdict(totals),
-                "counters": {name: [l.kept_inputs, l.seen_inputs] for name, l in handle.layers.items()},
+                "counters": {
+                    name: [layer.kept_inputs, layer.seen_inputs]
+                    for name, layer in handle.layers.items()
+                    if isinstance(layer, SparseLinear)  # pruned weights need no counting
+                },
             }
             for handle, totals in zip(handles, sparse)
         ],
     }
 
 
-def _row(label: str, config: SparsityConfig | None, totals: _Totals, flops: Any) -> EvalRow:
+def _row(label: str, config: dict[str, Any] | None, totals: _Totals, flops: Any) -> EvalRow:
     return EvalRow(
         label=label,
         config=config,
@@ -188,3 +214,22 @@ def versions() -> dict[str, str]:
 def results_document(rows: list[EvalRow], model: str, text: dict[str, Any]) -> dict[str, Any]:
     """The JSON document of one evaluation run: what was evaluated, on what, and every figure."""
     return {"model": model, "text": text, "versions": versions(), "rows": [row.to_dict() for row in rows]}
+
+
+def results_markdown(rows: list[EvalRow], title: str) -> str:
+    """The rows as a Markdown table (for docs), with the same columns as the terminal table."""
+    lines = [
+        f"**{title}**",
+        "",
+        "| variant | perplexity | KL to dense | top-1 agreement | sparse share of linear FLOPs | FLOPs removed |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        removed = row.flops["measured_removed_share"]
+        if removed is None:
+            removed = row.flops["removed_share"]
+        lines.append(
+            f"| {row.label} | {row.perplexity:.2f} | {row.kl_to_dense:.4f} | {row.top1_agreement:.1%} "
+            f"| {row.flops['sparse_share']:.1%} | {removed:.1%} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -90,22 +90,26 @@ class FlopReport:
 def flop_report(model: nn.Module, handle: SparsityHandle | None = None) -> FlopReport:
     """Account the linear FLOPs of ``model`` (attached or not) for the layers ``handle`` sparsifies.
 
+    ``handle`` may also be a weight-pruning handle: its layers carry the same ``sparse``,
+    ``nominal_density`` and ``measured_density`` (of the weights, then).
+
     A call that skips sparsity (a decode step under ``phase="prefill"``) is not counted here: the
     figures are per prefill token.
     """
-    sparse_layers = handle.layers if handle is not None else {}
+    wrapped = handle.layers if handle is not None else {}
     rows = []
     for name, module in linear_layers(model).items():
-        sparse = sparse_layers.get(name)
+        layer = wrapped.get(name)
+        sparse = layer is not None and layer.sparse
         rows.append(
             LayerFlops(
                 name=name,
                 in_features=module.in_features,
                 out_features=module.out_features,
                 flops_per_token=2 * module.in_features * module.out_features,
-                sparse=sparse is not None,
-                nominal_density=sparse.nominal_density if sparse else 1.0,
-                measured_density=sparse.measured_density if sparse else None,
+                sparse=sparse,
+                nominal_density=layer.nominal_density if sparse else 1.0,
+                measured_density=layer.measured_density if sparse else None,
             )
         )
     head = lm_head(model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,47 +13,87 @@ from actsparse.config import SparsityConfig
 from actsparse.criteria import get_criterion
 from actsparse.errors import ActsparseError
 from actsparse.ops import apply_pattern
+from actsparse.quant import quantize_activation, quantize_weight, smoothing_scale
 
 
 class SparseLinear(nn.Linear):
-    """Drop-in replacement for one ``nn.Linear``; it shares the original's weight and bias
-    Parameters, so the model's ``state_dict`` keeps its keys and values.
+    """Drop-in replacement for one ``nn.Linear``; without smoothing or quantisation it shares the
+    original's weight and bias Parameters, so the model's ``state_dict`` keeps its keys and values.
 
-    Build it with ``SparseLinear.from_linear``; ``handle.remove()`` puts the original module back.
+    The forward pass is: divide by the smoothing scale (if any), keep the top N of every M inputs
+    (if ``sparse`` and the call is in the configured phase), quantise the activations per token (if
+    W8A8), multiply by the (smoothed, quantised) weight. Build it with ``SparseLinear.from_linear``;
+    ``handle.remove()`` puts the original module back.
     """
 
-    def __init__(self, linear: nn.Linear, name: str, config: SparsityConfig) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        name: str,
+        config: SparsityConfig,
+        input_max: torch.Tensor | None = None,
+        sparse: bool = True,
+    ) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
         self.name = name
         self.config = config
+        self.sparse = sparse
         self.pattern = config.parsed_pattern
         self.criterion = get_criterion(config.criterion)
         self.sparsify_single_token = config.phase == "all"
+        self.quantize = config.quant == "w8a8" and not any(re.search(e, name) for e in config.quant_exclude)
+        weight, scale = linear.weight, None
+        if config.smooth != "none":
+            scale = smoothing_scale(input_max, linear.weight, config.smooth_alpha)
+            scale = (1 / scale if config.smooth == "outstanding" else scale).to(linear.weight.dtype)
+            weight = weight.detach() * scale  # W · diag(s): columns scaled, X / s keeps X Wᵀ
+        self.register_buffer("input_scale", scale, persistent=False)
         factor = None
         if self.criterion.weight_factor is not None:
-            factor = self.criterion.weight_factor(linear.weight).to(linear.weight.dtype)
+            factor = self.criterion.weight_factor(weight).to(linear.weight.dtype)
         self.register_buffer("channel_factor", factor, persistent=False)
+        if self.quantize:
+            weight = quantize_weight(weight.detach())
+        self.weight = weight if weight is linear.weight else nn.Parameter(weight, requires_grad=False)
+        self.bias = linear.bias
         self.measure_density = False
         self.kept_inputs = 0
         self.seen_inputs = 0
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, name: str, config: SparsityConfig) -> SparseLinear:
-        """Wrap ``linear`` (named ``name`` in its model) after checking the pattern fits it."""
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        name: str,
+        config: SparsityConfig,
+        input_max: torch.Tensor | None = None,
+        sparse: bool = True,
+    ) -> SparseLinear:
+        """Wrap ``linear`` (named ``name`` in its model) after checking the pattern fits it.
+
+        ``input_max`` (per-channel ``max |X|`` on calibration text) is needed for smoothing;
+        ``sparse=False`` wraps a layer only for its smoothing and quantisation.
+        """
         pattern = config.parsed_pattern
-        if not pattern.unstructured and linear.in_features % pattern.m and config.remainder == "error":
+        if (
+            sparse
+            and not pattern.unstructured
+            and linear.in_features % pattern.m
+            and config.remainder == "error"
+        ):
             raise ActsparseError(
                 f"Layer {name} has {linear.in_features} inputs, not a multiple of M={pattern.m} "
                 f"(pattern {pattern}); choose an M that divides {linear.in_features}, or keep the last "
                 f"{linear.in_features % pattern.m} inputs dense with remainder='dense' (--remainder dense)."
             )
-        return cls(linear, name, config)
+        return cls(linear, name, config, input_max, sparse)
 
     @property
     def nominal_density(self) -> float:
         """Share of inputs kept in a sparsified call, by construction."""
+        if not self.sparse:
+            return 1.0
         n, m = self.pattern.keep_count(self.in_features)
         body = self.in_features - self.in_features % m
         return (body // m * n + self.in_features - body) / self.in_features
@@ -101,9 +143,14 @@ class SparseLinear(nn.Linear):
         return x.dim() >= 2 and x.shape[-2] > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sparsify_single_token or self.is_prefill(x):
+        if self.input_scale is not None:
+            x = x / self.input_scale
+        if self.sparse and (self.sparsify_single_token or self.is_prefill(x)):
             x = self.sparsify_input(x)
+        if self.quantize:
+            x = quantize_activation(x)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, pattern={self.pattern}, criterion={self.criterion.name}"
+        sparsity = f"pattern={self.pattern}, criterion={self.criterion.name}" if self.sparse else "dense"
+        return f"{super().extra_repr()}, {sparsity}, smooth={self.config.smooth}, w8a8={self.quantize}"

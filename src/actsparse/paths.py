@@ -33,11 +33,15 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def write_json_atomic(path: Path | str, data: Any) -> None:
-    """Write ``data`` as indented JSON to ``path`` through a temporary file and an atomic rename."""
+def write_text_atomic(path: Path | str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        json.dump(data, tmp, indent=2)
-        tmp.write("\n")
+        tmp.write(text)
     os.replace(tmp.name, path)
+
+
+def write_json_atomic(path: Path | str, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path``, atomically."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -25,6 +25,11 @@ class Pattern:
         return self.unstructured_density is not None
 
     @property
+    def dense(self) -> bool:
+        """True for the pattern that keeps everything (``"dense"``, i.e. 1:1)."""
+        return not self.unstructured and self.n == self.m == 1
+
+    @property
     def density(self) -> float:
         """Share of inputs kept."""
         return self.unstructured_density if self.unstructured else self.n / self.m
@@ -37,13 +42,18 @@ class Pattern:
         return self.n, self.m
 
     def __str__(self) -> str:
+        if self.dense:
+            return "dense"
         return f"unstructured:{self.unstructured_density:g}" if self.unstructured else f"{self.n}:{self.m}"
 
 
 def parse_pattern(text: str | Pattern) -> Pattern:
-    """Parse ``"8:16"`` or ``"unstructured:0.5"``; refuse anything else with a clear message."""
+    """Parse ``"8:16"``, ``"unstructured:0.5"`` or ``"dense"`` (keep all: for quantisation alone);
+    refuse anything else with a clear message."""
     if isinstance(text, Pattern):
         return text
+    if text.strip() == "dense":
+        return Pattern(n=1, m=1)
     if match := _NM.match(text):
         n, m = int(match[1]), int(match[2])
         if not 1 <= n <= m:
@@ -59,6 +69,6 @@ def parse_pattern(text: str | Pattern) -> Pattern:
             )
         return Pattern(unstructured_density=density)
     raise ActsparseError(
-        f"Pattern '{text}' is not understood; write N:M (keep N of every M, e.g. 8:16) "
-        "or unstructured:<density> (e.g. unstructured:0.5)."
+        f"Pattern '{text}' is not understood; write N:M (keep N of every M, e.g. 8:16), "
+        "unstructured:<density> (e.g. unstructured:0.5) or dense."
     )

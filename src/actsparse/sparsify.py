@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
+from actsparse.calibration import input_abs_max
 from actsparse.config import SparsityConfig
 from actsparse.errors import ActsparseError
 from actsparse.layers import SparseLinear
+from actsparse.policy import amber_layers, budget_layers, layer_sensitivity
 
 
 def lm_head(model: nn.Module) -> nn.Module | None:
@@ -66,7 +70,22 @@ class SparsityHandle:
     config: SparsityConfig
     layers: dict[str, SparseLinear]
     originals: dict[str, nn.Linear]
+    sensitivity: dict[str, float] | None = None
     attached: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.config.label
+
+    def describe(self) -> dict[str, Any]:
+        """The configuration and, under a layer policy, the layers it skipped and why."""
+        description: dict[str, Any] = {"kind": "activations", **self.config.to_dict()}
+        if self.sensitivity is not None:
+            description["sensitivity"] = self.sensitivity
+            description["skipped_layers"] = [
+                name for name in self.sensitivity if not (name in self.layers and self.layers[name].sparse)
+            ]
+        return description
 
     def _swap_in(self, modules: dict[str, nn.Module]) -> None:
         for name, module in modules.items():
@@ -99,14 +118,37 @@ class SparsityHandle:
         self.remove()
 
 
-def sparsify(model: nn.Module, config: SparsityConfig | None = None) -> SparsityHandle:
+def sparsify(
+    model: nn.Module, config: SparsityConfig | None = None, calibration: torch.Tensor | None = None
+) -> SparsityHandle:
     """Attach N:M activation sparsity to ``model`` in place and return the handle that undoes it.
 
     The model stays an ordinary ``nn.Module`` (a transformers model stays one): each target
     ``nn.Linear`` is replaced by a ``SparseLinear`` that shares its parameters. Use the handle as a
     context manager, or call ``handle.remove()``, to get the dense model back exactly.
+
+    ``calibration`` (token windows ``(W, T)``, never the evaluation text) is needed when the config
+    measures something first: a layer policy other than ``all``, or smoothing.
     """
     config = config or SparsityConfig()
-    originals = target_layers(model, config)
-    layers = {name: SparseLinear.from_linear(linear, name, config) for name, linear in originals.items()}
-    return SparsityHandle(model, config, layers, originals).attach()
+    candidates = target_layers(model, config)
+    sensitivity = None
+    if config.policy == "all":
+        chosen = list(candidates)
+    else:
+        sensitivity = layer_sensitivity(model, calibration, candidates, config)
+        flops = {name: 2 * layer.in_features * layer.out_features for name, layer in candidates.items()}
+        total = sum(2 * layer.in_features * layer.out_features for layer in linear_layers(model).values())
+        if config.policy == "amber":
+            chosen = amber_layers(sensitivity, flops, total, config.flop_share, config.amber_skip)
+        else:
+            chosen = budget_layers(sensitivity, flops, total, config.flop_share)
+    wrapped = candidates if config.quant != "none" else {name: candidates[name] for name in chosen}
+    input_max = {}
+    if config.smooth != "none":
+        input_max = input_abs_max(model, calibration, wrapped, f"{config.smooth} smoothing")
+    layers = {
+        name: SparseLinear.from_linear(linear, name, config, input_max.get(name), sparse=name in chosen)
+        for name, linear in wrapped.items()
+    }
+    return SparsityHandle(model, config, layers, dict(wrapped), sensitivity).attach()

@@ -1,0 +1,55 @@
+"""Calibration statistics: run the dense model over calibration windows and hand every chosen
+layer's input to an observer (for sensitivities, smoothing maxima, Wanda norms, SparseGPT Hessians)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from actsparse.errors import ActsparseError
+
+
+def observe_inputs(
+    model: nn.Module,
+    windows: torch.Tensor | None,
+    layers: dict[str, nn.Linear],
+    observe: Callable[[str, torch.Tensor], None],
+    purpose: str,
+    progress: bool = True,
+) -> None:
+    """Run ``model`` on each calibration window; call ``observe(name, x)`` with every input ``x``
+    (``(tokens, in)``) that reaches ``layers[name]``. ``purpose`` names the need in messages."""
+    if windows is None or len(windows) == 0:
+        raise ActsparseError(
+            f"{purpose} needs calibration text; pass calibration windows (--calib-windows in the CLI)."
+        )
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda _, args, name=name: observe(name, args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for name, layer in layers.items()
+    ]
+    try:
+        with torch.inference_mode():
+            for window in tqdm(windows, desc=purpose, unit="window", disable=not progress, leave=False):
+                model(window[None], use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def input_abs_max(
+    model: nn.Module, windows: torch.Tensor | None, layers: dict[str, nn.Linear], purpose: str
+) -> dict[str, torch.Tensor]:
+    """Per-input-channel ``max |X_:,j|`` of every layer over the calibration windows."""
+    maxima: dict[str, torch.Tensor] = {}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        current = x.abs().amax(dim=0).float()
+        maxima[name] = current if name not in maxima else torch.maximum(maxima[name], current)
+
+    observe_inputs(model, windows, layers, observe, purpose)
+    return maxima

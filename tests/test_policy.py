@@ -1,0 +1,94 @@
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from actsparse import ActsparseError, SparsityConfig, sparsify
+from actsparse.policy import amber_layers, budget_layers, layer_sensitivity
+
+
+def test_sensitivity_is_the_relative_output_error_by_hand():
+    model = nn.Sequential()
+    model.add_module("up_proj", nn.Linear(4, 2, bias=False))
+    model.up_proj.weight.data = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 0.0, 1.0]])
+    windows = torch.tensor([[[1.0, -2.0, 0.5, 3.0]]])  # one window, one token, as the model's input
+    config = SparsityConfig(pattern="2:4", criterion="magnitude", include=("up_proj",))
+    # keep -2 and 3: Y = [1-4+1.5+12, -2+3] = [10.5, 1]; Y' = [-4+12, -2+3] = [8, 1]
+    expected = math.sqrt(2.5**2) / math.sqrt(10.5**2 + 1)
+    sensitivity = layer_sensitivity(_Forward(model), windows, {"up_proj": model.up_proj}, config)
+    assert sensitivity["up_proj"] == pytest.approx(expected, rel=1e-6)
+
+
+class _Forward(nn.Module):
+    """Lets a Sequential take the (1, tokens, in) windows the observers feed models."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, use_cache=False):
+        return self.inner(x)
+
+
+def test_budget_policy_reaches_its_target_with_the_least_sensitivity():
+    sensitivity = {"a": 0.9, "b": 0.1, "c": 0.2, "d": 0.5, "e": 0.05}
+    flops = {"a": 40, "b": 10, "c": 30, "d": 20, "e": 10}
+    total = 110 + 10  # 10 FLOPs of layers that are no candidates
+    chosen = budget_layers(sensitivity, flops, total, share=0.4)
+    assert sum(flops[n] for n in chosen) >= 0.4 * total
+    best = min(
+        (
+            set(s)
+            for r in range(1, 6)
+            for s in itertools.combinations(sensitivity, r)
+            if sum(flops[n] for n in s) >= 48
+        ),
+        key=lambda s: sum(sensitivity[n] for n in s),
+    )
+    assert set(chosen) == best == {"b", "c", "e"}
+
+
+def test_budget_policy_refuses_an_unreachable_share():
+    with pytest.raises(ActsparseError, match="cover only 50.0% of linear FLOPs"):
+        budget_layers({"a": 0.1}, {"a": 50}, 100, share=0.6)
+
+
+def test_amber_policy_follows_the_published_rule():
+    names = [
+        f"layers.{i}.{kind}"
+        for i in range(4)
+        for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    ]
+    sensitivity = {n: float(i) for i, n in enumerate(names)}  # later layers are more sensitive
+    flops = dict.fromkeys(names, 1)
+    chosen = amber_layers(sensitivity, flops, total_flops=len(names), share=0.0, skip=1)
+    kinds = {n.rsplit(".", 1)[1] for n in chosen}
+    assert kinds == {"q_proj", "gate_proj", "down_proj"}
+    assert "layers.3.q_proj" not in chosen and "layers.3.gate_proj" not in chosen  # the most sensitive
+    assert all(f"layers.{i}.down_proj" in chosen for i in range(4))
+    assert len(chosen) == 4 + 3 + 3
+
+
+def test_amber_policy_stops_skipping_at_the_flop_share():
+    names = [f"layers.{i}.{kind}" for i in range(4) for kind in ("q_proj", "gate_proj", "down_proj")]
+    chosen = amber_layers({n: 1.0 for n in names}, dict.fromkeys(names, 1), 12, share=11 / 12, skip=5)
+    assert len(chosen) == 11
+
+
+def test_policies_attach_through_sparsify(llama, tokens):
+    handle = sparsify(
+        llama, SparsityConfig(pattern="2:4", policy="amber", flop_share=0.3, amber_skip=1), tokens
+    )
+    sparse = {n for n, layer in handle.layers.items() if layer.sparse}
+    assert sparse and all(n.endswith(("q_proj", "gate_proj", "down_proj")) for n in sparse)
+    assert handle.describe()["skipped_layers"]
+    assert set(handle.describe()["sensitivity"]) == set(handle.originals) | set(
+        handle.describe()["skipped_layers"]
+    )
+
+
+def test_policies_need_calibration(llama):
+    with pytest.raises(ActsparseError, match="needs calibration text"):
+        sparsify(llama, SparsityConfig(policy="budget"))
