@@ -1,5 +1,6 @@
 """User mistakes on the command line: one sentence on stderr, exit status 2, no traceback."""
 
+import json
 import sys
 
 import pytest
@@ -25,6 +26,10 @@ def run(monkeypatch, capsys, *args):
         (["info", "--model", "./missing-model"], "was not found"),
         (["info", "--pattern", "2:4,8:16"], "describes one configuration"),
         (["eval", "--pattern", ","], "Give at least one --pattern"),
+        (["eval", "--variant", "pattern=8:16 colour=red"], "Unknown setting(s) colour"),
+        (["eval", "--weights", "obs"], "Unknown weight-pruning method 'obs'"),
+        (["eval", "--variants", "no-such-file.txt"], "Variants file 'no-such-file.txt' does not exist"),
+        (["eval", "--policy", "greedy"], "Unknown policy 'greedy'"),
     ],
 )
 def test_user_errors_exit_2_with_one_sentence(monkeypatch, capsys, args, message):
@@ -38,3 +43,57 @@ def test_models_lists_the_embedded_models(monkeypatch, capsys):
     code, output = run(monkeypatch, capsys, "models")
     assert code in (0, None)
     assert "smollm2-135m" in output and "gemma3-270m" in output
+
+
+def test_eval_end_to_end_on_a_local_model_and_text(monkeypatch, capsys, llama, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(120)]
+    tokenizer = Tokenizer(
+        models.WordLevel({"<unk>": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate(words)}}, "<unk>")
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", unk_token="<unk>").save_pretrained(
+        tmp_path / "m"
+    )
+    llama.save_pretrained(tmp_path / "m")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(words[i % 97] for i in range(2000)))
+    variants = tmp_path / "variants.txt"
+    variants.write_text(
+        "pattern=2:4 criterion=magnitude\npattern=8:16 policy=budget flop_share=0.3\nweights=wanda pattern=2:4\n"
+    )
+    out, markdown = tmp_path / "r" / "eval.json", tmp_path / "r" / "eval.md"
+    code, output = run(
+        monkeypatch,
+        capsys,
+        "eval",
+        "--model",
+        str(tmp_path / "m"),
+        "--dataset",
+        str(text),
+        "--seqlen",
+        "32",
+        "--windows",
+        "3",
+        "--calib-windows",
+        "2",
+        "--variants",
+        str(variants),
+        "--out",
+        str(out),
+        "--markdown",
+        str(markdown),
+    )
+    assert code in (0, None), output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["label"] for r in rows] == [
+        "dense",
+        "2:4 magnitude",
+        "8:16 amber policy=budget",
+        "weights 2:4 wanda",
+    ]
+    assert rows[2]["flops"]["sparse_share"] >= 0.3 and rows[2]["config"]["skipped_layers"]
+    assert "| weights 2:4 wanda |" in markdown.read_text()
+    assert not out.with_name("eval.json.partial").exists()
