@@ -13,7 +13,7 @@ def test_sensitivity_is_the_relative_output_error_by_hand():
     model = nn.Sequential()
     model.add_module("up_proj", nn.Linear(4, 2, bias=False))
     model.up_proj.weight.data = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 0.0, 1.0]])
-    windows = torch.tensor([[[1.0, -2.0, 0.5, 3.0]]])  # one window, one token, as the model's input
+    windows = torch.tensor([[[1.0, -2.0, 0.5, 3.0], [0.0, 0.0, 0.0, 0.0]]])  # one window of two tokens
     config = SparsityConfig(pattern="2:4", criterion="magnitude", include=("up_proj",))
     # keep -2 and 3: Y = [1-4+1.5+12, -2+3] = [10.5, 1]; Y' = [-4+12, -2+3] = [8, 1]
     expected = math.sqrt(2.5**2) / math.sqrt(10.5**2 + 1)

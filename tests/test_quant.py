@@ -72,3 +72,12 @@ def test_alpha_outside_unit_interval_is_refused(alpha):
 
     with pytest.raises(ActsparseError, match="smooth_alpha"):
         SparsityConfig(smooth="smoothquant", smooth_alpha=alpha)
+
+
+def test_outstanding_sparse_under_the_amber_policy(llama, tokens):
+    config = SparsityConfig(
+        pattern="8:16", policy="amber", flop_share=0.3, smooth="outstanding", quant="w8a8"
+    )
+    handle = sparsify(llama, config, tokens)
+    assert any(not layer.sparse for layer in handle.layers.values())
+    assert all(layer.input_scale is not None and layer.quantize for layer in handle.layers.values())

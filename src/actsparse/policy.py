@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -25,18 +26,28 @@ _EPS = 1e-12
 
 
 def layer_sensitivity(
-    model: nn.Module, windows: torch.Tensor | None, layers: dict[str, nn.Linear], config: SparsityConfig
+    model: nn.Module,
+    windows: torch.Tensor | None,
+    layers: dict[str, nn.Linear],
+    config: SparsityConfig,
+    input_max: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Relative output error ``‖Y − Y'‖₂ / ‖Y‖₂`` of each layer when only its own input is made
-    sparse under ``config``'s pattern and criterion, over all tokens of the calibration windows."""
-    sparse = {name: SparseLinear.from_linear(linear, name, config) for name, linear in layers.items()}
+    sparse under ``config`` (smoothing included, quantisation not), over all calibration tokens.
+
+    ``input_max`` (per-channel calibration maxima) is needed when ``config`` smooths.
+    """
+    sparsity_only = replace(config, quant="none", policy="all")
+    sparse = {
+        name: SparseLinear.from_linear(linear, name, sparsity_only, (input_max or {}).get(name))
+        for name, linear in layers.items()
+    }
     error = dict.fromkeys(layers, 0.0)
     norm = dict.fromkeys(layers, 0.0)
 
     def observe(name: str, x: torch.Tensor) -> None:
-        layer = sparse[name]
-        dense_out = F.linear(x, layer.weight, layer.bias)
-        sparse_out = F.linear(layer.sparsify_input(x), layer.weight, layer.bias)
+        dense_out = F.linear(x, layers[name].weight, layers[name].bias)
+        sparse_out = sparse[name](x[None])[0]  # one sequence of many tokens: the prefill path
         error[name] += (dense_out - sparse_out).float().pow(2).sum().item()
         norm[name] += dense_out.float().pow(2).sum().item()
 

@@ -132,11 +132,14 @@ def sparsify(
     """
     config = config or SparsityConfig()
     candidates = target_layers(model, config)
+    input_max = {}
+    if config.smooth != "none":
+        input_max = input_abs_max(model, calibration, candidates, f"{config.smooth} smoothing")
     sensitivity = None
     if config.policy == "all":
         chosen = list(candidates)
     else:
-        sensitivity = layer_sensitivity(model, calibration, candidates, config)
+        sensitivity = layer_sensitivity(model, calibration, candidates, config, input_max)
         flops = {name: 2 * layer.in_features * layer.out_features for name, layer in candidates.items()}
         total = sum(2 * layer.in_features * layer.out_features for layer in linear_layers(model).values())
         if config.policy == "amber":
@@ -144,9 +147,6 @@ def sparsify(
         else:
             chosen = budget_layers(sensitivity, flops, total, config.flop_share)
     wrapped = candidates if config.quant != "none" else {name: candidates[name] for name in chosen}
-    input_max = {}
-    if config.smooth != "none":
-        input_max = input_abs_max(model, calibration, wrapped, f"{config.smooth} smoothing")
     layers = {
         name: SparseLinear.from_linear(linear, name, config, input_max.get(name), sparse=name in chosen)
         for name, linear in wrapped.items()
