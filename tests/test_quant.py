@@ -45,6 +45,14 @@ def test_outstanding_scale_is_the_inverse_and_widens_the_range():
     ).min() < 100
 
 
+def test_w8a8_alone_makes_nothing_sparse(llama, tokens):
+    from actsparse import flop_report
+
+    handle = sparsify(llama, SparsityConfig(pattern="dense", quant="w8a8"))
+    assert all(layer.quantize and not layer.sparse for layer in handle.layers.values())
+    assert flop_report(llama, handle).sparse_share == 0
+
+
 def test_w8a8_with_exclusion_and_label(llama, tokens):
     config = SparsityConfig(pattern="8:16", smooth="outstanding", quant="w8a8", quant_exclude=("down_proj",))
     handle = sparsify(llama, config, tokens)

@@ -38,7 +38,7 @@ class SparseLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.name = name
         self.config = config
-        self.sparse = sparse
+        self.sparse = sparse and not config.parsed_pattern.dense
         self.pattern = config.parsed_pattern
         self.criterion = get_criterion(config.criterion)
         self.sparsify_single_token = config.phase == "all"
