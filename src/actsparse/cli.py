@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
+from transformers import PreTrainedTokenizerBase
 
 from actsparse import kernels
 from actsparse.baselines import WeightPruningConfig
@@ -51,6 +53,15 @@ RemainderOpt = Annotated[
     str, typer.Option(help="When in_features is not a multiple of M: error, or dense (keep the tail dense).")
 ]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+OnePatternOpt = Annotated[str, typer.Option(help="N:M or unstructured:<density>.")]
+OneCriterionOpt = Annotated[str, typer.Option(help="magnitude, wina, amber, clact or variance.")]
+FlopShareOpt = Annotated[float, typer.Option(help="Share of linear FLOPs a policy keeps sparse.")]
+AmberSkipOpt = Annotated[int, typer.Option(help="Most sensitive q/gate layers the amber policy may skip.")]
+SeqlenOpt = Annotated[int, typer.Option(help="Tokens per window, BOS included.")]
+CalibWindowsOpt = Annotated[
+    int,
+    typer.Option(help="Calibration windows (calibration split) for policies, smoothing, Wanda, SparseGPT."),
+]
 
 
 def _split(text: str) -> list[str]:
@@ -73,6 +84,11 @@ def _configs(pattern: str, criterion: str, policy: str, weights: str, shared: di
         for method, p in itertools.product(_split(weights), patterns)
     ]
     return configs
+
+
+def _calibration(tokenizer: PreTrainedTokenizerBase, dataset: str, seqlen: int, count: int) -> torch.Tensor:
+    """Token windows from the calibration split (never the evaluation text)."""
+    return token_windows(tokenizer, load_text(dataset, "calibration"), seqlen, count)
 
 
 def _quality_table(rows: list[EvalRow], title: str) -> Table:
@@ -102,10 +118,8 @@ def eval_command(
     pattern: PatternOpt = "2:4,8:16,16:32",
     criterion: CriterionOpt = "magnitude,amber",
     policy: Annotated[str, typer.Option(help="Comma-separated layer policies: all, amber, budget.")] = "all",
-    flop_share: Annotated[
-        float, typer.Option(help="Target share of linear FLOPs for --policy budget.")
-    ] = 0.55,
-    amber_skip: Annotated[int, typer.Option(help="Most sensitive q/gate layers the amber policy skips.")] = 5,
+    flop_share: FlopShareOpt = 0.55,
+    amber_skip: AmberSkipOpt = 5,
     weights: Annotated[
         str,
         typer.Option(
@@ -120,14 +134,9 @@ def eval_command(
     dataset: Annotated[
         str, typer.Option(help="sotu, wikitext2, or a path to a text file (evaluation split).")
     ] = "sotu",
-    seqlen: Annotated[int, typer.Option(help="Tokens per window, BOS included.")] = 512,
+    seqlen: SeqlenOpt = 512,
     windows: Annotated[int, typer.Option(help="Number of windows to evaluate; 0 for the whole split.")] = 32,
-    calib_windows: Annotated[
-        int,
-        typer.Option(
-            help="Calibration windows (calibration split) for policies, smoothing, Wanda, SparseGPT."
-        ),
-    ] = 16,
+    calib_windows: CalibWindowsOpt = 16,
     phase: PhaseOpt = "prefill",
     include: IncludeOpt = [DEFAULT_TARGETS],
     exclude: ExcludeOpt = [],
@@ -154,7 +163,7 @@ def eval_command(
     tokens = token_windows(tokenizer, text, seqlen, windows or None)
     calibration = None
     if any(c.needs_calibration for c in configs):
-        calibration = token_windows(tokenizer, load_text(dataset, "calibration"), seqlen, calib_windows)
+        calibration = _calibration(tokenizer, dataset, seqlen, calib_windows)
     # An interrupted run leaves its totals beside --out; the same command resumes from them.
     rows = evaluate(loaded, tokens, configs, calibration, checkpoint=out.with_name(out.name + ".partial"))
     text_info = {
@@ -181,13 +190,13 @@ def eval_command(
 @app.command()
 def sensitivity(
     model: ModelOpt = "smollm2-135m",
-    pattern: Annotated[str, typer.Option(help="N:M or unstructured:<density>.")] = "8:16",
-    criterion: Annotated[str, typer.Option(help="magnitude, wina, amber, clact or variance.")] = "amber",
+    pattern: OnePatternOpt = "8:16",
+    criterion: OneCriterionOpt = "amber",
     dataset: Annotated[
         str, typer.Option(help="sotu, wikitext2, or a text file (calibration split).")
     ] = "sotu",
-    seqlen: Annotated[int, typer.Option(help="Tokens per window, BOS included.")] = 512,
-    calib_windows: Annotated[int, typer.Option(help="Calibration windows.")] = 16,
+    seqlen: SeqlenOpt = 512,
+    calib_windows: CalibWindowsOpt = 16,
     include: IncludeOpt = [DEFAULT_TARGETS],
     exclude: ExcludeOpt = [],
     remainder: RemainderOpt = "error",
@@ -200,7 +209,7 @@ def sensitivity(
         pattern, criterion, include=tuple(include), exclude=tuple(exclude), remainder=remainder
     )
     loaded, tokenizer = load_model(model)
-    calibration = token_windows(tokenizer, load_text(dataset, "calibration"), seqlen, calib_windows)
+    calibration = _calibration(tokenizer, dataset, seqlen, calib_windows)
     candidates = target_layers(loaded, config)
     ranked = sorted(layer_sensitivity(loaded, calibration, candidates, config).items(), key=lambda kv: -kv[1])
     write_json_atomic(
@@ -224,20 +233,18 @@ def sensitivity(
 @app.command()
 def info(
     model: ModelOpt = "smollm2-135m",
-    pattern: Annotated[str, typer.Option(help="N:M or unstructured:<density>.")] = "8:16",
-    criterion: Annotated[str, typer.Option(help="magnitude, wina, amber, clact or variance.")] = "amber",
+    pattern: OnePatternOpt = "8:16",
+    criterion: OneCriterionOpt = "amber",
     policy: Annotated[
         str, typer.Option(help="all, amber or budget (these two measure on calibration text).")
     ] = "all",
-    flop_share: Annotated[
-        float, typer.Option(help="Target share of linear FLOPs for --policy budget.")
-    ] = 0.55,
-    amber_skip: Annotated[int, typer.Option(help="Most sensitive q/gate layers the amber policy skips.")] = 5,
+    flop_share: FlopShareOpt = 0.55,
+    amber_skip: AmberSkipOpt = 5,
     dataset: Annotated[
         str, typer.Option(help="Calibration text for policies: sotu, wikitext2 or a file.")
     ] = "sotu",
-    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
-    calib_windows: Annotated[int, typer.Option(help="Calibration windows for policies.")] = 16,
+    seqlen: SeqlenOpt = 512,
+    calib_windows: CalibWindowsOpt = 16,
     phase: PhaseOpt = "prefill",
     include: IncludeOpt = [DEFAULT_TARGETS],
     exclude: ExcludeOpt = [],
@@ -254,7 +261,7 @@ def info(
     loaded, tokenizer = load_model(model)
     calibration = None
     if config.needs_calibration:
-        calibration = token_windows(tokenizer, load_text(dataset, "calibration"), seqlen, calib_windows)
+        calibration = _calibration(tokenizer, dataset, seqlen, calib_windows)
     handle = sparsify(loaded, config, calibration)
     report = flop_report(loaded, handle)
     table = Table(title=f"{model}: {config.label}, phase {config.phase}")

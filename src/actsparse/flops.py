@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from actsparse.sparsify import SparsityHandle, linear_layers, lm_head
+from actsparse.sparsify import SparsityHandle, linear_flops, linear_layers, lm_head
 
 
 @dataclass(frozen=True)
@@ -106,12 +106,12 @@ def flop_report(model: nn.Module, handle: SparsityHandle | None = None) -> FlopR
                 name=name,
                 in_features=module.in_features,
                 out_features=module.out_features,
-                flops_per_token=2 * module.in_features * module.out_features,
+                flops_per_token=linear_flops(module),
                 sparse=sparse,
                 nominal_density=layer.nominal_density if sparse else 1.0,
                 measured_density=layer.measured_density if sparse else None,
             )
         )
     head = lm_head(model)
-    head_flops = 2 * head.in_features * head.out_features if isinstance(head, nn.Linear) else 0
+    head_flops = linear_flops(head) if isinstance(head, nn.Linear) else 0
     return FlopReport(layers=rows, lm_head_flops_per_token=head_flops)

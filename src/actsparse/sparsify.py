@@ -21,6 +21,11 @@ def lm_head(model: nn.Module) -> nn.Module | None:
     return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
 
+def linear_flops(layer: nn.Linear) -> int:
+    """Multiply-add FLOPs per token of one linear layer: ``2 · in · out``."""
+    return 2 * layer.in_features * layer.out_features
+
+
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """Every ``nn.Linear`` of ``model`` by name, except its LM head."""
     head = lm_head(model)
@@ -140,8 +145,8 @@ def sparsify(
         chosen = list(candidates)
     else:
         sensitivity = layer_sensitivity(model, calibration, candidates, config, input_max)
-        flops = {name: 2 * layer.in_features * layer.out_features for name, layer in candidates.items()}
-        total = sum(2 * layer.in_features * layer.out_features for layer in linear_layers(model).values())
+        flops = {name: linear_flops(layer) for name, layer in candidates.items()}
+        total = sum(linear_flops(layer) for layer in linear_layers(model).values())
         if config.policy == "amber":
             chosen = amber_layers(sensitivity, flops, total, config.flop_share, config.amber_skip)
         else:
