@@ -30,6 +30,7 @@ def run(monkeypatch, capsys, *args):
         (["eval", "--weights", "obs"], "Unknown weight-pruning method 'obs'"),
         (["eval", "--variants", "no-such-file.txt"], "Variants file 'no-such-file.txt' does not exist"),
         (["eval", "--policy", "greedy"], "Unknown policy 'greedy'"),
+        (["eval", "--mitigation", "shift+learn"], "Unknown mitigation 'shift+learn'"),
     ],
 )
 def test_user_errors_exit_2_with_one_sentence(monkeypatch, capsys, args, message):
@@ -97,3 +98,11 @@ def test_eval_end_to_end_on_a_local_model_and_text(monkeypatch, capsys, llama, t
     assert rows[2]["flops"]["sparse_share"] >= 0.3 and rows[2]["config"]["skipped_layers"]
     assert "| weights 2:4 wanda |" in markdown.read_text()
     assert not out.with_name("eval.json.partial").exists()
+
+
+def test_mitigation_option_expands_to_settings():
+    from actsparse.cli import _configs
+
+    shared = {"phase": "prefill", "include": ("proj",), "exclude": (), "remainder": "error"}
+    configs = _configs("8:16", "amber", "all", "none,shift+var,smooth", "", shared)
+    assert [c.label for c in configs] == ["8:16 amber", "8:16 amber shift+var", "8:16 amber smoothquant"]

@@ -68,16 +68,27 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _configs(pattern: str, criterion: str, policy: str, weights: str, shared: dict) -> list[Variant]:
-    """Every pattern × criterion × policy, then each weight-pruning method at each N:M pattern."""
+def _mitigation(text: str) -> dict[str, str]:
+    """Settings of one --mitigation entry: ``smooth`` is static scaling (SmoothQuant, α 0.5), the
+    other parts (shift, var) are corrections; e.g. ``shift+smooth``."""
+    parts = [part for part in text.split("+") if part]
+    settings = {"smooth": "smoothquant"} if "smooth" in parts else {}
+    return settings | {"mitigation": "+".join(p for p in parts if p != "smooth") or "none"}
+
+
+def _configs(
+    pattern: str, criterion: str, policy: str, mitigation: str, weights: str, shared: dict
+) -> list[Variant]:
+    """Every pattern × criterion × policy × mitigation, then each weight-pruning method at each pattern."""
     patterns, criteria, policies = _split(pattern), _split(criterion), _split(policy)
-    if not patterns or not criteria or not policies:
+    mitigations = _split(mitigation)
+    if not patterns or not criteria or not policies or not mitigations:
         raise ActsparseError(
             "Give at least one --pattern and one --criterion, e.g. --pattern 8:16 --criterion amber."
         )
     configs: list[Variant] = [
-        SparsityConfig(pattern=p, criterion=c, policy=pol, **shared)
-        for p, c, pol in itertools.product(patterns, criteria, policies)
+        SparsityConfig(pattern=p, criterion=c, policy=pol, **_mitigation(mit), **shared)
+        for p, c, pol, mit in itertools.product(patterns, criteria, policies, mitigations)
     ]
     configs += [
         WeightPruningConfig(method=method, pattern=p, include=shared["include"], exclude=shared["exclude"])
@@ -118,6 +129,12 @@ def eval_command(
     pattern: PatternOpt = "2:4,8:16,16:32",
     criterion: CriterionOpt = "magnitude,amber",
     policy: Annotated[str, typer.Option(help="Comma-separated layer policies: all, amber, budget.")] = "all",
+    mitigation: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated corrections: none, shift, var, smooth, or joined with + (shift+var)."
+        ),
+    ] = "none",
     flop_share: FlopShareOpt = 0.55,
     amber_skip: AmberSkipOpt = 5,
     weights: Annotated[
@@ -157,7 +174,7 @@ def eval_command(
     if variants is not None:
         configs += read_variants(variants, shared)
     if not configs:
-        configs = _configs(pattern, criterion, policy, weights, shared)
+        configs = _configs(pattern, criterion, policy, mitigation, weights, shared)
     text = load_text(dataset, "evaluation")
     loaded, tokenizer = load_model(model, dtype)
     tokens = token_windows(tokenizer, text, seqlen, windows or None)

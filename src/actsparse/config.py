@@ -19,6 +19,8 @@ POLICIES = ("all", "amber", "budget")
 SMOOTHINGS = ("none", "smoothquant", "outstanding")
 QUANTS = ("none", "w8a8")
 DEFAULT_ALPHA = {"smoothquant": 0.5, "outstanding": 0.1}
+CORRECTIONS = ("shift", "var")
+SHIFT_STATISTICS = ("median", "mean")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,11 @@ class SparsityConfig:
         smooth_alpha: α of the smoothing; None means 0.5 for smoothquant and 0.1 for outstanding.
         quant: ``"w8a8"`` adds int8 weights per output channel and int8 activations per token
             (simulated) to every target layer not matched by ``quant_exclude``.
+        mitigation: training-free corrections of the sparse input, joined with ``+``: ``"shift"``
+            selects on ``x − η`` (η the token's ``shift_statistic``, median or mean) and adds
+            ``η · W.sum(1)`` back to the output; ``"var"`` rescales the kept values so the token's
+            variance is that of the dense input. (Static scaling is ``smooth="smoothquant"``, whose
+            α = 0.5 scale is ``sqrt(max|X| / max|W|)``.)
     """
 
     pattern: str = "8:16"
@@ -60,6 +67,8 @@ class SparsityConfig:
     smooth_alpha: float | None = None
     quant: Literal["none", "w8a8"] = "none"
     quant_exclude: tuple[str, ...] = ()
+    mitigation: str = "none"
+    shift_statistic: Literal["median", "mean"] = "median"
     parsed_pattern: Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +91,14 @@ class SparsityConfig:
         ):
             if value not in allowed:
                 raise ActsparseError(f"Unknown {name} '{value}'; choose one of {', '.join(allowed)}.")
+        if self.shift_statistic not in SHIFT_STATISTICS:
+            raise ActsparseError(f"Unknown shift statistic '{self.shift_statistic}'; choose median or mean.")
+        unknown = set(self.corrections) - set(CORRECTIONS)
+        if unknown or (self.mitigation != "none" and not self.corrections):
+            raise ActsparseError(
+                f"Unknown mitigation '{self.mitigation}'; use none, shift, var or shift+var "
+                "(static scaling is smooth='smoothquant', or --mitigation smooth on the command line)."
+            )
         if not 0 < self.flop_share <= 1:
             raise ActsparseError(f"flop_share {self.flop_share:g} is outside (0, 1]; use e.g. 0.55.")
         if self.amber_skip < 0:
@@ -104,9 +121,16 @@ class SparsityConfig:
             parts.append(f"policy={self.policy}")
         if self.smooth != "none":
             parts.append(self.smooth)
+        if self.corrections:
+            parts.append(self.mitigation)
         if self.quant != "none":
             parts.append(self.quant)
         return " ".join(parts)
+
+    @property
+    def corrections(self) -> tuple[str, ...]:
+        """The training-free corrections of ``mitigation``, e.g. ``("shift", "var")``."""
+        return tuple(part for part in self.mitigation.split("+") if part and part != "none")
 
     @property
     def needs_calibration(self) -> bool:

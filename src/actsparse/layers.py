@@ -20,9 +20,10 @@ class SparseLinear(nn.Linear):
     """Drop-in replacement for one ``nn.Linear``; without smoothing or quantisation it shares the
     original's weight and bias Parameters, so the model's ``state_dict`` keeps its keys and values.
 
-    The forward pass is: divide by the smoothing scale (if any), keep the top N of every M inputs
-    (if ``sparse`` and the call is in the configured phase), quantise the activations per token (if
-    W8A8), multiply by the (smoothed, quantised) weight. Build it with ``SparseLinear.from_linear``;
+    The forward pass is: divide by the smoothing scale (if any); in a sparsified call, subtract the
+    token's shift η (if shift), keep the top N of every M inputs, restore the token's variance (if
+    var); quantise the activations per token (if W8A8); multiply by the (smoothed, quantised)
+    weight; add ``η · W.sum(1)`` (if shift). Build it with ``SparseLinear.from_linear``;
     ``handle.remove()`` puts the original module back.
     """
 
@@ -55,6 +56,11 @@ class SparseLinear(nn.Linear):
         self.register_buffer("channel_factor", factor, persistent=False)
         if self.quantize:
             weight = quantize_weight(weight.detach())
+        self.shift = "shift" in config.corrections
+        self.restore_variance = "var" in config.corrections
+        # The +η part of prune(x − η) + η: η times the row sums of W, not a dense product.
+        row_sum = weight.detach().sum(dim=1) if self.shift else None
+        self.register_buffer("weight_row_sum", row_sum, persistent=False)
         self.weight = weight if weight is linear.weight else nn.Parameter(weight, requires_grad=False)
         self.bias = linear.bias
         self.measure_density = False
@@ -142,15 +148,36 @@ class SparseLinear(nn.Linear):
         """True when the call processes more than one token per sequence."""
         return x.dim() >= 2 and x.shape[-2] > 1
 
+    def shift_value(self, x: torch.Tensor) -> torch.Tensor:
+        """η of the shift correction: each token's median (or mean) input, ``(..., 1)``."""
+        if self.config.shift_statistic == "mean":
+            return x.mean(dim=-1, keepdim=True)
+        return x.median(dim=-1, keepdim=True).values
+
+    @staticmethod
+    def variance_restored(dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """``sparse`` scaled per token by ``sqrt(Var(dense) / Var(sparse))`` (rows of zeros kept)."""
+        ratio = dense.float().var(dim=-1, keepdim=True) / sparse.float().var(dim=-1, keepdim=True)
+        return sparse * torch.nan_to_num(ratio, nan=1.0, posinf=1.0).sqrt().to(sparse.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x / self.input_scale
+        shift = None
         if self.sparse and (self.sparsify_single_token or self.is_prefill(x)):
-            x = self.sparsify_input(x)
+            if self.shift:
+                shift = self.shift_value(x)
+                x = x - shift
+            sparse = self.sparsify_input(x)
+            x = self.variance_restored(x, sparse) if self.restore_variance else sparse
         if self.quantize:
             x = quantize_activation(x)
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        return y if shift is None else y + shift * self.weight_row_sum
 
     def extra_repr(self) -> str:
         sparsity = f"pattern={self.pattern}, criterion={self.criterion.name}" if self.sparse else "dense"
-        return f"{super().extra_repr()}, {sparsity}, smooth={self.config.smooth}, w8a8={self.quantize}"
+        return (
+            f"{super().extra_repr()}, {sparsity}, smooth={self.config.smooth}, "
+            f"mitigation={self.config.mitigation}, w8a8={self.quantize}"
+        )
