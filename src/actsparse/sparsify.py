@@ -129,7 +129,8 @@ def sparsify(
     """Attach N:M activation sparsity to ``model`` in place and return the handle that undoes it.
 
     The model stays an ordinary ``nn.Module`` (a transformers model stays one): each target
-    ``nn.Linear`` is replaced by a ``SparseLinear`` that shares its parameters. Use the handle as a
+    ``nn.Linear`` is replaced by a ``SparseLinear`` that shares its parameters (with smoothing or
+    W8A8 it holds its own transformed weight instead). Use the handle as a
     context manager, or call ``handle.remove()``, to get the dense model back exactly.
 
     ``calibration`` (token windows ``(W, T)``, never the evaluation text) is needed when the config
