@@ -13,7 +13,7 @@ def layer(config: SparsityConfig, weight: torch.Tensor, bias: torch.Tensor | Non
     linear.weight.data = weight
     if bias is not None:
         linear.bias.data = bias
-    return SparseLinear.from_linear(linear, "up_proj", config)
+    return SparseLinear(linear, "up_proj", config)
 
 
 def test_shift_by_hand():

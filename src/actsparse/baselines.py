@@ -163,10 +163,8 @@ def prune_weights(
     model: nn.Module, config: WeightPruningConfig, calibration: torch.Tensor | None = None
 ) -> WeightPruningHandle:
     """Prune the weights of ``config``'s target layers to N:M and return the handle (attached)."""
-    layers = target_layers(
-        model, SparsityConfig(pattern=config.pattern, include=config.include, exclude=config.exclude)
-    )
-    pattern = SparsityConfig(pattern=config.pattern).parsed_pattern
+    selection = SparsityConfig(pattern=config.pattern, include=config.include, exclude=config.exclude)
+    layers, pattern = target_layers(model, selection), selection.parsed_pattern
     for name, layer in layers.items():
         if layer.in_features % pattern.m:
             raise ActsparseError(

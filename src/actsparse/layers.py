@@ -23,7 +23,7 @@ class SparseLinear(nn.Linear):
     The forward pass is: divide by the smoothing scale (if any); in a sparsified call, subtract the
     token's shift η (if shift), keep the top N of every M inputs, restore the token's variance (if
     var); quantise the activations per token (if W8A8); multiply by the (smoothed, quantised)
-    weight; add ``η · W.sum(1)`` (if shift). Build it with ``SparseLinear.from_linear``;
+    weight; add ``η · W.sum(1)`` (if shift). Build it with ``SparseLinear(linear, name, config)``;
     ``handle.remove()`` puts the original module back.
     """
 
@@ -35,12 +35,29 @@ class SparseLinear(nn.Linear):
         input_max: torch.Tensor | None = None,
         sparse: bool = True,
     ) -> None:
+        """Wrap ``linear`` (named ``name`` in its model) after checking the pattern fits it.
+
+        ``input_max`` (per-channel ``max |X|`` on calibration text) is needed for smoothing;
+        ``sparse=False`` wraps a layer only for its smoothing and quantisation.
+        """
+        pattern = config.parsed_pattern
+        if (
+            sparse
+            and not pattern.unstructured
+            and linear.in_features % pattern.m
+            and config.remainder == "error"
+        ):
+            raise ActsparseError(
+                f"Layer {name} has {linear.in_features} inputs, not a multiple of M={pattern.m} "
+                f"(pattern {pattern}); choose an M that divides {linear.in_features}, or keep the last "
+                f"{linear.in_features % pattern.m} inputs dense with remainder='dense' (--remainder dense)."
+            )
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.name = name
         self.config = config
-        self.sparse = sparse and not config.parsed_pattern.dense
-        self.pattern = config.parsed_pattern
+        self.sparse = sparse and not pattern.dense
+        self.pattern = pattern
         self.criterion = get_criterion(config.criterion)
         self.sparsify_single_token = config.phase == "all"
         self.quantize = config.quant == "w8a8" and not any(re.search(e, name) for e in config.quant_exclude)
@@ -66,34 +83,6 @@ class SparseLinear(nn.Linear):
         self.measure_density = False
         self.kept_inputs = 0
         self.seen_inputs = 0
-
-    @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        name: str,
-        config: SparsityConfig,
-        input_max: torch.Tensor | None = None,
-        sparse: bool = True,
-    ) -> SparseLinear:
-        """Wrap ``linear`` (named ``name`` in its model) after checking the pattern fits it.
-
-        ``input_max`` (per-channel ``max |X|`` on calibration text) is needed for smoothing;
-        ``sparse=False`` wraps a layer only for its smoothing and quantisation.
-        """
-        pattern = config.parsed_pattern
-        if (
-            sparse
-            and not pattern.unstructured
-            and linear.in_features % pattern.m
-            and config.remainder == "error"
-        ):
-            raise ActsparseError(
-                f"Layer {name} has {linear.in_features} inputs, not a multiple of M={pattern.m} "
-                f"(pattern {pattern}); choose an M that divides {linear.in_features}, or keep the last "
-                f"{linear.in_features % pattern.m} inputs dense with remainder='dense' (--remainder dense)."
-            )
-        return cls(linear, name, config, input_max, sparse)
 
     @property
     def nominal_density(self) -> float:

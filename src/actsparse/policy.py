@@ -39,7 +39,7 @@ def layer_sensitivity(
     """
     sparsity_only = replace(config, quant="none", policy="all")
     sparse = {
-        name: SparseLinear.from_linear(linear, name, sparsity_only, (input_max or {}).get(name))
+        name: SparseLinear(linear, name, sparsity_only, (input_max or {}).get(name))
         for name, linear in layers.items()
     }
     error = dict.fromkeys(layers, 0.0)

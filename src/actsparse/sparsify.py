@@ -154,7 +154,7 @@ def sparsify(
             chosen = budget_layers(sensitivity, flops, total, config.flop_share)
     wrapped = candidates if config.quant != "none" else {name: candidates[name] for name in chosen}
     layers = {
-        name: SparseLinear.from_linear(linear, name, config, input_max.get(name), sparse=name in chosen)
+        name: SparseLinear(linear, name, config, input_max.get(name), sparse=name in chosen)
         for name, linear in wrapped.items()
     }
     return SparsityHandle(model, config, layers, dict(wrapped), sensitivity).attach()
