@@ -65,3 +65,66 @@ def test_shift_and_var_run_on_a_model(llama, tokens):
 def test_unknown_mitigation(mitigation):
     with pytest.raises(ActsparseError, match="Unknown mitigation"):
         SparsityConfig(mitigation=mitigation)
+
+
+def learned_layer(weight, bias, mitigation="learnable", criterion="magnitude", pattern="2:4", phase="prefill"):
+    config = SparsityConfig(pattern=pattern, criterion=criterion, mitigation=mitigation, phase=phase)
+    return layer(config, weight, bias)
+
+
+def test_learned_corrections_by_hand():
+    # x = [1, -3, 1.2, 2], shift s = [0.5, 0, 0, 0] → v = [0.5, -3, 1.2, 2]; scale d = [1, 1, 2, 1]
+    # makes the scores |v|·|d| = [0.5, 3, 2.4, 2], so 2:4 keeps channels 1 and 2 (without d: 1 and 3).
+    # Input to W: prune(v)·d + s = [0.5, -3, 2.4, 0]; W rows [1, 1, 1, 1] and [1, 0, -1, 2], b = [0.5, -1]
+    # give [0.4, -2.9]; times 1 + a = [2, 0.5] and plus output bias [0.25, 0] gives [1.05, -1.45].
+    sparse = learned_layer(torch.tensor([[1.0, 1, 1, 1], [1, 0, -1, 2]]), torch.tensor([0.5, -1.0]), phase="all")
+    correction = sparse.correction
+    correction.shift.data = torch.tensor([0.5, 0, 0, 0])
+    correction.scale.data = torch.tensor([1.0, 1, 2, 1])
+    correction.output_scale.data = torch.tensor([1.0, -0.5])
+    correction.output_bias.data = torch.tensor([0.25, 0.0])
+    x = torch.tensor([[1.0, -3.0, 1.2, 2.0]])
+    expected = torch.tensor([[1.05, -1.45]])
+    torch.testing.assert_close(sparse(x), expected)
+    sparse.fold()
+    torch.testing.assert_close(sparse(x), expected)
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "amber", "clact"])
+@pytest.mark.parametrize("mitigation", ["learnable", "shift+learnable"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_folded_corrections_equal_the_unfolded_form(criterion, mitigation, bias):
+    torch.manual_seed(0)
+    weight = torch.randn(24, 32)
+    sparse = learned_layer(weight, torch.randn(24) if bias else None, mitigation, criterion, "8:16")
+    correction = sparse.correction
+    for parameter, spread in zip(correction.parameters(), (0.5, 0.3, 0.2, 0.1)):
+        parameter.data += spread * torch.randn_like(parameter)
+    x = torch.randn(2, 7, 32)
+    unfolded = sparse(x)
+    sparse.fold()
+    assert sparse.folded
+    torch.testing.assert_close(sparse(x), unfolded, rtol=1e-5, atol=1e-5)
+    decode = torch.randn(1, 1, 32)  # single-token calls stay dense, without corrections
+    torch.testing.assert_close(sparse(decode), F.linear(decode, weight, sparse.bias))
+
+
+def test_learned_corrections_start_as_the_plain_layer():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(24, 32), torch.randn(24)
+    plain = layer(SparsityConfig(pattern="8:16"), weight, bias)
+    learned = learned_layer(weight, bias, criterion="amber", pattern="8:16")
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(learned(x), plain(x))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(mitigation="var+learnable"), r"var\+learnable is not supported"),
+        (dict(mitigation="learnable", quant="w8a8"), "cannot be combined with quant='w8a8'"),
+    ],
+)
+def test_unsupported_learnable_combinations(settings, message):
+    with pytest.raises(ActsparseError, match=message):
+        SparsityConfig(**settings)

@@ -41,7 +41,7 @@ def test_sparse_layer_feeds_the_linear_exactly_n_of_m_inputs(llama, tokens):
     with torch.no_grad():
         llama(tokens, use_cache=False)
     x = seen["x"]
-    sparse = layer.sparsify_input(x)
+    sparse = layer.sparsify_input(x, layer.channel_factor)
     assert ((sparse != 0).reshape(-1, 8).sum(-1) <= 4).all()
     expected = torch.nn.functional.linear(sparse, layer.weight)
     torch.testing.assert_close(layer(x), expected)
@@ -81,7 +81,7 @@ def test_qwen2_biases_are_kept(qwen2, tokens):
     assert layer.bias is q_proj.bias
     x = torch.randn(1, 5, layer.in_features)
     torch.testing.assert_close(
-        layer(x), torch.nn.functional.linear(layer.sparsify_input(x), q_proj.weight, q_proj.bias)
+        layer(x), torch.nn.functional.linear(layer.sparsify_input(x, layer.channel_factor), q_proj.weight, q_proj.bias)
     )
 
 
@@ -131,7 +131,7 @@ def test_nan_activations_are_reported_with_the_layer(llama):
         with pytest.raises(
             ActsparseError, match=r"Layer model\.layers\.0\.mlp\.down_proj received NaN activations"
         ):
-            layer.sparsify_input(x)
+            layer.sparsify_input(x, layer.channel_factor)
 
 
 def test_handle_reattaches_the_same_layers_and_works_as_a_context(llama, tokens):

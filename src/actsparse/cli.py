@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from actsparse import kernels
 from actsparse.baselines import WeightPruningConfig
+from actsparse.calibrate import CalibrationSettings
 from actsparse.config import DEFAULT_TARGETS, SparsityConfig
 from actsparse.data import load_text, token_windows
 from actsparse.errors import ActsparseError
@@ -24,6 +25,7 @@ from actsparse.flops import flop_report
 from actsparse.models import EMBEDDED_MODELS, converted_dir, load_model, resolve_model
 from actsparse.paths import write_json_atomic, write_text_atomic
 from actsparse.policy import layer_sensitivity
+from actsparse.recipe import load_recipe
 from actsparse.sparsify import sparsify, target_layers
 from actsparse.variants import parse_variant, read_variants
 
@@ -60,8 +62,15 @@ AmberSkipOpt = Annotated[int, typer.Option(help="Most sensitive q/gate layers th
 SeqlenOpt = Annotated[int, typer.Option(help="Tokens per window, BOS included.")]
 CalibWindowsOpt = Annotated[
     int,
-    typer.Option(help="Calibration windows (calibration split) for policies, smoothing, Wanda, SparseGPT."),
+    typer.Option(
+        help="Calibration windows (calibration split) for policies, smoothing, learnable corrections, Wanda, SparseGPT."
+    ),
 ]
+StepsOpt = Annotated[
+    int | None,
+    typer.Option(help="Learnable corrections: optimiser steps per block (default: one pass over the windows)."),
+]
+LrOpt = Annotated[float, typer.Option(help="Learnable corrections: peak AdamW learning rate.")]
 
 
 def _split(text: str) -> list[str]:
@@ -70,7 +79,7 @@ def _split(text: str) -> list[str]:
 
 def _mitigation(text: str) -> dict[str, str]:
     """Settings of one --mitigation entry: ``smooth`` is static scaling (SmoothQuant, α 0.5), the
-    other parts (shift, var) are corrections; e.g. ``shift+smooth``."""
+    other parts (shift, var, learnable) are corrections; e.g. ``shift+smooth``."""
     parts = [part for part in text.split("+") if part]
     settings = {"smooth": "smoothquant"} if "smooth" in parts else {}
     return settings | {"mitigation": "+".join(p for p in parts if p != "smooth") or "none"}
@@ -132,7 +141,8 @@ def eval_command(
     mitigation: Annotated[
         str,
         typer.Option(
-            help="Comma-separated corrections: none, shift, var, smooth, or joined with + (shift+var)."
+            help="Comma-separated corrections: none, shift, var, smooth, learnable, or joined with + "
+            "(shift+var, shift+learnable)."
         ),
     ] = "none",
     flop_share: FlopShareOpt = 0.55,
@@ -148,12 +158,17 @@ def eval_command(
         typer.Option(help="Exact variant, e.g. 'pattern=8:16 criterion=amber quant=w8a8' (repeatable)."),
     ] = [],
     variants: Annotated[Path | None, typer.Option(help="File with one variant per line.")] = None,
+    recipe: Annotated[
+        list[Path], typer.Option(help="Recipe folder written by `actsparse calibrate` (repeatable).")
+    ] = [],
     dataset: Annotated[
         str, typer.Option(help="sotu, wikitext2, or a path to a text file (evaluation split).")
     ] = "sotu",
     seqlen: SeqlenOpt = 512,
     windows: Annotated[int, typer.Option(help="Number of windows to evaluate; 0 for the whole split.")] = 32,
     calib_windows: CalibWindowsOpt = 16,
+    calib_steps: StepsOpt = None,
+    lr: LrOpt = CalibrationSettings.lr,
     phase: PhaseOpt = "prefill",
     include: IncludeOpt = [DEFAULT_TARGETS],
     exclude: ExcludeOpt = [],
@@ -166,13 +181,16 @@ def eval_command(
 ) -> None:
     """Perplexity, KL to dense and top-1 agreement of the dense model and every variant.
 
-    Without --variant/--variants: every pattern × criterion × policy, plus weight pruning per pattern.
+    Without --variant/--variants/--recipe: every pattern × criterion × policy × mitigation, plus
+    weight pruning per pattern.
     """
     shared = {"phase": phase, "include": tuple(include), "exclude": tuple(exclude), "remainder": remainder}
     shared |= {"flop_share": flop_share, "amber_skip": amber_skip}
-    configs = [parse_variant(spec, shared) for spec in variant]
+    settings = CalibrationSettings(steps=calib_steps, lr=lr)
+    configs: list[Variant] = [parse_variant(spec, shared) for spec in variant]
     if variants is not None:
         configs += read_variants(variants, shared)
+    configs += [load_recipe(folder) for folder in recipe]
     if not configs:
         configs = _configs(pattern, criterion, policy, mitigation, weights, shared)
     text = load_text(dataset, "evaluation")
@@ -182,7 +200,9 @@ def eval_command(
     if any(c.needs_calibration for c in configs):
         calibration = _calibration(tokenizer, dataset, seqlen, calib_windows)
     # An interrupted run leaves its totals beside --out; the same command resumes from them.
-    rows = evaluate(loaded, tokens, configs, calibration, checkpoint=out.with_name(out.name + ".partial"))
+    rows = evaluate(
+        loaded, tokens, configs, calibration, checkpoint=out.with_name(out.name + ".partial"), calibration_settings=settings
+    )
     text_info = {
         "source": dataset,
         "split": "evaluation",
@@ -202,6 +222,67 @@ def eval_command(
         "weights); density: measured share of non-zero inputs (or weights); removed: share of linear FLOPs removed."
     )
     console.print(f"Saved to {out}")
+
+
+@app.command()
+def calibrate(
+    out: Annotated[Path, typer.Option(help="Recipe folder to write (replaced atomically).")],
+    model: ModelOpt = "smollm2-135m",
+    pattern: OnePatternOpt = "8:16",
+    criterion: OneCriterionOpt = "amber",
+    mitigation: Annotated[
+        str, typer.Option(help="learnable, shift+learnable, smooth+learnable, or a training-free one.")
+    ] = "learnable",
+    policy: Annotated[str, typer.Option(help="Layer policy: all, amber or budget.")] = "all",
+    flop_share: FlopShareOpt = 0.55,
+    amber_skip: AmberSkipOpt = 5,
+    dataset: Annotated[
+        str, typer.Option(help="sotu, wikitext2, or a text file (calibration split).")
+    ] = "sotu",
+    seqlen: SeqlenOpt = 512,
+    calib_windows: CalibWindowsOpt = 32,
+    steps: StepsOpt = None,
+    lr: LrOpt = CalibrationSettings.lr,
+    phase: PhaseOpt = "prefill",
+    include: IncludeOpt = [DEFAULT_TARGETS],
+    exclude: ExcludeOpt = [],
+    remainder: RemainderOpt = "error",
+) -> None:
+    """Calibrate one configuration on the calibration split and save it as a recipe folder.
+
+    Learnable corrections are fitted block by block; policies and smoothing are measured. Evaluate
+    the result with `actsparse eval --recipe DIR`; in Python, `sparsify(model, recipe=load_recipe(DIR))`.
+    """
+    config = SparsityConfig(
+        pattern,
+        criterion,
+        phase,
+        tuple(include),
+        tuple(exclude),
+        remainder,
+        policy,
+        flop_share,
+        amber_skip,
+        **_mitigation(mitigation),
+    )
+    settings = CalibrationSettings(steps=steps, lr=lr)
+    loaded, tokenizer = load_model(model)
+    calibration = _calibration(tokenizer, dataset, seqlen, calib_windows)
+    handle = sparsify(loaded, config, calibration, calibration_settings=settings)
+    recipe = handle.recipe()
+    text = {"source": dataset, "split": "calibration", "seqlen": seqlen, "windows": len(calibration)}
+    recipe.calibration = (recipe.calibration or {}) | {"text": text}
+    recipe.save(out)
+    blocks = (handle.calibration or {}).get("blocks", [])
+    if blocks:
+        table = Table(title=f"{model}: {config.label}, MSE of each block's output to the dense model")
+        for column in ("block", "before", "after", "change"):
+            table.add_column(column, justify="left" if column == "block" else "right", no_wrap=True)
+        for block in blocks:
+            before, after = block["loss_before"], block["loss_after"]
+            table.add_row(block["block"], f"{before:.4g}", f"{after:.4g}", f"{after / before - 1:+.1%}")
+        console.print(table)
+    console.print(f"Recipe for {config.label} saved to {out}; evaluate it with `actsparse eval --recipe {out}`.")
 
 
 @app.command()

@@ -19,7 +19,7 @@ POLICIES = ("all", "amber", "budget")
 SMOOTHINGS = ("none", "smoothquant", "outstanding")
 QUANTS = ("none", "w8a8")
 DEFAULT_ALPHA = {"smoothquant": 0.5, "outstanding": 0.1}
-CORRECTIONS = ("shift", "var")
+CORRECTIONS = ("shift", "var", "learnable")
 SHIFT_STATISTICS = ("median", "mean")
 
 
@@ -47,10 +47,12 @@ class SparsityConfig:
         smooth_alpha: α of the smoothing; None means 0.5 for smoothquant and 0.1 for outstanding.
         quant: ``"w8a8"`` adds int8 weights per output channel and int8 activations per token
             (simulated) to every target layer not matched by ``quant_exclude``.
-        mitigation: training-free corrections of the sparse input, joined with ``+``: ``"shift"``
-            selects on ``x − η`` (η the token's ``shift_statistic``, median or mean) and adds
-            ``η · W.sum(1)`` back to the output; ``"var"`` rescales the kept values so the token's
-            variance is that of the dense input. (Static scaling is ``smooth="smoothquant"``, whose
+        mitigation: corrections of the sparse input, joined with ``+``: ``"shift"`` selects on
+            ``x − η`` (η the token's ``shift_statistic``, median or mean) and adds ``η · W.sum(1)``
+            back to the output; ``"var"`` rescales the kept values so the token's variance is that
+            of the dense input; ``"learnable"`` adds per-channel scale and shift of the input and
+            scale and bias of the output, calibrated block by block (``actsparse.calibrate``) and
+            folded into the weight and bias. (Static scaling is ``smooth="smoothquant"``, whose
             α = 0.5 scale is ``sqrt(max|X| / max|W|)``.)
     """
 
@@ -96,8 +98,19 @@ class SparsityConfig:
         unknown = set(self.corrections) - set(CORRECTIONS)
         if unknown or (self.mitigation != "none" and not self.corrections):
             raise ActsparseError(
-                f"Unknown mitigation '{self.mitigation}'; use none, shift, var or shift+var "
-                "(static scaling is smooth='smoothquant', or --mitigation smooth on the command line)."
+                f"Unknown mitigation '{self.mitigation}'; use none, shift, var, learnable or a "
+                "combination such as shift+var or shift+learnable (static scaling is "
+                "smooth='smoothquant', or --mitigation smooth on the command line)."
+            )
+        if self.learnable and "var" in self.corrections:
+            raise ActsparseError(
+                "Mitigation var+learnable is not supported: the learned per-channel scale already "
+                "restores the kept values' size; use learnable or shift+learnable."
+            )
+        if self.learnable and self.quant != "none":
+            raise ActsparseError(
+                "Learnable corrections are calibrated without quantisation and cannot be combined "
+                "with quant='w8a8' yet; use a training-free mitigation with W8A8."
             )
         if not 0 < self.flop_share <= 1:
             raise ActsparseError(f"flop_share {self.flop_share:g} is outside (0, 1]; use e.g. 0.55.")
@@ -133,9 +146,14 @@ class SparsityConfig:
         return tuple(part for part in self.mitigation.split("+") if part and part != "none")
 
     @property
+    def learnable(self) -> bool:
+        """True when the mitigation includes calibrated (learned) corrections."""
+        return "learnable" in self.corrections
+
+    @property
     def needs_calibration(self) -> bool:
-        """True when attaching measures something on calibration text first."""
-        return self.policy != "all" or self.smooth != "none"
+        """True when attaching measures or learns something on calibration text first."""
+        return self.policy != "all" or self.smooth != "none" or self.learnable
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; ``SparsityConfig.from_dict`` reads it back."""

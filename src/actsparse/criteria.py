@@ -44,10 +44,11 @@ class Criterion:
     uses_batch: bool = False
 
     def channel_factor(self, x: torch.Tensor, weight_factor: torch.Tensor | None) -> torch.Tensor | None:
-        """Per-input-channel multiplier of ``|x|`` for this call: the layer's weight factor, or for
-        CLACT the column norm of ``x`` over the call's tokens."""
+        """Per-input-channel multiplier of ``|x|`` for this call: the layer's static factor, times
+        for CLACT the column norm of ``x`` over the call's tokens."""
         if self.uses_batch:
-            return x.reshape(-1, x.shape[-1]).float().norm(dim=0).to(x.dtype)
+            norms = x.reshape(-1, x.shape[-1]).float().norm(dim=0).to(x.dtype)
+            return norms if weight_factor is None else norms * weight_factor
         return weight_factor
 
     def score(self, x: torch.Tensor, weight_factor: torch.Tensor | None) -> torch.Tensor:

@@ -22,14 +22,17 @@ from tqdm.auto import tqdm
 
 from actsparse import __version__
 from actsparse.baselines import WeightPruningConfig, WeightPruningHandle, prune_weights
+from actsparse.calibrate import CalibrationSettings
 from actsparse.config import SparsityConfig
 from actsparse.flops import flop_report
 from actsparse.layers import SparseLinear
 from actsparse.paths import write_json_atomic
+from actsparse.recipe import Recipe
 from actsparse.sparsify import SparsityHandle, sparsify
 
-Variant = SparsityConfig | WeightPruningConfig
-"""What ``evaluate`` compares with the dense model: activation sparsity or weight pruning."""
+Variant = SparsityConfig | WeightPruningConfig | Recipe
+"""What ``evaluate`` compares with the dense model: activation sparsity (a config, or a calibrated
+recipe) or weight pruning."""
 
 
 @dataclass
@@ -74,18 +77,27 @@ def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
 
 
 def attach_variant(
-    model: nn.Module, variant: Variant, calibration: torch.Tensor | None = None
+    model: nn.Module,
+    variant: Variant,
+    calibration: torch.Tensor | None = None,
+    calibration_settings: CalibrationSettings | None = None,
 ) -> SparsityHandle | WeightPruningHandle:
     """Attach one variant to ``model`` and return its handle."""
     if isinstance(variant, WeightPruningConfig):
         return prune_weights(model, variant, calibration)
-    return sparsify(model, variant, calibration)
+    if isinstance(variant, Recipe):
+        return sparsify(model, recipe=variant)
+    return sparsify(model, variant, calibration, calibration_settings=calibration_settings)
 
 
 def _run_key(model: nn.Module, windows: torch.Tensor, configs: list[Variant]) -> str:
     """Fingerprint of a run: the configurations, the exact tokens, and a sample of every weight."""
     digest = hashlib.sha256(json.dumps([c.to_dict() for c in configs]).encode())
     digest.update(windows.numpy().tobytes())
+    for config in configs:
+        if isinstance(config, Recipe):
+            for tensor in config.tensors.values():
+                digest.update(tensor.float().numpy().tobytes())
     for name, parameter in model.named_parameters():
         digest.update(name.encode())
         digest.update(parameter.detach().flatten()[:64].float().numpy().tobytes())
@@ -109,11 +121,13 @@ def evaluate(
     calibration: torch.Tensor | None = None,
     progress: bool = True,
     checkpoint: Path | None = None,
+    calibration_settings: CalibrationSettings | None = None,
 ) -> list[EvalRow]:
     """Evaluate the dense model and every variant in ``configs`` on ``windows`` (``(W, T)``).
 
     ``calibration`` windows (from the calibration split) serve the variants that measure something
-    first: layer policies, smoothing, Wanda and SparseGPT.
+    first: layer policies, smoothing, learnable corrections (fitted with ``calibration_settings``),
+    Wanda and SparseGPT.
 
     Each window runs once dense and once per configuration, so every row sees the same tokens and
     the dense distribution never has to be stored. The model is left dense afterwards.
@@ -123,7 +137,7 @@ def evaluate(
     """
     handles = []
     for config in configs:
-        handle = attach_variant(model, config, calibration)
+        handle = attach_variant(model, config, calibration, calibration_settings)
         handle.remove()
         handle.measure_density()
         handles.append(handle)

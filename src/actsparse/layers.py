@@ -12,6 +12,7 @@ from actsparse import kernels
 from actsparse.config import SparsityConfig
 from actsparse.criteria import get_criterion
 from actsparse.errors import ActsparseError
+from actsparse.mitigation import LearnedCorrection, shift_value, variance_restored
 from actsparse.ops import apply_pattern
 from actsparse.quant import quantize_activation, quantize_weight, smoothing_scale
 
@@ -21,10 +22,12 @@ class SparseLinear(nn.Linear):
     original's weight and bias Parameters, so the model's ``state_dict`` keeps its keys and values.
 
     The forward pass is: divide by the smoothing scale (if any); in a sparsified call, subtract the
-    token's shift η (if shift), keep the top N of every M inputs, restore the token's variance (if
-    var); quantise the activations per token (if W8A8); multiply by the (smoothed, quantised)
-    weight; add ``η · W.sum(1)`` (if shift). Build it with ``SparseLinear(linear, name, config)``;
-    ``handle.remove()`` puts the original module back.
+    learned per-channel shift (if learnable) and the token's shift η (if shift), keep the top N of
+    every M inputs, restore the token's variance (if var); quantise the activations per token (if
+    W8A8); multiply by the (smoothed, quantised, or learned-and-folded) weight; add ``η · W.sum(1)``
+    (if shift). Dense calls (decode, under the prefill phase) use the layer's own weight without
+    learned corrections. Build it with ``SparseLinear(linear, name, config)``; ``handle.remove()``
+    puts the original module back.
     """
 
     def __init__(
@@ -78,6 +81,11 @@ class SparseLinear(nn.Linear):
         # The +η part of prune(x − η) + η: η times the row sums of W, not a dense product.
         row_sum = weight.detach().sum(dim=1) if self.shift else None
         self.register_buffer("weight_row_sum", row_sum, persistent=False)
+        self.correction = None
+        if config.learnable and self.sparse:
+            self.correction = LearnedCorrection(self.in_features, self.out_features, weight.dtype)
+        for folded in ("folded_weight", "folded_bias", "folded_row_sum", "folded_factor"):
+            self.register_buffer(folded, None, persistent=False)
         self.weight = weight if weight is linear.weight else nn.Parameter(weight, requires_grad=False)
         self.bias = linear.bias
         self.measure_density = False
@@ -101,8 +109,9 @@ class SparseLinear(nn.Linear):
     def reset_counters(self) -> None:
         self.kept_inputs = self.seen_inputs = 0
 
-    def sparsify_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The N:M-sparse version of ``x`` (``(..., in)``) under this layer's pattern and criterion.
+    def sparsify_input(self, x: torch.Tensor, weight_factor: torch.Tensor | None) -> torch.Tensor:
+        """The N:M-sparse version of ``x`` (``(..., in)``) under this layer's pattern and criterion,
+        with ``weight_factor`` the criterion's static per-channel factor.
 
         Float32 N:M on the CPU goes through the fused compiled pass when it is built; every other
         case (other dtypes, devices, unstructured patterns, gradients) through PyTorch operations.
@@ -113,14 +122,14 @@ class SparseLinear(nn.Linear):
         if n >= m:
             sparse = x
         elif not self.pattern.unstructured and kernels.supports(x, m):
-            factor = self.criterion.channel_factor(x, self.channel_factor)
+            factor = self.criterion.channel_factor(x, weight_factor)
             sparse, kept, has_nan = kernels.nm_select(x, factor, n, m)
             if has_nan:
                 raise self._nan_error()
         else:
             if torch.isnan(x).any():
                 raise self._nan_error()
-            sparse = apply_pattern(x, self.criterion.score(x, self.channel_factor), self.pattern)
+            sparse = apply_pattern(x, self.criterion.score(x.detach(), weight_factor), self.pattern)
         if self.measure_density:
             self.kept_inputs += int(torch.count_nonzero(sparse)) if kept is None else kept
             self.seen_inputs += sparse.numel()
@@ -137,32 +146,46 @@ class SparseLinear(nn.Linear):
         """True when the call processes more than one token per sequence."""
         return x.dim() >= 2 and x.shape[-2] > 1
 
-    def shift_value(self, x: torch.Tensor) -> torch.Tensor:
-        """η of the shift correction: each token's median (or mean) input, ``(..., 1)``."""
-        if self.config.shift_statistic == "mean":
-            return x.mean(dim=-1, keepdim=True)
-        return x.median(dim=-1, keepdim=True).values
+    def fold(self) -> None:
+        """Fold the learned corrections into this layer's sparse-call weight, bias and factor
+        (after calibration, or after loading a recipe's tensors)."""
+        folded = self.correction.fold(self.weight, self.bias, self.channel_factor)
+        self.folded_weight, self.folded_bias = folded.weight, folded.bias
+        self.folded_row_sum, self.folded_factor = folded.row_sum, folded.channel_factor
 
-    @staticmethod
-    def variance_restored(dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        """``sparse`` scaled per token by ``sqrt(Var(dense) / Var(sparse))`` (rows of zeros kept)."""
-        ratio = dense.float().var(dim=-1, keepdim=True) / sparse.float().var(dim=-1, keepdim=True)
-        return sparse * torch.nan_to_num(ratio, nan=1.0, posinf=1.0).sqrt().to(sparse.dtype)
+    @property
+    def folded(self) -> bool:
+        """True when the learned corrections are folded (inference form)."""
+        return self.folded_weight is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x / self.input_scale
-        shift = None
-        if self.sparse and (self.sparsify_single_token or self.is_prefill(x)):
-            if self.shift:
-                shift = self.shift_value(x)
-                x = x - shift
-            sparse = self.sparsify_input(x)
-            x = self.variance_restored(x, sparse) if self.restore_variance else sparse
-        if self.quantize:
-            x = quantize_activation(x)
-        y = F.linear(x, self.weight, self.bias)
-        return y if shift is None else y + shift * self.weight_row_sum
+        if not (self.sparse and (self.sparsify_single_token or self.is_prefill(x))):
+            return F.linear(self._quantized(x), self.weight, self.bias)
+        correction = self.correction
+        if correction is not None:
+            x = x - correction.shift
+        eta = None
+        if self.shift:
+            eta = shift_value(x, self.config.shift_statistic)
+            x = x - eta
+        weight, bias, row_sum, factor = self.weight, self.bias, self.weight_row_sum, self.channel_factor
+        if self.folded:
+            weight, bias = self.folded_weight, self.folded_bias
+            row_sum, factor = self.folded_row_sum, self.folded_factor
+        elif correction is not None:
+            factor = correction.selection_factor(factor)
+        sparse = self.sparsify_input(x, factor)
+        if self.restore_variance:
+            sparse = variance_restored(x, sparse)
+        if correction is not None and not self.folded:
+            return correction.unfolded(sparse, eta, self.weight, self.bias)
+        y = F.linear(self._quantized(sparse), weight, bias)
+        return y if eta is None else y + eta * row_sum
+
+    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize_activation(x) if self.quantize else x
 
     def extra_repr(self) -> str:
         sparsity = f"pattern={self.pattern}, criterion={self.criterion.name}" if self.sparse else "dense"

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from actsparse.calibrate import CalibrationSettings, learn_corrections
 from actsparse.calibration import input_abs_max
 from actsparse.config import SparsityConfig
 from actsparse.errors import ActsparseError
 from actsparse.layers import SparseLinear
 from actsparse.policy import amber_layers, budget_layers, layer_sensitivity
+from actsparse.recipe import Recipe, model_fingerprint
 
 
 def lm_head(model: nn.Module) -> nn.Module | None:
@@ -76,6 +78,8 @@ class SparsityHandle:
     layers: dict[str, SparseLinear]
     originals: dict[str, nn.Linear]
     sensitivity: dict[str, float] | None = None
+    input_max: dict[str, torch.Tensor] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
     attached: bool = False
 
     @property
@@ -90,7 +94,25 @@ class SparsityHandle:
             description["skipped_layers"] = [
                 name for name in self.sensitivity if not (name in self.layers and self.layers[name].sparse)
             ]
+        if self.calibration is not None:
+            description["calibration"] = self.calibration
         return description
+
+    def recipe(self) -> Recipe:
+        """This sparsification as a recipe: its config, sparse layers and calibrated tensors."""
+        tensors = {f"{name}.input_max": maxima for name, maxima in self.input_max.items()}
+        for name, layer in self.layers.items():
+            if layer.correction is not None:
+                for tensor_name, parameter in layer.correction.named_parameters():
+                    tensors[f"{name}.correction.{tensor_name}"] = parameter.detach()
+        return Recipe(
+            config=self.config,
+            model=model_fingerprint(self.model),
+            sparse_layers=[name for name, layer in self.layers.items() if layer.sparse],
+            tensors=tensors,
+            sensitivity=self.sensitivity,
+            calibration=self.calibration,
+        )
 
     def _swap_in(self, modules: dict[str, nn.Module]) -> None:
         for name, module in modules.items():
@@ -123,38 +145,84 @@ class SparsityHandle:
         self.remove()
 
 
+def _plan(
+    model: nn.Module, config: SparsityConfig, candidates: dict[str, nn.Linear], calibration: torch.Tensor | None
+) -> tuple[list[str], dict[str, torch.Tensor], dict[str, float] | None]:
+    """Measure what ``config`` needs on calibration text: smoothing maxima, and under a layer
+    policy the sensitivities and the layers chosen. Returns (sparse layers, maxima, sensitivities)."""
+    input_max = {}
+    if config.smooth != "none":
+        input_max = input_abs_max(model, calibration, candidates, f"{config.smooth} smoothing")
+    if config.policy == "all":
+        return list(candidates), input_max, None
+    sensitivity = layer_sensitivity(model, calibration, candidates, config, input_max)
+    flops = {name: linear_flops(layer) for name, layer in candidates.items()}
+    total = sum(linear_flops(layer) for layer in linear_layers(model).values())
+    if config.policy == "amber":
+        chosen = amber_layers(sensitivity, flops, total, config.flop_share, config.amber_skip)
+    else:
+        chosen = budget_layers(sensitivity, flops, total, config.flop_share)
+    return chosen, input_max, sensitivity
+
+
 def sparsify(
-    model: nn.Module, config: SparsityConfig | None = None, calibration: torch.Tensor | None = None
+    model: nn.Module,
+    config: SparsityConfig | None = None,
+    calibration: torch.Tensor | None = None,
+    recipe: Recipe | None = None,
+    calibration_settings: CalibrationSettings | None = None,
 ) -> SparsityHandle:
     """Attach N:M activation sparsity to ``model`` in place and return the handle that undoes it.
 
     The model stays an ordinary ``nn.Module`` (a transformers model stays one): each target
-    ``nn.Linear`` is replaced by a ``SparseLinear`` that shares its parameters (with smoothing or
-    W8A8 it holds its own transformed weight instead). Use the handle as a
+    ``nn.Linear`` is replaced by a ``SparseLinear`` that shares its parameters (with smoothing,
+    W8A8 or learned corrections it holds its own transformed weight as well). Use the handle as a
     context manager, or call ``handle.remove()``, to get the dense model back exactly.
 
     ``calibration`` (token windows ``(W, T)``, never the evaluation text) is needed when the config
-    measures something first: a layer policy other than ``all``, or smoothing.
+    measures or learns something first: a layer policy other than ``all``, smoothing, or learnable
+    corrections (fitted block by block with ``calibration_settings``; see ``actsparse.calibrate``).
+    A ``recipe`` (``actsparse.recipe.load_recipe``) replaces both ``config`` and ``calibration``:
+    its layers and tensors are used as saved, so the logits are those of the calibrated model.
     """
+    if recipe is not None:
+        if config is not None and config != recipe.config:
+            raise ActsparseError(
+                "Pass either a config or a recipe to sparsify, not both: the recipe carries its own config."
+            )
+        recipe.check_model(model)
+        config = recipe.config
     config = config or SparsityConfig()
     candidates = target_layers(model, config)
-    input_max = {}
-    if config.smooth != "none":
-        input_max = input_abs_max(model, calibration, candidates, f"{config.smooth} smoothing")
-    sensitivity = None
-    if config.policy == "all":
-        chosen = list(candidates)
+    if recipe is None:
+        chosen, input_max, sensitivity = _plan(model, config, candidates, calibration)
     else:
-        sensitivity = layer_sensitivity(model, calibration, candidates, config, input_max)
-        flops = {name: linear_flops(layer) for name, layer in candidates.items()}
-        total = sum(linear_flops(layer) for layer in linear_layers(model).values())
-        if config.policy == "amber":
-            chosen = amber_layers(sensitivity, flops, total, config.flop_share, config.amber_skip)
-        else:
-            chosen = budget_layers(sensitivity, flops, total, config.flop_share)
+        chosen, sensitivity = recipe.sparse_layers, recipe.sensitivity
+        input_max = {}
+        if config.smooth != "none":
+            input_max = {name: recipe.tensor(f"{name}.input_max") for name in candidates}
     wrapped = candidates if config.quant != "none" else {name: candidates[name] for name in chosen}
     layers = {
         name: SparseLinear(linear, name, config, input_max.get(name), sparse=name in chosen)
         for name, linear in wrapped.items()
     }
-    return SparsityHandle(model, config, layers, dict(wrapped), sensitivity).attach()
+    handle = SparsityHandle(model, config, layers, dict(wrapped), sensitivity, input_max=input_max)
+    handle.attach()
+    if not config.learnable:
+        return handle
+    if recipe is not None:
+        for name, layer in layers.items():
+            if layer.correction is not None:
+                for tensor_name, parameter in layer.correction.named_parameters():
+                    parameter.copy_(recipe.tensor(f"{name}.correction.{tensor_name}"))
+                layer.fold()
+        handle.calibration = recipe.calibration
+        return handle
+    try:
+        settings = calibration_settings or CalibrationSettings()
+        fits = learn_corrections(handle, calibration, settings)
+    except BaseException:
+        handle.remove()
+        raise
+    handle.calibration = {"settings": settings.to_dict(), "blocks": [asdict(fit) for fit in fits]}
+    return handle

@@ -1,0 +1,84 @@
+"""Recipes: saved and loaded bit for bit, and refused when they do not fit."""
+
+import json
+
+import pytest
+import torch
+
+from actsparse import ActsparseError, SparsityConfig, sparsify
+from actsparse.calibrate import CalibrationSettings
+from actsparse.recipe import load_recipe
+
+CONFIG = SparsityConfig(
+    pattern="2:4", criterion="amber", mitigation="shift+learnable", smooth="smoothquant", policy="amber", flop_share=0.3
+)
+
+
+@pytest.fixture
+def saved(llama, tokens, tmp_path):
+    """A calibrated recipe folder and the logits of the model it was calibrated on."""
+    calibration = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
+    handle = sparsify(llama, CONFIG, calibration, calibration_settings=CalibrationSettings(steps=3, lr=1e-3))
+    with torch.no_grad():
+        logits = llama(tokens, use_cache=False).logits
+    handle.recipe().save(tmp_path / "recipe")
+    handle.remove()
+    return tmp_path / "recipe", logits
+
+
+def test_round_trip_is_bit_identical(llama, tokens, saved):
+    folder, logits = saved
+    recipe = load_recipe(folder)
+    assert recipe.config == CONFIG and recipe.calibration["blocks"]
+    assert any(name.endswith(".input_max") for name in recipe.tensors)
+    with sparsify(llama, recipe=recipe) as handle:
+        with torch.no_grad():
+            assert torch.equal(llama(tokens, use_cache=False).logits, logits)
+        assert handle.describe()["skipped_layers"]  # the policy's choice came from the recipe
+
+
+def test_a_recipe_for_another_model_is_refused(qwen2, saved):
+    with pytest.raises(ActsparseError, match="calibrated for another model"):
+        sparsify(qwen2, recipe=load_recipe(saved[0]))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupted_tensors_are_refused(saved, damage):
+    path = saved[0] / "tensors.safetensors"
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-3] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    with pytest.raises(ActsparseError, match="corrupted or truncated"):
+        load_recipe(saved[0])
+
+
+def test_corrupted_description_is_refused(saved):
+    (saved[0] / "recipe.json").write_text('{"format": 1, "config": ')
+    with pytest.raises(ActsparseError, match="recipe.json is corrupted"):
+        load_recipe(saved[0])
+
+
+def test_missing_tensor_is_refused(llama, saved, tmp_path):
+    recipe = load_recipe(saved[0])
+    del recipe.tensors[next(name for name in recipe.tensors if name.endswith("correction.scale"))]
+    recipe.save(tmp_path / "incomplete")
+    with pytest.raises(ActsparseError, match="lacks the tensor .*correction.scale"):
+        sparsify(llama, recipe=load_recipe(tmp_path / "incomplete"))
+
+
+def test_missing_folder_is_refused(tmp_path):
+    with pytest.raises(ActsparseError, match="is not a recipe folder"):
+        load_recipe(tmp_path / "nothing")
+
+
+def test_recipe_and_a_different_config_are_refused(llama, saved):
+    with pytest.raises(ActsparseError, match="either a config or a recipe"):
+        sparsify(llama, SparsityConfig(), recipe=load_recipe(saved[0]))
+
+
+def test_recipe_file_is_plain_json(saved):
+    description = json.loads((saved[0] / "recipe.json").read_text())
+    assert description["model"]["model_type"] == "llama" and len(description["tensors_sha256"]) == 64
