@@ -46,7 +46,9 @@ def test_models_lists_the_embedded_models(monkeypatch, capsys):
     assert "smollm2-135m" in output and "gemma3-270m" in output
 
 
-def test_eval_end_to_end_on_a_local_model_and_text(monkeypatch, capsys, llama, tmp_path):
+@pytest.fixture
+def local_model(llama, tmp_path):
+    """A tiny model folder with a word-level tokenizer, and a text file in its vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -61,6 +63,11 @@ def test_eval_end_to_end_on_a_local_model_and_text(monkeypatch, capsys, llama, t
     llama.save_pretrained(tmp_path / "m")
     text = tmp_path / "text.txt"
     text.write_text(" ".join(words[i % 97] for i in range(2000)))
+    return tmp_path / "m", text
+
+
+def test_eval_end_to_end_on_a_local_model_and_text(monkeypatch, capsys, local_model, tmp_path):
+    model, text = local_model
     variants = tmp_path / "variants.txt"
     variants.write_text(
         "pattern=2:4 criterion=magnitude\npattern=8:16 policy=budget flop_share=0.3\nweights=wanda pattern=2:4\n"
@@ -71,7 +78,7 @@ def test_eval_end_to_end_on_a_local_model_and_text(monkeypatch, capsys, llama, t
         capsys,
         "eval",
         "--model",
-        str(tmp_path / "m"),
+        str(model),
         "--dataset",
         str(text),
         "--seqlen",
@@ -106,3 +113,25 @@ def test_mitigation_option_expands_to_settings():
     shared = {"phase": "prefill", "include": ("proj",), "exclude": (), "remainder": "error"}
     configs = _configs("8:16", "amber", "all", "none,shift+var,smooth", "", shared)
     assert [c.label for c in configs] == ["8:16 amber", "8:16 amber shift+var", "8:16 amber smoothquant"]
+
+
+def test_calibrate_writes_a_recipe_that_eval_reads(monkeypatch, capsys, local_model, tmp_path):
+    model, text = local_model
+    recipe, out = tmp_path / "recipe", tmp_path / "eval.json"
+    common = ["--model", str(model), "--dataset", str(text), "--seqlen", "32"]
+    code, output = run(
+        monkeypatch, capsys, "calibrate", *common, "--pattern", "2:4", "--mitigation", "shift+learnable",
+        "--calib-windows", "3", "--steps", "2", "--lr", "1e-3", "--out", str(recipe),
+    )  # fmt: skip
+    assert code in (0, None), output
+    assert "model.layers.1" in output and (recipe / "tensors.safetensors").exists()
+    code, output = run(monkeypatch, capsys, "eval", *common, "--windows", "2", "--recipe", str(recipe), "--out", str(out))
+    assert code in (0, None), output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["label"] for r in rows] == ["dense", "2:4 amber shift+learnable"]
+    assert rows[1]["config"]["calibration"]["text"]["windows"] == 3
+
+
+def test_eval_with_a_missing_recipe(monkeypatch, capsys, tmp_path):
+    code, output = run(monkeypatch, capsys, "eval", "--recipe", str(tmp_path / "none"))
+    assert code == 2 and "is not a recipe folder" in " ".join(output.split()) and "Traceback" not in output

@@ -188,6 +188,35 @@ def _fit_block(
     return steps
 
 
+def _calibrate_block(
+    name: str,
+    block: nn.Module,
+    parameters: list[nn.Parameter],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    kwargs: dict[str, Any],
+    settings: CalibrationSettings,
+    progress: bool,
+) -> tuple[BlockFit, torch.Tensor]:
+    """Fit one block's corrections; keep them only if they lower its error. Returns the fit and
+    the block's sparse outputs (the next block's inputs)."""
+    start_outputs = _run_block(block, inputs, kwargs)
+    before = _mse(start_outputs, targets)
+    if not parameters:
+        return BlockFit(name, before, before, 0, False), start_outputs
+    start = [parameter.detach().clone() for parameter in parameters]
+    reference = max(before, 1e-3 * targets.float().square().mean().item())
+    steps = _fit_block(name, block, parameters, inputs, targets, kwargs, settings, reference, progress)
+    outputs = _run_block(block, inputs, kwargs)
+    after = _mse(outputs, targets)
+    if after <= before:
+        return BlockFit(name, before, after, steps, True), outputs
+    with torch.no_grad():
+        for parameter, value in zip(parameters, start):
+            parameter.copy_(value)
+    return BlockFit(name, before, before, steps, False), start_outputs
+
+
 def learn_corrections(
     handle: SparsityHandle,
     windows: torch.Tensor | None,
@@ -219,25 +248,11 @@ def learn_corrections(
             if name.startswith(block_name + ".")
             for parameter in layer.correction.parameters()
         ]
-        start = [parameter.detach().clone() for parameter in parameters]
-        start_outputs = _run_block(block, sparse_inputs, kwargs[block_name])
-        before = _mse(start_outputs, targets)
-        reference = max(before, 1e-3 * targets.float().square().mean().item())
-        steps = 0
-        if parameters:
-            steps = _fit_block(
-                block_name, block, parameters, sparse_inputs, targets, kwargs[block_name], settings, reference, progress
-            )
-        outputs = _run_block(block, sparse_inputs, kwargs[block_name])
-        after, kept = _mse(outputs, targets), True
-        if after > before:
-            with torch.no_grad():
-                for parameter, value in zip(parameters, start):
-                    parameter.copy_(value)
-            outputs, after, kept = start_outputs, before, False
-        fits.append(BlockFit(block_name, before, after, steps, kept))
-        bar.set_postfix_str(f"MSE {before:.3g} → {after:.3g}")
-        sparse_inputs = outputs
+        fit, sparse_inputs = _calibrate_block(
+            block_name, block, parameters, sparse_inputs, targets, kwargs[block_name], settings, progress
+        )
+        fits.append(fit)
+        bar.set_postfix_str(f"MSE {fit.loss_before:.3g} → {fit.loss_after:.3g}")
         dense_inputs = targets
         handle.remove()
     for layer in corrected.values():
