@@ -25,7 +25,7 @@ def run(monkeypatch, capsys, *args):
         (["eval", "--phase", "decode"], "Unknown phase 'decode'"),
         (["info", "--model", "./missing-model"], "was not found"),
         (["info", "--pattern", "2:4,8:16"], "describes one configuration"),
-        (["eval", "--pattern", ","], "Give at least one --pattern"),
+        (["eval", "--pattern", ","], "Give at least one pattern"),
         (["eval", "--variant", "pattern=8:16 colour=red"], "Unknown setting(s) colour"),
         (["eval", "--weights", "obs"], "Unknown weight-pruning method 'obs'"),
         (["eval", "--variants", "no-such-file.txt"], "Variants file 'no-such-file.txt' does not exist"),
@@ -108,10 +108,10 @@ def test_eval_end_to_end_on_a_local_model_and_text(monkeypatch, capsys, local_mo
 
 
 def test_mitigation_option_expands_to_settings():
-    from actsparse.cli import _configs
+    from actsparse.variants import cross_product
 
     shared = {"phase": "prefill", "include": ("proj",), "exclude": (), "remainder": "error"}
-    configs = _configs("8:16", "amber", "all", "none,shift+var,smooth", "", shared)
+    configs = cross_product(["8:16"], ["amber"], ["all"], ["none", "shift+var", "smooth"], [], shared)
     assert [c.label for c in configs] == ["8:16 amber", "8:16 amber shift+var", "8:16 amber smoothquant"]
 
 
@@ -135,3 +135,16 @@ def test_calibrate_writes_a_recipe_that_eval_reads(monkeypatch, capsys, local_mo
 def test_eval_with_a_missing_recipe(monkeypatch, capsys, tmp_path):
     code, output = run(monkeypatch, capsys, "eval", "--recipe", str(tmp_path / "none"))
     assert code == 2 and "is not a recipe folder" in " ".join(output.split()) and "Traceback" not in output
+
+
+def test_sweep_from_a_yaml_file(monkeypatch, capsys, local_model, tmp_path):
+    model, text = local_model
+    config = tmp_path / "sweep.yaml"
+    config.write_text('patterns: ["2:4", "16:32"]\ncriteria: [magnitude]\nmitigations: "none,shift"\n')
+    out = tmp_path / "sweep"
+    args = ["sweep", "--model", str(model), "--dataset", str(text), "--seqlen", "32", "--windows", "2"]
+    code, output = run(monkeypatch, capsys, *args, "--config", str(config), "--out", str(out))
+    assert code in (0, None), output
+    assert len(list((out / "configs").glob("*.json"))) == 4
+    assert (out / "sweep.csv").read_text().count("\n") == 5 and (out / "quality_vs_pattern.png").exists()
+    assert "16:32" in output and "I/O: bytes" in " ".join(output.split())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import sys
 from pathlib import Path
@@ -15,7 +14,6 @@ from rich.table import Table
 from transformers import PreTrainedTokenizerBase
 
 from actsparse import kernels
-from actsparse.baselines import WeightPruningConfig
 from actsparse.calibrate import CalibrationSettings
 from actsparse.config import DEFAULT_TARGETS, SparsityConfig
 from actsparse.data import load_text, token_windows
@@ -26,8 +24,9 @@ from actsparse.models import EMBEDDED_MODELS, converted_dir, load_model, resolve
 from actsparse.paths import write_json_atomic, write_text_atomic
 from actsparse.policy import layer_sensitivity
 from actsparse.recipe import load_recipe
+from actsparse.sweep import read_sweep_file, run_sweep, sweep_cells, sweep_title
 from actsparse.sparsify import sparsify, target_layers
-from actsparse.variants import parse_variant, read_variants
+from actsparse.variants import cross_product, mitigation_settings, parse_variant, read_variants
 
 app = typer.Typer(
     help="Post-training N:M activation sparsity for Hugging Face causal language models.",
@@ -75,35 +74,6 @@ LrOpt = Annotated[float, typer.Option(help="Learnable corrections: peak AdamW le
 
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _mitigation(text: str) -> dict[str, str]:
-    """Settings of one --mitigation entry: ``smooth`` is static scaling (SmoothQuant, α 0.5), the
-    other parts (shift, var, learnable) are corrections; e.g. ``shift+smooth``."""
-    parts = [part for part in text.split("+") if part]
-    settings = {"smooth": "smoothquant"} if "smooth" in parts else {}
-    return settings | {"mitigation": "+".join(p for p in parts if p != "smooth") or "none"}
-
-
-def _configs(
-    pattern: str, criterion: str, policy: str, mitigation: str, weights: str, shared: dict
-) -> list[Variant]:
-    """Every pattern × criterion × policy × mitigation, then each weight-pruning method at each pattern."""
-    patterns, criteria, policies = _split(pattern), _split(criterion), _split(policy)
-    mitigations = _split(mitigation)
-    if not patterns or not criteria or not policies or not mitigations:
-        raise ActsparseError(
-            "Give at least one --pattern and one --criterion, e.g. --pattern 8:16 --criterion amber."
-        )
-    configs: list[Variant] = [
-        SparsityConfig(pattern=p, criterion=c, policy=pol, **_mitigation(mit), **shared)
-        for p, c, pol, mit in itertools.product(patterns, criteria, policies, mitigations)
-    ]
-    configs += [
-        WeightPruningConfig(method=method, pattern=p, include=shared["include"], exclude=shared["exclude"])
-        for method, p in itertools.product(_split(weights), patterns)
-    ]
-    return configs
 
 
 def _calibration(tokenizer: PreTrainedTokenizerBase, dataset: str, seqlen: int, count: int) -> torch.Tensor:
@@ -192,7 +162,9 @@ def eval_command(
         configs += read_variants(variants, shared)
     configs += [load_recipe(folder) for folder in recipe]
     if not configs:
-        configs = _configs(pattern, criterion, policy, mitigation, weights, shared)
+        configs = cross_product(
+            _split(pattern), _split(criterion), _split(policy), _split(mitigation), _split(weights), shared
+        )
     text = load_text(dataset, "evaluation")
     loaded, tokenizer = load_model(model, dtype)
     tokens = token_windows(tokenizer, text, seqlen, windows or None)
@@ -263,7 +235,7 @@ def calibrate(
         policy,
         flop_share,
         amber_skip,
-        **_mitigation(mitigation),
+        **mitigation_settings(mitigation),
     )
     settings = CalibrationSettings(steps=steps, lr=lr)
     loaded, tokenizer = load_model(model)
@@ -283,6 +255,60 @@ def calibrate(
             table.add_row(block["block"], f"{before:.4g}", f"{after:.4g}", f"{after / before - 1:+.1%}")
         console.print(table)
     console.print(f"Recipe for {config.label} saved to {out}; evaluate it with `actsparse eval --recipe {out}`.")
+
+
+@app.command()
+def sweep(
+    model: ModelOpt = "smollm2-135m",
+    patterns: Annotated[str, typer.Option(help="Comma-separated patterns.")] = "2:4,4:8,8:16,16:32,unstructured:0.5",
+    criteria: Annotated[str, typer.Option(help="Comma-separated criteria.")] = "magnitude,amber",
+    mitigations: Annotated[str, typer.Option(help="Comma-separated mitigations (as in eval).")] = "none",
+    policies: Annotated[str, typer.Option(help="Comma-separated layer policies.")] = "all",
+    config: Annotated[
+        Path | None,
+        typer.Option(help="YAML file with patterns, criteria, mitigations, policies lists and shared settings."),
+    ] = None,
+    dataset: Annotated[str, typer.Option(help="sotu, wikitext2, or a text file.")] = "sotu",
+    seqlen: SeqlenOpt = 512,
+    windows: Annotated[int, typer.Option(help="Evaluation windows per configuration.")] = 16,
+    calib_windows: CalibWindowsOpt = 16,
+    phase: PhaseOpt = "prefill",
+    out: Annotated[Path, typer.Option(help="Results directory (resumes a sweep left there).")] = Path(
+        "results/sweep"
+    ),
+) -> None:
+    """Evaluate the cross product of patterns × criteria × mitigations × policies, one configuration
+    at a time; an interrupted sweep resumes. Writes JSON per configuration, CSV, Markdown and plots.
+
+    Values in --config replace the corresponding options.
+    """
+    axes = {"patterns": patterns, "criteria": criteria, "mitigations": mitigations, "policies": policies}
+    shared: dict = {"phase": phase, "include": (DEFAULT_TARGETS,), "exclude": ()}
+    if config is not None:
+        for key, value in read_sweep_file(config).items():
+            if key in axes:
+                axes[key] = ",".join(value) if isinstance(value, list) else str(value)
+            else:
+                shared[key] = tuple(value) if isinstance(value, list) else value
+    configs = cross_product(
+        _split(axes["patterns"]), _split(axes["criteria"]), _split(axes["policies"]), _split(axes["mitigations"]), [], shared
+    )
+    loaded, tokenizer = load_model(model)
+    tokens = token_windows(tokenizer, load_text(dataset, "evaluation"), seqlen, windows)
+    calibration = None
+    if any(c.needs_calibration for c in configs):
+        calibration = _calibration(tokenizer, dataset, seqlen, calib_windows)
+    description = {"model": model, "text": f"{dataset} evaluation split, {len(tokens)} windows × {seqlen} tokens"}
+    records = run_sweep(loaded, tokens, configs, out, description, calibration)
+    titles, cells = sweep_cells(records)
+    table = Table(title=sweep_title(records, description))
+    for index, title in enumerate(titles):
+        table.add_column(title, justify="left" if index < 2 else "right")
+    for row in cells:
+        table.add_row(*row)
+    console.print(table)
+    console.print("I/O: bytes of a compressed 512 × 4096 activation tile (values and index) over dense bytes.")
+    console.print(f"Saved to {out}: configs/*.json, sweep.csv, sweep.md, quality_vs_pattern.png, quality_vs_flops.png")
 
 
 @app.command()

@@ -7,6 +7,7 @@ Keys are the fields of ``SparsityConfig`` (activation sparsity) or, with ``weigh
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -62,3 +63,36 @@ def read_variants(path: Path, defaults: dict[str, Any] | None = None) -> list[Va
         )
     lines = [line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
     return [parse_variant(line, defaults) for line in lines if line]
+
+
+def mitigation_settings(text: str) -> dict[str, str]:
+    """Settings of one mitigation entry: ``smooth`` is static scaling (SmoothQuant, α 0.5), the
+    other parts (shift, var, learnable) are corrections; e.g. ``shift+smooth``."""
+    parts = [part for part in text.split("+") if part]
+    settings = {"smooth": "smoothquant"} if "smooth" in parts else {}
+    return settings | {"mitigation": "+".join(p for p in parts if p != "smooth") or "none"}
+
+
+def cross_product(
+    patterns: list[str],
+    criteria: list[str],
+    policies: list[str],
+    mitigations: list[str],
+    weights: list[str],
+    shared: dict[str, Any],
+) -> list[Variant]:
+    """Every pattern × criterion × policy × mitigation, then each weight-pruning method at each pattern;
+    ``shared`` holds the settings common to all (phase, include, exclude, ...)."""
+    if not patterns or not criteria or not policies or not mitigations:
+        raise ActsparseError(
+            "Give at least one pattern and one criterion, e.g. --pattern 8:16 --criterion amber."
+        )
+    configs: list[Variant] = [
+        SparsityConfig(pattern=p, criterion=c, policy=pol, **mitigation_settings(mit), **shared)
+        for p, c, pol, mit in itertools.product(patterns, criteria, policies, mitigations)
+    ]
+    configs += [
+        WeightPruningConfig(method=method, pattern=p, include=shared["include"], exclude=shared["exclude"])
+        for method, p in itertools.product(weights, patterns)
+    ]
+    return configs

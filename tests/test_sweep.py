@@ -1,0 +1,60 @@
+"""Sweeps: resumable one configuration at a time, with tables and plots."""
+
+import csv
+import json
+
+import pytest
+
+from actsparse import ActsparseError, SparsityConfig
+from actsparse.evaluate import evaluate
+from actsparse.sweep import config_key, read_sweep_file, run_sweep
+
+CONFIGS = [SparsityConfig(pattern=p, criterion=c) for p in ("2:4", "8:16", "unstructured:0.5") for c in ("magnitude", "amber")]
+DESCRIPTION = {"model": "tiny llama", "text": "random tokens"}
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_sweep_resumes_with_every_configuration_exactly_once(llama, tokens, tmp_path):
+    calls = []
+
+    def evaluate_one(config, kill_at=None):
+        if len(calls) == kill_at:
+            raise Killed
+        calls.append(config_key(config))
+        return evaluate(llama, tokens, [config], progress=False)
+
+    with pytest.raises(Killed):
+        run_sweep(llama, tokens, CONFIGS, tmp_path, DESCRIPTION, progress=False,
+                  evaluate_one=lambda c: evaluate_one(c, kill_at=2))  # fmt: skip
+    assert len(list((tmp_path / "configs").glob("*.json"))) == 2
+    assert not list(tmp_path.glob("configs/.*"))  # nothing half-written
+    records = run_sweep(llama, tokens, CONFIGS, tmp_path, DESCRIPTION, progress=False, evaluate_one=evaluate_one)
+    assert sorted(calls) == sorted(config_key(c) for c in CONFIGS)  # each evaluated exactly once
+    assert [r["label"] for r in records] == [c.label for c in CONFIGS]
+    rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
+    assert [r["label"] for r in rows] == [c.label for c in CONFIGS]
+    assert rows[0]["index_bits"] == "3" and rows[-1]["index_bits"] == "bitmap"
+    assert "| 8:16 amber | 8:16 |" in (tmp_path / "sweep.md").read_text()
+    for plot in ("quality_vs_pattern.png", "quality_vs_flops.png"):
+        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_directory_of_another_sweep_is_refused(llama, tokens, tmp_path):
+    (tmp_path / "sweep.json").write_text(json.dumps({"model": "other", "text": "other"}))
+    with pytest.raises(ActsparseError, match="holds a sweep of another model"):
+        run_sweep(llama, tokens, CONFIGS[:1], tmp_path, DESCRIPTION, progress=False)
+
+
+def test_sweep_file(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text('patterns: ["2:4", "8:16"]\ncriteria: magnitude,amber\nphase: all\n')
+    assert read_sweep_file(path) == {"patterns": ["2:4", "8:16"], "criteria": "magnitude,amber", "phase": "all"}
+    path.write_text("patterns: [2:4, 8:16]\n")
+    with pytest.raises(ActsparseError, match="must be quoted"):
+        read_sweep_file(path)
+    path.write_text("colour: red\n")
+    with pytest.raises(ActsparseError, match="Unknown key"):
+        read_sweep_file(path)
