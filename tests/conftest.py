@@ -33,3 +33,27 @@ def qwen2() -> Qwen2ForCausalLM:
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, SMALL["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+WORDS = [a + b + c for a in "bdfgklmnprst" for b in "aeiou" for c in "bdgkmnprst"][:120]
+"""Vocabulary of the tiny tokenizer: letter-only words (bab, bad, ...), so sentences can end in one."""
+
+
+@pytest.fixture
+def local_model(llama, tmp_path):
+    """A tiny model folder with a word-level tokenizer, and a text file in its vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = WORDS
+    tokenizer = Tokenizer(
+        models.WordLevel({"<unk>": 0, "<s>": 1, ".": 2, **{w: i + 3 for i, w in enumerate(words)}}, "<unk>")
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", unk_token="<unk>").save_pretrained(
+        tmp_path / "m"
+    )
+    llama.save_pretrained(tmp_path / "m")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(words[i % 97] for i in range(2000)))
+    return tmp_path / "m", text

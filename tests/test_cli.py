@@ -46,26 +46,6 @@ def test_models_lists_the_embedded_models(monkeypatch, capsys):
     assert "smollm2-135m" in output and "gemma3-270m" in output
 
 
-@pytest.fixture
-def local_model(llama, tmp_path):
-    """A tiny model folder with a word-level tokenizer, and a text file in its vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = [f"w{i}" for i in range(120)]
-    tokenizer = Tokenizer(
-        models.WordLevel({"<unk>": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate(words)}}, "<unk>")
-    )
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", unk_token="<unk>").save_pretrained(
-        tmp_path / "m"
-    )
-    llama.save_pretrained(tmp_path / "m")
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(words[i % 97] for i in range(2000)))
-    return tmp_path / "m", text
-
-
 def test_eval_end_to_end_on_a_local_model_and_text(monkeypatch, capsys, local_model, tmp_path):
     model, text = local_model
     variants = tmp_path / "variants.txt"

