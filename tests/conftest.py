@@ -55,5 +55,5 @@ def local_model(llama, tmp_path):
     )
     llama.save_pretrained(tmp_path / "m")
     text = tmp_path / "text.txt"
-    text.write_text(" ".join(words[i % 97] for i in range(2000)))
+    text.write_text(" ".join(words[i % 97] + ("." if i % 10 == 9 else "") for i in range(2000)))
     return tmp_path / "m", text

@@ -128,3 +128,19 @@ def test_sweep_from_a_yaml_file(monkeypatch, capsys, local_model, tmp_path):
     assert len(list((out / "configs").glob("*.json"))) == 4
     assert (out / "sweep.csv").read_text().count("\n") == 5 and (out / "quality_vs_pattern.png").exists()
     assert "16:32" in output and "I/O: bytes" in " ".join(output.split())
+
+
+def test_eval_with_tasks_and_generation(monkeypatch, capsys, local_model, tmp_path):
+    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path / "cache"))
+    model, text = local_model
+    out, markdown = tmp_path / "eval.json", tmp_path / "eval.md"
+    code, output = run(
+        monkeypatch, capsys, "eval", "--model", str(model), "--dataset", str(text), "--seqlen", "40",
+        "--windows", "2", "--pattern", "2:4", "--criterion", "magnitude", "--tasks", "lastword", "--limit", "6",
+        "--generate", "2", "--prompt-tokens", "16", "--new-tokens", "4", "--out", str(out), "--markdown", str(markdown),
+    )  # fmt: skip
+    assert code in (0, None), output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tasks"]["lastword"]["n"] for r in rows] == [6, 6]
+    assert rows[0]["generation"] is None and rows[1]["generation"]["prompts"] == 2
+    assert "lastword acc (n=6)" in markdown.read_text()

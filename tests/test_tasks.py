@@ -40,8 +40,8 @@ def test_lm_eval_sees_the_attached_sparse_modules(llama, tiny_lm, monkeypatch, t
     monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path / "cache"))
     folder, text = tiny_lm
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    dense = run_tasks(llama, tokenizer, ["lastword"], text=text, text_name="tiny", limit=20)["lastword"]
+    dense = run_tasks(llama, tokenizer, ["lastword"], text=text, limit=20)["lastword"]
     with sparsify(llama, SparsityConfig(pattern="1:4", criterion="magnitude")):
-        sparse = run_tasks(llama, tokenizer, ["lastword"], text=text, text_name="tiny", limit=20)["lastword"]
+        sparse = run_tasks(llama, tokenizer, ["lastword"], text=text, limit=20)["lastword"]
     assert dense["n"] == sparse["n"] == 20
     assert sparse["perplexity"] != pytest.approx(dense["perplexity"], rel=1e-4)

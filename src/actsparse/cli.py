@@ -20,12 +20,14 @@ from actsparse.data import load_text, token_windows
 from actsparse.errors import ActsparseError
 from actsparse.evaluate import EvalRow, Variant, evaluate, results_document, results_markdown
 from actsparse.flops import flop_report
+from actsparse.generate import evaluate_generation, prompts_from_windows
 from actsparse.models import EMBEDDED_MODELS, converted_dir, load_model, resolve_model
 from actsparse.paths import write_json_atomic, write_text_atomic
 from actsparse.policy import layer_sensitivity
 from actsparse.recipe import load_recipe
-from actsparse.sweep import read_sweep_file, run_sweep, sweep_cells, sweep_title
 from actsparse.sparsify import sparsify, target_layers
+from actsparse.sweep import read_sweep_file, run_sweep, sweep_cells, sweep_title
+from actsparse.tasks import evaluate_tasks
 from actsparse.variants import cross_product, mitigation_settings, parse_variant, read_variants
 
 app = typer.Typer(
@@ -84,13 +86,16 @@ def _calibration(tokenizer: PreTrainedTokenizerBase, dataset: str, seqlen: int, 
 def _quality_table(rows: list[EvalRow], title: str) -> Table:
     table = Table(title=title)
     table.add_column("config", no_wrap=True)
-    for column in ("ppl", "KL", "top-1", "sparse FLOPs", "density", "removed"):
+    task_names = list(rows[0].tasks or {})
+    generation = any(row.generation for row in rows)
+    columns = ["ppl", "KL", "top-1", "sparse FLOPs", "density", "removed", *task_names]
+    for column in columns + (["gen. ROUGE-L", "gen. identical"] if generation else []):
         table.add_column(column, justify="right", no_wrap=True)
     for row in rows:
         flops = row.flops
         density = flops["measured_density"]
         removed = flops["measured_removed_share"]
-        table.add_row(
+        cells = [
             row.label,
             f"{row.perplexity:.2f}",
             f"{row.kl_to_dense:.4f}",
@@ -98,7 +103,12 @@ def _quality_table(rows: list[EvalRow], title: str) -> Table:
             f"{flops['sparse_share']:.1%}",
             "—" if density is None else f"{density:.3f}",
             "—" if removed is None else f"{removed:.1%}",
-        )
+        ]
+        cells += [f"{row.tasks[name]['acc']:.1%}" for name in task_names]
+        if generation:
+            gen = row.generation
+            cells += ["—", "—"] if gen is None else [f"{gen['mean_rouge_l']:.3f}", f"{gen['identical_share']:.0%}"]
+        table.add_row(*cells)
     return table
 
 
@@ -148,8 +158,19 @@ def eval_command(
         "results/eval.json"
     ),
     markdown: Annotated[Path | None, typer.Option(help="Also write the table as Markdown here.")] = None,
+    tasks: Annotated[
+        str,
+        typer.Option(help="Comma-separated lm-eval tasks: mmlu and lastword work offline, any other lm-eval name too."),
+    ] = "",
+    limit: Annotated[int | None, typer.Option(help="Examples per task (lm-eval --limit).")] = None,
+    generate: Annotated[
+        int, typer.Option(help="Prompts (from the evaluation windows) for generation agreement; 0 skips it.")
+    ] = 0,
+    prompt_tokens: Annotated[int, typer.Option(help="Tokens per generation prompt.")] = 128,
+    new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per prompt.")] = 32,
 ) -> None:
-    """Perplexity, KL to dense and top-1 agreement of the dense model and every variant.
+    """Perplexity, KL to dense and top-1 agreement of the dense model and every variant; with
+    --tasks, zero-shot accuracy through lm-eval; with --generate, agreement of greedy continuations.
 
     Without --variant/--variants/--recipe: every pattern × criterion × policy × mitigation, plus
     weight pruning per pattern.
@@ -175,6 +196,15 @@ def eval_command(
     rows = evaluate(
         loaded, tokens, configs, calibration, checkpoint=out.with_name(out.name + ".partial"), calibration_settings=settings
     )
+    if tasks:
+        results = evaluate_tasks(loaded, tokenizer, configs, _split(tasks), calibration, settings, text, limit)
+        for row, result in zip(rows, results):
+            row.tasks = result
+    if generate:
+        prompts = prompts_from_windows(tokens[:generate], prompt_tokens)
+        agreements = evaluate_generation(loaded, configs, prompts, new_tokens, calibration, settings)
+        for row, agreement in zip(rows[1:], agreements):
+            row.generation = agreement.to_dict()
     text_info = {
         "source": dataset,
         "split": "evaluation",

@@ -45,16 +45,11 @@ class EvalRow:
     kl_to_dense: float
     top1_agreement: float
     flops: dict[str, Any] = field(default_factory=dict)
+    tasks: dict[str, dict[str, float]] | None = None
+    generation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "config": self.config,
-            "perplexity": self.perplexity,
-            "kl_to_dense": self.kl_to_dense,
-            "top1_agreement": self.top1_agreement,
-            "flops": self.flops,
-        }
+        return asdict(self)
 
 
 @dataclass
@@ -232,18 +227,27 @@ def results_document(rows: list[EvalRow], model: str, text: dict[str, Any]) -> d
 
 def results_markdown(rows: list[EvalRow], title: str) -> str:
     """The rows as a Markdown table (for docs), with the same columns as the terminal table."""
+    task_names = list(rows[0].tasks or {})
+    generation = any(row.generation for row in rows)
+    extra = [f"{name} acc (n={rows[0].tasks[name]['n']})" for name in task_names]
+    extra += ["generation ROUGE-L", "identical continuations"] if generation else []
     lines = [
         f"**{title}**",
         "",
-        "| variant | perplexity | KL to dense | top-1 agreement | sparse share of linear FLOPs | FLOPs removed |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | perplexity | KL to dense | top-1 agreement | sparse share of linear FLOPs | FLOPs removed |"
+        + "".join(f" {column} |" for column in extra),
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(extra),
     ]
     for row in rows:
         removed = row.flops["measured_removed_share"]
         if removed is None:
             removed = row.flops["removed_share"]
+        cells = [f"{row.tasks[name]['acc']:.1%}" for name in task_names]
+        if generation:
+            gen = row.generation
+            cells += ["—", "—"] if gen is None else [f"{gen['mean_rouge_l']:.3f}", f"{gen['identical_share']:.0%}"]
         lines.append(
             f"| {row.label} | {row.perplexity:.2f} | {row.kl_to_dense:.4f} | {row.top1_agreement:.1%} "
-            f"| {row.flops['sparse_share']:.1%} | {removed:.1%} |"
+            f"| {row.flops['sparse_share']:.1%} | {removed:.1%} |" + "".join(f" {cell} |" for cell in cells)
         )
     return "\n".join(lines) + "\n"

@@ -16,7 +16,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from actsparse.baselines import WeightPruningHandle
+from actsparse.calibrate import CalibrationSettings
 from actsparse.errors import ActsparseError
+from actsparse.evaluate import Variant, attach_variant
 from actsparse.sparsify import SparsityHandle
 
 
@@ -105,3 +107,19 @@ def generation_agreement(
         mean_rouge_l=sum(rouges) / count,
         identical_share=sum(p == new_tokens for p in prefixes) / count,
     )
+
+
+def evaluate_generation(
+    model: nn.Module,
+    variants: list[Variant],
+    prompts: torch.Tensor,
+    new_tokens: int = 32,
+    calibration: torch.Tensor | None = None,
+    calibration_settings: CalibrationSettings | None = None,
+) -> list[GenerationAgreement]:
+    """``generation_agreement`` of every variant with the dense model, on the same prompts."""
+    results = []
+    for variant in variants:
+        handle = attach_variant(model, variant, calibration, calibration_settings)
+        results.append(generation_agreement(model, handle, prompts, new_tokens))
+    return results

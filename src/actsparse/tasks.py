@@ -14,6 +14,7 @@ Both are written once as JSON lines into the cache and handed to lm-eval as task
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import random
@@ -25,7 +26,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from actsparse.calibrate import CalibrationSettings
 from actsparse.errors import ActsparseError
+from actsparse.evaluate import Variant, attach_variant
 from actsparse.paths import cache_dir, write_text_atomic
 
 LOCAL_TASKS = ("mmlu", "lastword")
@@ -82,15 +85,18 @@ def lastword_examples(text: str, context_words: int = 64, min_word_letters: int 
     return examples
 
 
-def lastword_file(text: str, name: str) -> Path:
-    """The ``lastword`` examples of ``text`` as JSON lines in the cache (one file per text ``name``)."""
+def lastword_file(text: str) -> Path:
+    """The ``lastword`` examples of ``text`` as JSON lines in the cache (one file per text)."""
+    target = cache_dir() / "tasks" / f"lastword-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
+    if target.exists():
+        return target
     examples = lastword_examples(text)
     if not examples:
         raise ActsparseError("The text has no sentence long enough for the lastword task; use a longer text.")
-    return _write_jsonl(cache_dir() / "tasks" / f"lastword-{name}.jsonl", examples)
+    return _write_jsonl(target, examples)
 
 
-def task_config(name: str, text: str | None = None, text_name: str = "sotu") -> dict[str, Any]:
+def task_config(name: str, text: str | None = None) -> dict[str, Any]:
     """lm-eval configuration of a local task (``text`` is the evaluation split, for ``lastword``)."""
     if name == "mmlu":
         return {
@@ -111,7 +117,7 @@ def task_config(name: str, text: str | None = None, text_name: str = "sotu") -> 
         return {
             "task": "lastword",
             "dataset_path": "json",
-            "dataset_kwargs": {"data_files": {"test": str(lastword_file(text, text_name))}},
+            "dataset_kwargs": {"data_files": {"test": str(lastword_file(text))}},
             "test_split": "test",
             "output_type": "loglikelihood",
             "doc_to_text": "{{context}}",
@@ -129,7 +135,6 @@ def run_tasks(
     tokenizer: PreTrainedTokenizerBase,
     tasks: list[str],
     text: str | None = None,
-    text_name: str = "sotu",
     limit: int | None = None,
     batch_size: int = 8,
 ) -> dict[str, dict[str, float]]:
@@ -142,7 +147,7 @@ def run_tasks(
         raise ActsparseError(
             "Zero-shot tasks need lm-evaluation-harness; install it with `pip install 'actsparse[tasks]'`."
         ) from None
-    specs = [task_config(t, text, text_name) if t in LOCAL_TASKS else t for t in tasks]
+    specs = [task_config(t, text) if t in LOCAL_TASKS else t for t in tasks]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     with torch.inference_mode():
         output = simple_evaluate(
@@ -159,4 +164,22 @@ def run_tasks(
         }
         figures["n"] = output.get("n-samples", {}).get(task, {}).get("effective")
         results[task] = figures
+    return results
+
+
+def evaluate_tasks(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    variants: list[Variant],
+    tasks: list[str],
+    calibration: torch.Tensor | None = None,
+    calibration_settings: CalibrationSettings | None = None,
+    text: str | None = None,
+    limit: int | None = None,
+) -> list[dict[str, dict[str, float]]]:
+    """``run_tasks`` on the dense model, then with each variant attached; one result per model."""
+    results = [run_tasks(model, tokenizer, tasks, text, limit)]
+    for variant in variants:
+        with attach_variant(model, variant, calibration, calibration_settings):
+            results.append(run_tasks(model, tokenizer, tasks, text, limit))
     return results
