@@ -7,7 +7,7 @@ import pytest
 
 from actsparse import ActsparseError, SparsityConfig
 from actsparse.evaluate import evaluate
-from actsparse.sweep import config_key, read_sweep_file, run_sweep
+from actsparse.sweep import SweepData, config_key, ray_evaluations, read_sweep_file, run_sweep
 
 CONFIGS = [SparsityConfig(pattern=p, criterion=c) for p in ("2:4", "8:16", "unstructured:0.5") for c in ("magnitude", "amber")]
 DESCRIPTION = {"model": "tiny llama", "text": "random tokens"}
@@ -20,18 +20,21 @@ class Killed(Exception):
 def test_a_killed_sweep_resumes_with_every_configuration_exactly_once(llama, tokens, tmp_path):
     calls = []
 
-    def evaluate_one(config, kill_at=None):
-        if len(calls) == kill_at:
-            raise Killed
-        calls.append(config_key(config))
-        return evaluate(llama, tokens, [config], progress=False)
+    def evaluations(kill_at=None):
+        def run(pending):
+            for config in pending:
+                if len(calls) == kill_at:
+                    raise Killed
+                calls.append(config_key(config))
+                yield config, evaluate(llama, tokens, [config], progress=False)
+
+        return run
 
     with pytest.raises(Killed):
-        run_sweep(llama, tokens, CONFIGS, tmp_path, DESCRIPTION, progress=False,
-                  evaluate_one=lambda c: evaluate_one(c, kill_at=2))  # fmt: skip
+        run_sweep(CONFIGS, tmp_path, DESCRIPTION, evaluations(kill_at=2), progress=False)
     assert len(list((tmp_path / "configs").glob("*.json"))) == 2
     assert not list(tmp_path.glob("configs/.*"))  # nothing half-written
-    records = run_sweep(llama, tokens, CONFIGS, tmp_path, DESCRIPTION, progress=False, evaluate_one=evaluate_one)
+    records = run_sweep(CONFIGS, tmp_path, DESCRIPTION, evaluations(), progress=False)
     assert sorted(calls) == sorted(config_key(c) for c in CONFIGS)  # each evaluated exactly once
     assert [r["label"] for r in records] == [c.label for c in CONFIGS]
     rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
@@ -42,10 +45,24 @@ def test_a_killed_sweep_resumes_with_every_configuration_exactly_once(llama, tok
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_directory_of_another_sweep_is_refused(llama, tokens, tmp_path):
+def test_a_directory_of_another_sweep_is_refused(tmp_path):
     (tmp_path / "sweep.json").write_text(json.dumps({"model": "other", "text": "other"}))
     with pytest.raises(ActsparseError, match="holds a sweep of another model"):
-        run_sweep(llama, tokens, CONFIGS[:1], tmp_path, DESCRIPTION, progress=False)
+        run_sweep(CONFIGS[:1], tmp_path, DESCRIPTION, lambda pending: iter(()), progress=False)
+
+
+def test_ray_runs_the_configurations_on_workers(local_model, tmp_path):
+    pytest.importorskip("ray")  # the optional `ray` extra; not installed by `make test`
+    import ray
+
+    model, text = local_model
+    data = SweepData(str(model), str(text), seqlen=32, windows=2, calib_windows=2)
+    try:
+        records = run_sweep(CONFIGS[:2], tmp_path, {"model": "tiny"}, ray_evaluations("local", data), progress=False)
+    finally:
+        ray.shutdown()
+    assert [r["label"] for r in records] == [c.label for c in CONFIGS[:2]]
+    assert all(r["dense_perplexity"] == records[0]["dense_perplexity"] for r in records)
 
 
 def test_sweep_file(tmp_path):

@@ -26,7 +26,15 @@ from actsparse.paths import write_json_atomic, write_text_atomic
 from actsparse.policy import layer_sensitivity
 from actsparse.recipe import load_recipe
 from actsparse.sparsify import sparsify, target_layers
-from actsparse.sweep import read_sweep_file, run_sweep, sweep_cells, sweep_title
+from actsparse.sweep import (
+    SweepData,
+    local_evaluations,
+    ray_evaluations,
+    read_sweep_file,
+    run_sweep,
+    sweep_cells,
+    sweep_title,
+)
 from actsparse.tasks import evaluate_tasks
 from actsparse.variants import cross_product, mitigation_settings, parse_variant, read_variants
 
@@ -306,6 +314,10 @@ def sweep(
     out: Annotated[Path, typer.Option(help="Results directory (resumes a sweep left there).")] = Path(
         "results/sweep"
     ),
+    ray: Annotated[
+        str | None,
+        typer.Option(help="Run configurations as Ray tasks on this cluster address ('auto', 'ray://...', or 'local')."),
+    ] = None,
 ) -> None:
     """Evaluate the cross product of patterns × criteria × mitigations × policies, one configuration
     at a time; an interrupted sweep resumes. Writes JSON per configuration, CSV, Markdown and plots.
@@ -323,13 +335,10 @@ def sweep(
     configs = cross_product(
         _split(axes["patterns"]), _split(axes["criteria"]), _split(axes["policies"]), _split(axes["mitigations"]), [], shared
     )
-    loaded, tokenizer = load_model(model)
-    tokens = token_windows(tokenizer, load_text(dataset, "evaluation"), seqlen, windows)
-    calibration = None
-    if any(c.needs_calibration for c in configs):
-        calibration = _calibration(tokenizer, dataset, seqlen, calib_windows)
-    description = {"model": model, "text": f"{dataset} evaluation split, {len(tokens)} windows × {seqlen} tokens"}
-    records = run_sweep(loaded, tokens, configs, out, description, calibration)
+    data = SweepData(model, dataset, seqlen, windows, calib_windows)
+    evaluations = ray_evaluations(ray, data) if ray else local_evaluations(data)
+    description = {"model": model, "text": data.text}
+    records = run_sweep(configs, out, description, evaluations)
     titles, cells = sweep_cells(records)
     table = Table(title=sweep_title(records, description))
     for index, title in enumerate(titles):

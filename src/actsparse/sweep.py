@@ -9,12 +9,13 @@ are done the directory gets ``sweep.csv``, ``sweep.md`` and two plots (``quality
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
 import re
-from collections.abc import Callable
-from dataclasses import fields
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,11 @@ from tqdm.auto import tqdm
 
 from actsparse.calibrate import CalibrationSettings
 from actsparse.config import SparsityConfig
+from actsparse.data import load_text, token_windows
 from actsparse.errors import ActsparseError
 from actsparse.evaluate import evaluate
 from actsparse.hwcost import hardware_cost
+from actsparse.models import load_model
 from actsparse.paths import write_json_atomic, write_text_atomic
 
 MANIFEST = "sweep.json"
@@ -83,22 +86,79 @@ def _record(config: SparsityConfig, rows: list) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class SweepData:
+    """The model and text of a sweep, by name: enough for any worker to rebuild them."""
+
+    model: str
+    dataset: str
+    seqlen: int
+    windows: int
+    calib_windows: int
+    dtype: str = "float32"
+
+    @property
+    def text(self) -> str:
+        return f"{self.dataset} evaluation split, {self.windows} windows × {self.seqlen} tokens"
+
+
+Evaluations = Callable[[list[SparsityConfig]], Iterator[tuple[SparsityConfig, list]]]
+"""Runs configurations and yields each with its evaluation rows (dense, sparse) as it finishes."""
+
+
+@functools.cache
+def load_sweep_inputs(data: SweepData, calibration_needed: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+    """The model, evaluation windows and (if needed) calibration windows of ``data``, once per process."""
+    model, tokenizer = load_model(data.model, data.dtype)
+    windows = token_windows(tokenizer, load_text(data.dataset, "evaluation"), data.seqlen, data.windows)
+    calibration = None
+    if calibration_needed:
+        calibration = token_windows(tokenizer, load_text(data.dataset, "calibration"), data.seqlen, data.calib_windows)
+    return model, windows, calibration
+
+
+def evaluate_config(data: SweepData, config: SparsityConfig, settings: CalibrationSettings | None = None) -> list:
+    """Dense and ``config`` rows over the sweep's windows (loads the inputs on first use)."""
+    model, windows, calibration = load_sweep_inputs(data, config.needs_calibration)
+    return evaluate(model, windows, [config], calibration, progress=False, calibration_settings=settings)
+
+
+def local_evaluations(data: SweepData, settings: CalibrationSettings | None = None) -> Evaluations:
+    """Run the configurations one after another in this process."""
+    return lambda pending: ((config, evaluate_config(data, config, settings)) for config in pending)
+
+
+def ray_evaluations(address: str, data: SweepData, settings: CalibrationSettings | None = None) -> Evaluations:
+    """Run the configurations as Ray tasks on the cluster at ``address`` ("local" starts one here);
+    every worker needs actsparse installed and rebuilds the model and text from ``data``."""
+    try:
+        import ray
+    except ImportError:
+        raise ActsparseError("--ray needs Ray; install it with `pip install 'actsparse[ray]'`.") from None
+    ray.init(address=None if address == "local" else address, ignore_reinit_error=True, log_to_driver=False)
+    remote = ray.remote(evaluate_config)
+
+    def run(pending: list[SparsityConfig]) -> Iterator[tuple[SparsityConfig, list]]:
+        running = {remote.remote(data, config, settings): config for config in pending}
+        while running:
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            yield running.pop(done), ray.get(done)
+
+    return run
+
+
 def run_sweep(
-    model: nn.Module,
-    windows: torch.Tensor,
     configs: list[SparsityConfig],
     out: Path,
     description: dict[str, Any],
-    calibration: torch.Tensor | None = None,
-    calibration_settings: CalibrationSettings | None = None,
+    evaluations: Evaluations,
     progress: bool = True,
-    evaluate_one: Callable[[SparsityConfig], list] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every configuration not yet in ``out`` and write the tables and plots.
 
     ``description`` (model, text, windows) is saved as ``out/sweep.json``; a directory holding a
-    sweep with another description is refused rather than mixed. Returns every record, in the
-    order of ``configs``.
+    sweep with another description is refused rather than mixed. Each configuration's record is
+    written as soon as it finishes. Returns every record, in the order of ``configs``.
     """
     manifest = out / MANIFEST
     if manifest.exists() and json.loads(manifest.read_text()) != description:
@@ -106,15 +166,13 @@ def run_sweep(
             f"{out} holds a sweep of another model or text ({manifest}); choose another --out or remove it."
         )
     write_json_atomic(manifest, description)
-    evaluate_one = evaluate_one or (
-        lambda config: evaluate(
-            model, windows, [config], calibration, progress=False, calibration_settings=calibration_settings
-        )
-    )
     pending = [c for c in configs if not (out / "configs" / f"{config_key(c)}.json").exists()]
-    for config in tqdm(pending, desc="sweep", unit="config", disable=not progress):
-        record = _record(config, evaluate_one(config))
+    bar = tqdm(total=len(configs), initial=len(configs) - len(pending), desc="sweep", unit="config", disable=not progress)
+    for config, rows in evaluations(pending):
+        record = _record(config, rows)
         write_json_atomic(out / "configs" / f"{record['key']}.json", record)
+        bar.update()
+    bar.close()
     records = [json.loads((out / "configs" / f"{config_key(c)}.json").read_text()) for c in configs]
     write_text_atomic(out / "sweep.csv", sweep_csv(records))
     write_text_atomic(out / "sweep.md", sweep_markdown(records, description))
