@@ -208,21 +208,25 @@ def sparsify(
     }
     handle = SparsityHandle(model, config, layers, dict(wrapped), sensitivity, input_max=input_max)
     handle.attach()
-    if not config.learnable:
-        return handle
     if recipe is not None:
-        for name, layer in layers.items():
-            if layer.correction is not None:
-                for tensor_name, parameter in layer.correction.named_parameters():
-                    parameter.copy_(recipe.tensor(f"{name}.correction.{tensor_name}"))
-                layer.fold()
+        _load_corrections(layers, recipe)
         handle.calibration = recipe.calibration
-        return handle
-    try:
+    elif config.learnable:
         settings = calibration_settings or CalibrationSettings()
-        fits = learn_corrections(handle, calibration, settings)
-    except BaseException:
-        handle.remove()
-        raise
-    handle.calibration = {"settings": settings.to_dict(), "blocks": [asdict(fit) for fit in fits]}
+        try:
+            fits = learn_corrections(handle, calibration, settings)
+        except BaseException:
+            handle.remove()
+            raise
+        handle.calibration = {"settings": settings.to_dict(), "blocks": [asdict(fit) for fit in fits]}
     return handle
+
+
+def _load_corrections(layers: dict[str, SparseLinear], recipe: Recipe) -> None:
+    """Set every learned correction from the recipe's tensors and fold it."""
+    for name, layer in layers.items():
+        if layer.correction is None:
+            continue
+        for tensor_name, parameter in layer.correction.named_parameters():
+            parameter.copy_(recipe.tensor(f"{name}.correction.{tensor_name}"))
+        layer.fold()
