@@ -142,7 +142,7 @@ class SparsityConfig:
 
     @property
     def corrections(self) -> tuple[str, ...]:
-        """The training-free corrections of ``mitigation``, e.g. ``("shift", "var")``."""
+        """The corrections named in ``mitigation``, e.g. ``("shift", "var")`` or ``("learnable",)``."""
         return tuple(part for part in self.mitigation.split("+") if part and part != "none")
 
     @property

@@ -19,7 +19,9 @@ from actsparse.quant import quantize_activation, quantize_weight, smoothing_scal
 
 class SparseLinear(nn.Linear):
     """Drop-in replacement for one ``nn.Linear``; without smoothing or quantisation it shares the
-    original's weight and bias Parameters, so the model's ``state_dict`` keeps its keys and values.
+    original's weight and bias Parameters, so the model's ``state_dict`` keeps its keys and values
+    (learned corrections add their own ``correction.*`` entries, and once folded the layer holds a
+    second, corrected weight for sparsified calls).
 
     The forward pass is: divide by the smoothing scale (if any); in a sparsified call, subtract the
     learned per-channel shift (if learnable) and the token's shift η (if shift), keep the top N of
