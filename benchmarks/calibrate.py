@@ -55,7 +55,10 @@ def main() -> None:
         handle.remove()
         recipes.append(handle.recipe())
         lines.append((name, len(calibration), settings.lr, seconds, peak_rss_gib()))
-        print(f"{name}: {len(calibration)} windows, {seconds:.0f} s, peak RSS {peak_rss_gib():.2f} GiB", flush=True)
+        print(
+            f"{name}: {len(calibration)} windows, {seconds:.0f} s, peak RSS {peak_rss_gib():.2f} GiB",
+            flush=True,
+        )
 
     windows = token_windows(tokenizer, load_text("sotu", "evaluation"), args.seqlen, args.eval_windows)
     plain = SparsityConfig(args.pattern, args.criterion)

@@ -71,7 +71,7 @@ def test_decoder_blocks_must_hold_the_layers(llama):
 
 @pytest.mark.parametrize(
     "settings, message",
-    [(dict(steps=0), "at least 1"), (dict(lr=0.0), "must be positive"), (dict(warmup=1.0), "outside")],
+    [({"steps": 0}, "at least 1"), ({"lr": 0.0}, "must be positive"), ({"warmup": 1.0}, "outside")],
 )
 def test_bad_settings(settings, message):
     with pytest.raises(ActsparseError, match=message):

@@ -105,7 +105,9 @@ def test_calibrate_writes_a_recipe_that_eval_reads(monkeypatch, capsys, local_mo
     )  # fmt: skip
     assert code in (0, None), output
     assert "model.layers.1" in output and (recipe / "tensors.safetensors").exists()
-    code, output = run(monkeypatch, capsys, "eval", *common, "--windows", "2", "--recipe", str(recipe), "--out", str(out))
+    code, output = run(
+        monkeypatch, capsys, "eval", *common, "--windows", "2", "--recipe", str(recipe), "--out", str(out)
+    )
     assert code in (0, None), output
     rows = json.loads(out.read_text())["rows"]
     assert [r["label"] for r in rows] == ["dense", "2:4 amber shift+learnable"]

@@ -1,7 +1,6 @@
 """Generation agreement: the metrics on hand examples, and a run on a tiny model."""
 
 import pytest
-import torch
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
 from actsparse.generate import common_prefix, generation_agreement, prompts_from_windows, rouge_l
@@ -24,7 +23,9 @@ def test_rouge_l_by_hand():
 
 def test_a_model_agrees_with_itself(llama, tokens):
     handle = sparsify(llama, SparsityConfig(pattern="dense"))
-    agreement = generation_agreement(llama, handle, prompts_from_windows(tokens, 8), new_tokens=6, progress=False)
+    agreement = generation_agreement(
+        llama, handle, prompts_from_windows(tokens, 8), new_tokens=6, progress=False
+    )
     assert agreement.identical_share == 1.0 and agreement.mean_rouge_l == 1.0
     assert agreement.mean_common_prefix == 6 and agreement.prompts == 2
     assert not handle.attached
@@ -32,7 +33,9 @@ def test_a_model_agrees_with_itself(llama, tokens):
 
 def test_sparse_decoding_changes_the_continuation(llama, tokens):
     handle = sparsify(llama, SparsityConfig(pattern="1:4", criterion="magnitude", phase="all"))
-    agreement = generation_agreement(llama, handle, prompts_from_windows(tokens, 8), new_tokens=6, progress=False)
+    agreement = generation_agreement(
+        llama, handle, prompts_from_windows(tokens, 8), new_tokens=6, progress=False
+    )
     assert agreement.mean_rouge_l < 1.0 and agreement.identical_share < 1.0
 
 

@@ -67,7 +67,9 @@ def test_unknown_mitigation(mitigation):
         SparsityConfig(mitigation=mitigation)
 
 
-def learned_layer(weight, bias, mitigation="learnable", criterion="magnitude", pattern="2:4", phase="prefill"):
+def learned_layer(
+    weight, bias, mitigation="learnable", criterion="magnitude", pattern="2:4", phase="prefill"
+):
     config = SparsityConfig(pattern=pattern, criterion=criterion, mitigation=mitigation, phase=phase)
     return layer(config, weight, bias)
 
@@ -77,7 +79,9 @@ def test_learned_corrections_by_hand():
     # makes the scores |v|·|d| = [0.5, 3, 2.4, 2], so 2:4 keeps channels 1 and 2 (without d: 1 and 3).
     # Input to W: prune(v)·d + s = [0.5, -3, 2.4, 0]; W rows [1, 1, 1, 1] and [1, 0, -1, 2], b = [0.5, -1]
     # give [0.4, -2.9]; times 1 + a = [2, 0.5] and plus output bias [0.25, 0] gives [1.05, -1.45].
-    sparse = learned_layer(torch.tensor([[1.0, 1, 1, 1], [1, 0, -1, 2]]), torch.tensor([0.5, -1.0]), phase="all")
+    sparse = learned_layer(
+        torch.tensor([[1.0, 1, 1, 1], [1, 0, -1, 2]]), torch.tensor([0.5, -1.0]), phase="all"
+    )
     correction = sparse.correction
     correction.shift.data = torch.tensor([0.5, 0, 0, 0])
     correction.scale.data = torch.tensor([1.0, 1, 2, 1])
@@ -121,8 +125,8 @@ def test_learned_corrections_start_as_the_plain_layer():
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(mitigation="var+learnable"), r"var\+learnable is not supported"),
-        (dict(mitigation="learnable", quant="w8a8"), "cannot be combined with quant='w8a8'"),
+        ({"mitigation": "var+learnable"}, r"var\+learnable is not supported"),
+        ({"mitigation": "learnable", "quant": "w8a8"}, "cannot be combined with quant='w8a8'"),
     ],
 )
 def test_unsupported_learnable_combinations(settings, message):

@@ -10,7 +10,12 @@ from actsparse.calibrate import CalibrationSettings
 from actsparse.recipe import load_recipe
 
 CONFIG = SparsityConfig(
-    pattern="2:4", criterion="amber", mitigation="shift+learnable", smooth="smoothquant", policy="amber", flop_share=0.3
+    pattern="2:4",
+    criterion="amber",
+    mitigation="shift+learnable",
+    smooth="smoothquant",
+    policy="amber",
+    flop_share=0.3,
 )
 
 

@@ -81,7 +81,8 @@ def test_qwen2_biases_are_kept(qwen2, tokens):
     assert layer.bias is q_proj.bias
     x = torch.randn(1, 5, layer.in_features)
     torch.testing.assert_close(
-        layer(x), torch.nn.functional.linear(layer.sparsify_input(x, layer.channel_factor), q_proj.weight, q_proj.bias)
+        layer(x),
+        torch.nn.functional.linear(layer.sparsify_input(x, layer.channel_factor), q_proj.weight, q_proj.bias),
     )
 
 

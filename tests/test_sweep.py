@@ -9,7 +9,11 @@ from actsparse import ActsparseError, SparsityConfig
 from actsparse.evaluate import evaluate
 from actsparse.sweep import SweepData, config_key, ray_evaluations, read_sweep_file, run_sweep
 
-CONFIGS = [SparsityConfig(pattern=p, criterion=c) for p in ("2:4", "8:16", "unstructured:0.5") for c in ("magnitude", "amber")]
+CONFIGS = [
+    SparsityConfig(pattern=p, criterion=c)
+    for p in ("2:4", "8:16", "unstructured:0.5")
+    for c in ("magnitude", "amber")
+]
 DESCRIPTION = {"model": "tiny llama", "text": "random tokens"}
 
 
@@ -58,7 +62,9 @@ def test_ray_runs_the_configurations_on_workers(local_model, tmp_path):
     model, text = local_model
     data = SweepData(str(model), str(text), seqlen=32, windows=2, calib_windows=2)
     try:
-        records = run_sweep(CONFIGS[:2], tmp_path, {"model": "tiny"}, ray_evaluations("local", data), progress=False)
+        records = run_sweep(
+            CONFIGS[:2], tmp_path, {"model": "tiny"}, ray_evaluations("local", data), progress=False
+        )
     finally:
         ray.shutdown()
     assert [r["label"] for r in records] == [c.label for c in CONFIGS[:2]]
@@ -68,7 +74,11 @@ def test_ray_runs_the_configurations_on_workers(local_model, tmp_path):
 def test_sweep_file(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text('patterns: ["2:4", "8:16"]\ncriteria: magnitude,amber\nphase: all\n')
-    assert read_sweep_file(path) == {"patterns": ["2:4", "8:16"], "criteria": "magnitude,amber", "phase": "all"}
+    assert read_sweep_file(path) == {
+        "patterns": ["2:4", "8:16"],
+        "criteria": "magnitude,amber",
+        "phase": "all",
+    }
     path.write_text("patterns: [2:4, 8:16]\n")
     with pytest.raises(ActsparseError, match="must be quoted"):
         read_sweep_file(path)

@@ -21,8 +21,8 @@ __all__ = [
     "SparsityHandle",
     "evaluate",
     "flop_report",
-    "load_recipe",
     "load_model",
+    "load_recipe",
     "parse_pattern",
     "sparsify",
 ]

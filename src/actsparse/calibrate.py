@@ -52,7 +52,9 @@ class CalibrationSettings:
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
-            raise ActsparseError(f"Calibration steps {self.steps} must be at least 1 (or omitted for one pass).")
+            raise ActsparseError(
+                f"Calibration steps {self.steps} must be at least 1 (or omitted for one pass)."
+            )
         if not self.lr > 0:
             raise ActsparseError(f"Learning rate {self.lr:g} must be positive; use e.g. 1e-3.")
         if not 0 <= self.warmup < 1:
@@ -117,7 +119,9 @@ def _block_inputs(
         if len(inputs) > 1:
             raise _StopForward
 
-    hooks = [block.register_forward_pre_hook(keep_kwargs(name), with_kwargs=True) for name, block in blocks.items()]
+    hooks = [
+        block.register_forward_pre_hook(keep_kwargs(name), with_kwargs=True) for name, block in blocks.items()
+    ]
     hooks.append(first.register_forward_pre_hook(keep_input, with_kwargs=True))
     try:
         with torch.no_grad():

@@ -77,7 +77,9 @@ CalibWindowsOpt = Annotated[
 ]
 StepsOpt = Annotated[
     int | None,
-    typer.Option(help="Learnable corrections: optimiser steps per block (default: one pass over the windows)."),
+    typer.Option(
+        help="Learnable corrections: optimiser steps per block (default: one pass over the windows)."
+    ),
 ]
 LrOpt = Annotated[float, typer.Option(help="Learnable corrections: peak AdamW learning rate.")]
 
@@ -115,7 +117,9 @@ def _quality_table(rows: list[EvalRow], title: str) -> Table:
         cells += [f"{row.tasks[name]['acc']:.1%}" for name in task_names]
         if generation:
             gen = row.generation
-            cells += ["—", "—"] if gen is None else [f"{gen['mean_rouge_l']:.3f}", f"{gen['identical_share']:.0%}"]
+            cells += (
+                ["—", "—"] if gen is None else [f"{gen['mean_rouge_l']:.3f}", f"{gen['identical_share']:.0%}"]
+            )
         table.add_row(*cells)
     return table
 
@@ -168,7 +172,9 @@ def eval_command(
     markdown: Annotated[Path | None, typer.Option(help="Also write the table as Markdown here.")] = None,
     tasks: Annotated[
         str,
-        typer.Option(help="Comma-separated lm-eval tasks: mmlu and lastword work offline, any other lm-eval name too."),
+        typer.Option(
+            help="Comma-separated lm-eval tasks: mmlu and lastword work offline, any other lm-eval name too."
+        ),
     ] = "",
     limit: Annotated[int | None, typer.Option(help="Examples per task (lm-eval --limit).")] = None,
     generate: Annotated[
@@ -202,10 +208,17 @@ def eval_command(
         calibration = _calibration(tokenizer, dataset, seqlen, calib_windows)
     # An interrupted run leaves its totals beside --out; the same command resumes from them.
     rows = evaluate(
-        loaded, tokens, configs, calibration, checkpoint=out.with_name(out.name + ".partial"), calibration_settings=settings
+        loaded,
+        tokens,
+        configs,
+        calibration,
+        checkpoint=out.with_name(out.name + ".partial"),
+        calibration_settings=settings,
     )
     if tasks:
-        results = evaluate_tasks(loaded, tokenizer, configs, _split(tasks), calibration, settings, text, limit)
+        results = evaluate_tasks(
+            loaded, tokenizer, configs, _split(tasks), calibration, settings, text, limit
+        )
         for row, result in zip(rows, results):
             row.tasks = result
     if generate:
@@ -292,19 +305,25 @@ def calibrate(
             before, after = block["loss_before"], block["loss_after"]
             table.add_row(block["block"], f"{before:.4g}", f"{after:.4g}", f"{after / before - 1:+.1%}")
         console.print(table)
-    console.print(f"Recipe for {config.label} saved to {out}; evaluate it with `actsparse eval --recipe {out}`.")
+    console.print(
+        f"Recipe for {config.label} saved to {out}; evaluate it with `actsparse eval --recipe {out}`."
+    )
 
 
 @app.command()
 def sweep(
     model: ModelOpt = "smollm2-135m",
-    patterns: Annotated[str, typer.Option(help="Comma-separated patterns.")] = "2:4,4:8,8:16,16:32,unstructured:0.5",
+    patterns: Annotated[
+        str, typer.Option(help="Comma-separated patterns.")
+    ] = "2:4,4:8,8:16,16:32,unstructured:0.5",
     criteria: Annotated[str, typer.Option(help="Comma-separated criteria.")] = "magnitude,amber",
     mitigations: Annotated[str, typer.Option(help="Comma-separated mitigations (as in eval).")] = "none",
     policies: Annotated[str, typer.Option(help="Comma-separated layer policies.")] = "all",
     config: Annotated[
         Path | None,
-        typer.Option(help="YAML file with patterns, criteria, mitigations, policies lists and shared settings."),
+        typer.Option(
+            help="YAML file with patterns, criteria, mitigations, policies lists and shared settings."
+        ),
     ] = None,
     dataset: Annotated[str, typer.Option(help="sotu, wikitext2, or a text file.")] = "sotu",
     seqlen: SeqlenOpt = 512,
@@ -316,7 +335,9 @@ def sweep(
     ),
     ray: Annotated[
         str | None,
-        typer.Option(help="Run configurations as Ray tasks on this cluster address ('auto', 'ray://...', or 'local')."),
+        typer.Option(
+            help="Run configurations as Ray tasks on this cluster address ('auto', 'ray://...', or 'local')."
+        ),
     ] = None,
 ) -> None:
     """Evaluate the cross product of patterns × criteria × mitigations × policies, one configuration
@@ -333,7 +354,12 @@ def sweep(
             else:
                 shared[key] = tuple(value) if isinstance(value, list) else value
     configs = cross_product(
-        _split(axes["patterns"]), _split(axes["criteria"]), _split(axes["policies"]), _split(axes["mitigations"]), [], shared
+        _split(axes["patterns"]),
+        _split(axes["criteria"]),
+        _split(axes["policies"]),
+        _split(axes["mitigations"]),
+        [],
+        shared,
     )
     data = SweepData(model, dataset, seqlen, windows, calib_windows)
     evaluations = ray_evaluations(ray, data) if ray else local_evaluations(data)
@@ -346,8 +372,12 @@ def sweep(
     for row in cells:
         table.add_row(*row)
     console.print(table)
-    console.print("I/O: bytes of a compressed 512 × 4096 activation tile (values and index) over dense bytes.")
-    console.print(f"Saved to {out}: configs/*.json, sweep.csv, sweep.md, quality_vs_pattern.png, quality_vs_flops.png")
+    console.print(
+        "I/O: bytes of a compressed 512 × 4096 activation tile (values and index) over dense bytes."
+    )
+    console.print(
+        f"Saved to {out}: configs/*.json, sweep.csv, sweep.md, quality_vs_pattern.png, quality_vs_flops.png"
+    )
 
 
 @app.command()

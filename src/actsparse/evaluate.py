@@ -245,7 +245,9 @@ def results_markdown(rows: list[EvalRow], title: str) -> str:
         cells = [f"{row.tasks[name]['acc']:.1%}" for name in task_names]
         if generation:
             gen = row.generation
-            cells += ["—", "—"] if gen is None else [f"{gen['mean_rouge_l']:.3f}", f"{gen['identical_share']:.0%}"]
+            cells += (
+                ["—", "—"] if gen is None else [f"{gen['mean_rouge_l']:.3f}", f"{gen['identical_share']:.0%}"]
+            )
         lines.append(
             f"| {row.label} | {row.perplexity:.2f} | {row.kl_to_dense:.4f} | {row.top1_agreement:.1%} "
             f"| {row.flops['sparse_share']:.1%} | {removed:.1%} |" + "".join(f" {cell} |" for cell in cells)

@@ -141,7 +141,9 @@ def load_recipe(directory: Path | str) -> Recipe:
     try:
         tensors = load_file(tensors_path)
     except SafetensorError as error:
-        raise ActsparseError(f"{tensors_path} is not a valid safetensors file ({error}); calibrate again.") from None
+        raise ActsparseError(
+            f"{tensors_path} is not a valid safetensors file ({error}); calibrate again."
+        ) from None
     return Recipe(
         config=config,
         model=model,

@@ -146,7 +146,10 @@ class SparsityHandle:
 
 
 def _plan(
-    model: nn.Module, config: SparsityConfig, candidates: dict[str, nn.Linear], calibration: torch.Tensor | None
+    model: nn.Module,
+    config: SparsityConfig,
+    candidates: dict[str, nn.Linear],
+    calibration: torch.Tensor | None,
 ) -> tuple[list[str], dict[str, torch.Tensor], dict[str, float] | None]:
     """Measure what ``config`` needs on calibration text: smoothing maxima, and under a layer
     policy the sensitivities and the layers chosen. Returns (sparse layers, maxima, sensitivities)."""

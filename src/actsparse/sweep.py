@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -39,8 +40,6 @@ AXES = ("patterns", "criteria", "mitigations", "policies")
 def read_sweep_file(path: Path) -> dict[str, Any]:
     """A sweep file: YAML mapping with ``patterns``, ``criteria``, ``mitigations``, ``policies``
     (lists or comma-separated strings) and any shared ``SparsityConfig`` setting."""
-    import yaml
-
     if not path.is_file():
         raise ActsparseError(f"Sweep file '{path}' does not exist; pass a YAML file (see README).")
     try:
@@ -49,7 +48,12 @@ def read_sweep_file(path: Path) -> dict[str, Any]:
         raise ActsparseError(f"Sweep file '{path}' is not valid YAML ({error}); fix it.") from None
     if not isinstance(data, dict):
         raise ActsparseError(f"Sweep file '{path}' must be a mapping such as patterns: \"2:4,8:16\".")
-    known = set(AXES) | {f.name for f in fields(SparsityConfig) if f.init} - {"pattern", "criterion", "policy", "mitigation"}
+    known = set(AXES) | {f.name for f in fields(SparsityConfig) if f.init} - {
+        "pattern",
+        "criterion",
+        "policy",
+        "mitigation",
+    }
     if unknown := set(data) - known:
         raise ActsparseError(
             f"Unknown key(s) {', '.join(sorted(unknown))} in sweep file '{path}'; known: {', '.join(sorted(known))}."
@@ -107,17 +111,23 @@ Evaluations = Callable[[list[SparsityConfig]], Iterator[tuple[SparsityConfig, li
 
 
 @functools.cache
-def load_sweep_inputs(data: SweepData, calibration_needed: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+def load_sweep_inputs(
+    data: SweepData, calibration_needed: bool
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
     """The model, evaluation windows and (if needed) calibration windows of ``data``, once per process."""
     model, tokenizer = load_model(data.model, data.dtype)
     windows = token_windows(tokenizer, load_text(data.dataset, "evaluation"), data.seqlen, data.windows)
     calibration = None
     if calibration_needed:
-        calibration = token_windows(tokenizer, load_text(data.dataset, "calibration"), data.seqlen, data.calib_windows)
+        calibration = token_windows(
+            tokenizer, load_text(data.dataset, "calibration"), data.seqlen, data.calib_windows
+        )
     return model, windows, calibration
 
 
-def evaluate_config(data: SweepData, config: SparsityConfig, settings: CalibrationSettings | None = None) -> list:
+def evaluate_config(
+    data: SweepData, config: SparsityConfig, settings: CalibrationSettings | None = None
+) -> list:
     """Dense and ``config`` rows over the sweep's windows (loads the inputs on first use)."""
     model, windows, calibration = load_sweep_inputs(data, config.needs_calibration)
     return evaluate(model, windows, [config], calibration, progress=False, calibration_settings=settings)
@@ -128,7 +138,9 @@ def local_evaluations(data: SweepData, settings: CalibrationSettings | None = No
     return lambda pending: ((config, evaluate_config(data, config, settings)) for config in pending)
 
 
-def ray_evaluations(address: str, data: SweepData, settings: CalibrationSettings | None = None) -> Evaluations:
+def ray_evaluations(
+    address: str, data: SweepData, settings: CalibrationSettings | None = None
+) -> Evaluations:
     """Run the configurations as Ray tasks on the cluster at ``address`` ("local" starts one here);
     every worker needs actsparse installed and rebuilds the model and text from ``data``."""
     try:
@@ -167,7 +179,13 @@ def run_sweep(
         )
     write_json_atomic(manifest, description)
     pending = [c for c in configs if not (out / "configs" / f"{config_key(c)}.json").exists()]
-    bar = tqdm(total=len(configs), initial=len(configs) - len(pending), desc="sweep", unit="config", disable=not progress)
+    bar = tqdm(
+        total=len(configs),
+        initial=len(configs) - len(pending),
+        desc="sweep",
+        unit="config",
+        disable=not progress,
+    )
     for config, rows in evaluations(pending):
         record = _record(config, rows)
         write_json_atomic(out / "configs" / f"{record['key']}.json", record)
