@@ -45,3 +45,25 @@ def test_lm_eval_sees_the_attached_sparse_modules(llama, tiny_lm, monkeypatch, t
         sparse = run_tasks(llama, tokenizer, ["lastword"], text=text, limit=20)["lastword"]
     assert dense["n"] == sparse["n"] == 20
     assert sparse["perplexity"] != pytest.approx(dense["perplexity"], rel=1e-4)
+
+
+def test_a_task_folder_reads_local_files(llama, tiny_lm, tmp_path):
+    from conftest import WORDS
+
+    folder, _ = tiny_lm
+    data = tmp_path / "pick.jsonl"
+    data.write_text(
+        "".join(json.dumps({"q": f"{WORDS[i]} {WORDS[i + 1]}", "gold": i % 2}) + "\n" for i in range(8))
+    )
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "pick.yaml").write_text(
+        "task: pick_local\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
+        f"doc_to_choice: ['{WORDS[3]}', '{WORDS[4]}']\ndoc_to_target: gold\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    result = run_tasks(llama, tokenizer, ["pick_local"], task_dir=tasks)["pick_local"]
+    assert result["n"] == 8 and 0 <= result["acc"] <= 1

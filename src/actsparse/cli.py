@@ -177,6 +177,9 @@ def eval_command(
         ),
     ] = "",
     limit: Annotated[int | None, typer.Option(help="Examples per task (lm-eval --limit).")] = None,
+    task_dir: Annotated[
+        Path | None, typer.Option(help="Folder of lm-eval YAML task definitions, e.g. reading local files.")
+    ] = None,
     generate: Annotated[
         int, typer.Option(help="Prompts (from the evaluation windows) for generation agreement; 0 skips it.")
     ] = 0,

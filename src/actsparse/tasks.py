@@ -136,22 +136,37 @@ def run_tasks(
     tasks: list[str],
     text: str | None = None,
     limit: int | None = None,
+    task_dir: Path | None = None,
     batch_size: int = 8,
 ) -> dict[str, dict[str, float]]:
     """Run ``tasks`` (local ones by name, any other lm-eval task by its name) on ``model`` as it is
-    now — with sparse layers attached, if any — and return ``{task: {"acc": ..., "n": ...}}``."""
+    now — with sparse layers attached, if any — and return ``{task: {"acc": ..., "n": ...}}``.
+
+    ``task_dir`` is a folder of lm-eval YAML task definitions (for instance reading local JSON
+    files with ``dataset_path: json``); its tasks are found by name like the built-in ones.
+    """
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
     except ImportError:
         raise ActsparseError(
             "Zero-shot tasks need lm-evaluation-harness; install it with `pip install 'actsparse[tasks]'`."
         ) from None
     specs = [task_config(t, text) if t in LOCAL_TASKS else t for t in tasks]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+    if task_dir is not None and not Path(task_dir).is_dir():
+        raise ActsparseError(f"Task folder '{task_dir}' does not exist; pass a folder of lm-eval YAML files.")
+    manager = TaskManager(include_path=str(task_dir)) if task_dir is not None else None
     with torch.inference_mode():
         output = simple_evaluate(
-            model=lm, tasks=specs, limit=limit, log_samples=False, bootstrap_iters=0, verbosity="WARNING"
+            model=lm,
+            tasks=specs,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=0,
+            verbosity="WARNING",
         )
     if output is None:
         raise ActsparseError("lm-eval returned no results; check the task names.")
@@ -176,10 +191,11 @@ def evaluate_tasks(
     calibration_settings: CalibrationSettings | None = None,
     text: str | None = None,
     limit: int | None = None,
+    task_dir: Path | None = None,
 ) -> list[dict[str, dict[str, float]]]:
     """``run_tasks`` on the dense model, then with each variant attached; one result per model."""
-    results = [run_tasks(model, tokenizer, tasks, text, limit)]
+    results = [run_tasks(model, tokenizer, tasks, text, limit, task_dir)]
     for variant in variants:
         with attach_variant(model, variant, calibration, calibration_settings):
-            results.append(run_tasks(model, tokenizer, tasks, text, limit))
+            results.append(run_tasks(model, tokenizer, tasks, text, limit, task_dir))
     return results
