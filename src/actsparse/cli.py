@@ -371,7 +371,7 @@ def sweep(
     titles, cells = sweep_cells(records)
     table = Table(title=sweep_title(records, description))
     for index, title in enumerate(titles):
-        table.add_column(title, justify="left" if index < 2 else "right")
+        table.add_column(title, justify="left" if index == 0 else "right", no_wrap=index == 0)
     for row in cells:
         table.add_row(*row)
     console.print(table)

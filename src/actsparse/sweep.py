@@ -194,19 +194,18 @@ def run_sweep(
     records = [json.loads((out / "configs" / f"{config_key(c)}.json").read_text()) for c in configs]
     write_text_atomic(out / "sweep.csv", sweep_csv(records))
     write_text_atomic(out / "sweep.md", sweep_markdown(records, description))
-    plot_sweep(records, out)
+    plot_sweep(records, out, sweep_title(records, description))
     return records
 
 
 COLUMNS = (
     ("label", "configuration", "{}"),
-    ("pattern", "pattern", "{}"),
-    ("perplexity", "perplexity", "{:.2f}"),
-    ("kl_to_dense", "KL to dense", "{:.4f}"),
+    ("perplexity", "ppl", "{:.2f}"),
+    ("kl_to_dense", "KL", "{:.4f}"),
     ("top1_agreement", "top-1", "{:.1%}"),
     ("sparse_share", "sparse FLOPs", "{:.1%}"),
-    ("removed_share", "FLOPs removed", "{:.1%}"),
-    ("index_bits", "index bits / group", "{}"),
+    ("removed_share", "removed", "{:.1%}"),
+    ("index_bits", "index bits", "{}"),
     ("io_ratio_fp16", "I/O fp16", "{:.3f}"),
     ("io_ratio_int8", "I/O int8", "{:.3f}"),
 )
@@ -233,7 +232,8 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
 def sweep_csv(records: list[dict[str, Any]]) -> str:
     """One row per configuration, raw numbers."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[key for key, _, _ in COLUMNS], lineterminator="\n")
+    fieldnames = ["label", "pattern", *(key for key, _, _ in COLUMNS[1:])]
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n")
     writer.writeheader()
     writer.writerows(_flat(record) for record in records)
     return buffer.getvalue()
@@ -257,16 +257,17 @@ def sweep_markdown(records: list[dict[str, Any]], description: dict[str, Any]) -
         f"**{sweep_title(records, description)}**",
         "",
         "| " + " | ".join(titles) + " |",
-        "|---|---|" + "---:|" * (len(titles) - 2),
+        "|---|" + "---:|" * (len(titles) - 1),
     ]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines) + "\n"
 
 
-def plot_sweep(records: list[dict[str, Any]], out: Path) -> None:
+def plot_sweep(records: list[dict[str, Any]], out: Path, subtitle: str = "") -> None:
     """``quality_vs_pattern.png`` (perplexity and KL against pattern, a line per criterion,
     mitigation and policy) and ``quality_vs_flops.png`` (KL against the share of FLOPs removed)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -299,21 +300,35 @@ def plot_sweep(records: list[dict[str, Any]], out: Path) -> None:
         axis.set_title(title)
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    figure.suptitle(subtitle, fontsize=9)
     figure.tight_layout()
     _save(figure, out / "quality_vs_pattern.png")
     plt.close(figure)
 
-    figure, axis = plt.subplots(figsize=(6, 4.2))
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    labelled = set()
     for name, group in lines.items():
         flat = [_flat(r) for r in group]
         axis.scatter([f["removed_share"] for f in flat], [f["kl_to_dense"] for f in flat], label=name)
         for f in flat:
-            axis.annotate(f["pattern"], (f["removed_share"], f["kl_to_dense"]), fontsize=7, alpha=0.8)
-    axis.set_xlabel("share of linear FLOPs removed")
-    axis.set_ylabel("KL to dense")
+            spot = (f["pattern"], round(f["removed_share"], 2), round(f["kl_to_dense"], 1))
+            if spot not in labelled:  # one label per pattern and place, not one per criterion
+                labelled.add(spot)
+                axis.annotate(
+                    f["pattern"],
+                    (f["removed_share"], f["kl_to_dense"]),
+                    (6, 0),
+                    textcoords="offset points",
+                    fontsize=8,
+                )
+    axis.set_xlim(0, 1)
+    axis.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    axis.set_xlabel("share of linear FLOPs removed (measured density)")
+    axis.set_ylabel("KL to dense (lower is better)")
     axis.set_title("quality against compute saved")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
+    figure.suptitle(subtitle, fontsize=9)
     figure.tight_layout()
     _save(figure, out / "quality_vs_flops.png")
     plt.close(figure)
