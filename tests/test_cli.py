@@ -139,10 +139,10 @@ def test_eval_with_tasks_and_generation(monkeypatch, capsys, local_model, tmp_pa
     code, output = run(
         monkeypatch, capsys, "eval", "--model", str(model), "--dataset", str(text), "--seqlen", "40",
         "--windows", "2", "--pattern", "2:4", "--criterion", "magnitude", "--tasks", "lastword", "--limit", "6",
-        "--generate", "2", "--prompt-tokens", "16", "--new-tokens", "4", "--out", str(out), "--markdown", str(markdown),
+        "--generate", "3", "--prompt-tokens", "16", "--new-tokens", "4", "--out", str(out), "--markdown", str(markdown),
     )  # fmt: skip
     assert code in (0, None), output
     rows = json.loads(out.read_text())["rows"]
     assert [r["tasks"]["lastword"]["n"] for r in rows] == [6, 6]
-    assert rows[0]["generation"] is None and rows[1]["generation"]["prompts"] == 2
+    assert rows[0]["generation"] is None and rows[1]["generation"]["prompts"] == 3
     assert "lastword acc (n=6)" in markdown.read_text()

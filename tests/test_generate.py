@@ -2,8 +2,8 @@
 
 import pytest
 
-from actsparse import ActsparseError, SparsityConfig, sparsify
-from actsparse.generate import common_prefix, generation_agreement, prompts_from_windows, rouge_l
+from actsparse import SparsityConfig, sparsify
+from actsparse.generate import common_prefix, generation_agreement, rouge_l
 
 
 def test_common_prefix_by_hand():
@@ -23,9 +23,7 @@ def test_rouge_l_by_hand():
 
 def test_a_model_agrees_with_itself(llama, tokens):
     handle = sparsify(llama, SparsityConfig(pattern="dense"))
-    agreement = generation_agreement(
-        llama, handle, prompts_from_windows(tokens, 8), new_tokens=6, progress=False
-    )
+    agreement = generation_agreement(llama, handle, tokens[:, :8], new_tokens=6, progress=False)
     assert agreement.identical_share == 1.0 and agreement.mean_rouge_l == 1.0
     assert agreement.mean_common_prefix == 6 and agreement.prompts == 2
     assert not handle.attached
@@ -33,12 +31,5 @@ def test_a_model_agrees_with_itself(llama, tokens):
 
 def test_sparse_decoding_changes_the_continuation(llama, tokens):
     handle = sparsify(llama, SparsityConfig(pattern="1:4", criterion="magnitude", phase="all"))
-    agreement = generation_agreement(
-        llama, handle, prompts_from_windows(tokens, 8), new_tokens=6, progress=False
-    )
+    agreement = generation_agreement(llama, handle, tokens[:, :8], new_tokens=6, progress=False)
     assert agreement.mean_rouge_l < 1.0 and agreement.identical_share < 1.0
-
-
-def test_prompts_longer_than_windows_are_refused(tokens):
-    with pytest.raises(ActsparseError, match="shorter than prompts"):
-        prompts_from_windows(tokens, 100)

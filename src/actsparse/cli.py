@@ -20,7 +20,7 @@ from actsparse.data import load_text, token_windows
 from actsparse.errors import ActsparseError
 from actsparse.evaluate import EvalRow, Variant, evaluate, results_document, results_markdown
 from actsparse.flops import flop_report
-from actsparse.generate import evaluate_generation, prompts_from_windows
+from actsparse.generate import evaluate_generation
 from actsparse.models import EMBEDDED_MODELS, converted_dir, load_model, resolve_model
 from actsparse.paths import write_json_atomic, write_text_atomic
 from actsparse.policy import layer_sensitivity
@@ -181,7 +181,7 @@ def eval_command(
         Path | None, typer.Option(help="Folder of lm-eval YAML task definitions, e.g. reading local files.")
     ] = None,
     generate: Annotated[
-        int, typer.Option(help="Prompts (from the evaluation windows) for generation agreement; 0 skips it.")
+        int, typer.Option(help="Prompts (cut from the evaluation text) for generation agreement; 0 skips it.")
     ] = 0,
     prompt_tokens: Annotated[int, typer.Option(help="Tokens per generation prompt.")] = 128,
     new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per prompt.")] = 32,
@@ -225,7 +225,7 @@ def eval_command(
         for row, result in zip(rows, results):
             row.tasks = result
     if generate:
-        prompts = prompts_from_windows(tokens[:generate], prompt_tokens)
+        prompts = token_windows(tokenizer, text, prompt_tokens, generate)
         agreements = evaluate_generation(loaded, configs, prompts, new_tokens, calibration, settings)
         for row, agreement in zip(rows[1:], agreements):
             row.generation = agreement.to_dict()

@@ -1,6 +1,6 @@
 """Generation agreement: greedy continuations of the sparse model against the dense model's.
 
-Prompts are taken from the evaluation split; sparsity applies to the prompt (prefill) and, under
+Prompts are cut from the evaluation split (``actsparse.data.token_windows``); sparsity applies to the prompt (prefill) and, under
 ``phase="all"``, to the decode steps as well. For each prompt: how many tokens are identical before
 the first divergence, and the ROUGE-L F1 of the two continuations (longest common subsequence over
 tokens).
@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from actsparse.baselines import WeightPruningHandle
 from actsparse.calibrate import CalibrationSettings
-from actsparse.errors import ActsparseError
 from actsparse.evaluate import Variant, attach_variant
 from actsparse.sparsify import SparsityHandle
 
@@ -57,16 +56,6 @@ class GenerationAgreement:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def prompts_from_windows(windows: torch.Tensor, prompt_tokens: int) -> torch.Tensor:
-    """The first ``prompt_tokens`` tokens of each evaluation window, as prompts ``(P, prompt_tokens)``."""
-    if windows.shape[1] < prompt_tokens:
-        raise ActsparseError(
-            f"Windows of {windows.shape[1]} tokens are shorter than prompts of {prompt_tokens}; "
-            "use longer windows (--seqlen) or shorter prompts."
-        )
-    return windows[:, :prompt_tokens]
 
 
 def _continuation(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> list[int]:

@@ -175,7 +175,7 @@ def run_tasks(
         figures = {
             key.split(",")[0]: value
             for key, value in metrics.items()
-            if isinstance(value, (int, float)) and "stderr" not in key
+            if isinstance(value, (int, float)) and "stderr" not in key and key != "sample_len"
         }
         figures["n"] = output.get("n-samples", {}).get(task, {}).get("effective")
         results[task] = figures
