@@ -85,9 +85,13 @@ def attach_variant(
     return sparsify(model, variant, calibration, calibration_settings=calibration_settings)
 
 
-def _run_key(model: nn.Module, windows: torch.Tensor, configs: list[Variant]) -> str:
-    """Fingerprint of a run: the configurations, the exact tokens, and a sample of every weight."""
-    digest = hashlib.sha256(json.dumps([c.to_dict() for c in configs]).encode())
+def _run_key(
+    model: nn.Module, windows: torch.Tensor, configs: list[Variant], settings: CalibrationSettings | None
+) -> str:
+    """Fingerprint of a run: the configurations and calibration settings, the exact tokens, and a
+    sample of every weight."""
+    described = [c.to_dict() for c in configs] + [settings.to_dict() if settings else None]
+    digest = hashlib.sha256(json.dumps(described).encode())
     digest.update(windows.numpy().tobytes())
     for config in configs:
         if isinstance(config, Recipe):
@@ -137,7 +141,7 @@ def evaluate(
         handle.measure_density()
         handles.append(handle)
     dense, sparse = _Totals(), [_Totals() for _ in handles]
-    key, done = _run_key(model, windows, configs), 0
+    key, done = _run_key(model, windows, configs, calibration_settings), 0
     if state := _load_checkpoint(checkpoint, key):
         done, dense = state["windows_done"], _Totals(**state["dense"])
         sparse = [_Totals(**saved["totals"]) for saved in state["configs"]]
