@@ -330,7 +330,9 @@ def sweep(
     ] = None,
     dataset: Annotated[str, typer.Option(help="sotu, wikitext2, or a text file.")] = "sotu",
     seqlen: SeqlenOpt = 512,
-    windows: Annotated[int, typer.Option(help="Evaluation windows per configuration.")] = 16,
+    windows: Annotated[
+        int, typer.Option(help="Evaluation windows per configuration; 0 for the whole split.")
+    ] = 16,
     calib_windows: CalibWindowsOpt = 16,
     phase: PhaseOpt = "prefill",
     out: Annotated[Path, typer.Option(help="Results directory (resumes a sweep left there).")] = Path(

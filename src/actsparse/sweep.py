@@ -103,7 +103,8 @@ class SweepData:
 
     @property
     def text(self) -> str:
-        return f"{self.dataset} evaluation split, {self.windows} windows × {self.seqlen} tokens"
+        count = f"{self.windows} windows" if self.windows else "all windows"
+        return f"{self.dataset} evaluation split, {count} × {self.seqlen} tokens"
 
 
 Evaluations = Callable[[list[SparsityConfig]], Iterator[tuple[SparsityConfig, list]]]
@@ -116,7 +117,9 @@ def load_sweep_inputs(
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
     """The model, evaluation windows and (if needed) calibration windows of ``data``, once per process."""
     model, tokenizer = load_model(data.model, data.dtype)
-    windows = token_windows(tokenizer, load_text(data.dataset, "evaluation"), data.seqlen, data.windows)
+    windows = token_windows(
+        tokenizer, load_text(data.dataset, "evaluation"), data.seqlen, data.windows or None
+    )
     calibration = None
     if calibration_needed:
         calibration = token_windows(
