@@ -25,7 +25,7 @@ from actsparse.models import EMBEDDED_MODELS, converted_dir, load_model, resolve
 from actsparse.paths import write_json_atomic, write_text_atomic
 from actsparse.policy import layer_sensitivity
 from actsparse.recipe import load_recipe
-from actsparse.sparsify import sparsify, target_layers
+from actsparse.sparsify import SparsityHandle, sparsify, target_layers
 from actsparse.sweep import (
     SweepData,
     local_evaluations,
@@ -82,6 +82,13 @@ StepsOpt = Annotated[
     ),
 ]
 LrOpt = Annotated[float, typer.Option(help="Learnable corrections: peak AdamW learning rate.")]
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        help="emulated: zero the dropped inputs, multiply densely; cpu-kernel: multiply only the kept "
+        "inputs (compiled sparse GEMM, float32 N:M on the CPU)."
+    ),
+]
 
 
 def _split(text: str) -> list[str]:
@@ -165,6 +172,7 @@ def eval_command(
     include: IncludeOpt = [DEFAULT_TARGETS],
     exclude: ExcludeOpt = [],
     remainder: RemainderOpt = "error",
+    backend: BackendOpt = "emulated",
     dtype: DtypeOpt = "float32",
     out: Annotated[Path, typer.Option(help="JSON file for every figure (written atomically).")] = Path(
         "results/eval.json"
@@ -193,12 +201,12 @@ def eval_command(
     weight pruning per pattern.
     """
     shared = {"phase": phase, "include": tuple(include), "exclude": tuple(exclude), "remainder": remainder}
-    shared |= {"flop_share": flop_share, "amber_skip": amber_skip}
+    shared |= {"flop_share": flop_share, "amber_skip": amber_skip, "backend": backend}
     settings = CalibrationSettings(steps=calib_steps, lr=lr)
     configs: list[Variant] = [parse_variant(spec, shared) for spec in variant]
     if variants is not None:
         configs += read_variants(variants, shared)
-    configs += [load_recipe(folder) for folder in recipe]
+    configs += [load_recipe(folder).with_backend(backend) for folder in recipe]
     if not configs:
         configs = cross_product(
             _split(pattern), _split(criterion), _split(policy), _split(mitigation), _split(weights), shared
@@ -447,14 +455,25 @@ def info(
     include: IncludeOpt = [DEFAULT_TARGETS],
     exclude: ExcludeOpt = [],
     remainder: RemainderOpt = "error",
+    backend: BackendOpt = "emulated",
 ) -> None:
-    """The layers a configuration would sparsify and the share of linear FLOPs it makes sparse."""
+    """The layers a configuration would sparsify, the share of linear FLOPs it makes sparse, and how
+    the sparse calls are computed."""
     if len(_split(pattern)) != 1 or len(_split(criterion)) != 1:
         raise ActsparseError(
             "`actsparse info` describes one configuration; give one --pattern and one --criterion."
         )
     config = SparsityConfig(
-        pattern, criterion, phase, tuple(include), tuple(exclude), remainder, policy, flop_share, amber_skip
+        pattern,
+        criterion,
+        phase,
+        tuple(include),
+        tuple(exclude),
+        remainder,
+        policy,
+        flop_share,
+        amber_skip,
+        backend=backend,
     )
     loaded, tokenizer = load_model(model)
     calibration = None
@@ -481,14 +500,28 @@ def info(
         f"{report.sparse_share_with_lm_head:.1%} with the LM head of {report.lm_head_flops_per_token / 1e6:.1f} MFLOPs/token). "
         f"FLOPs removed at this density: {report.removed_share:.1%}."
     )
-    console.print(
-        "Selection pass: "
-        + (
-            "compiled (float32 N:M on the CPU)"
-            if kernels.AVAILABLE
-            else "PyTorch only: the compiled pass was not built"
-        )
+    console.print(f"Execution: {_execution(config, handle)}")
+
+
+def _execution(config: SparsityConfig, handle: SparsityHandle) -> str:
+    """How the sparse calls of ``handle`` are computed, in one sentence."""
+    selection = (
+        "selection compiled for float32 N:M on the CPU"
+        if kernels.AVAILABLE
+        else "selection in PyTorch: the compiled extension was not built"
     )
+    kernel_layers = sum(layer.packed is not None for layer in handle.layers.values())
+    if config.backend == "cpu-kernel" and kernel_layers:
+        return (
+            f"cpu-kernel: {kernel_layers} layers multiply only the kept inputs (sparse GEMM, "
+            f"{kernels.gemm_isa()}) in float32 calls on the CPU; other calls are emulated."
+        )
+    if config.backend == "cpu-kernel":
+        return (
+            "emulated, although cpu-kernel was asked for: the compiled extension was not built "
+            "(reinstall actsparse where a C compiler is present)."
+        )
+    return f"emulated: dropped inputs are zeroed and multiplied densely ({selection})."
 
 
 @app.command()

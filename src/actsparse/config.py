@@ -21,6 +21,8 @@ QUANTS = ("none", "w8a8")
 DEFAULT_ALPHA = {"smoothquant": 0.5, "outstanding": 0.1}
 CORRECTIONS = ("shift", "var", "learnable")
 SHIFT_STATISTICS = ("median", "mean")
+BACKENDS = ("emulated", "cpu-kernel")
+KERNEL_MAX_M = 64
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ class SparsityConfig:
             scale and bias of the output, calibrated block by block (``actsparse.calibrate``) and
             folded into the weight and bias. (Static scaling is ``smooth="smoothquant"``, whose
             α = 0.5 scale is ``sqrt(max|X| / max|W|)``.)
+        backend: how a sparsified call is computed: ``"emulated"`` zeroes the dropped inputs and
+            multiplies densely (any dtype or device); ``"cpu-kernel"`` multiplies only the kept
+            inputs with actsparse's compiled sparse GEMM (float32 on the CPU, N:M with M ≤ 64;
+            other calls, and every call when the extension was not built, stay emulated).
     """
 
     pattern: str = "8:16"
@@ -71,6 +77,7 @@ class SparsityConfig:
     quant_exclude: tuple[str, ...] = ()
     mitigation: str = "none"
     shift_statistic: Literal["median", "mean"] = "median"
+    backend: Literal["emulated", "cpu-kernel"] = "emulated"
     parsed_pattern: Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +119,7 @@ class SparsityConfig:
                 "Learnable corrections are calibrated without quantisation and cannot be combined "
                 "with quant='w8a8' yet; use a training-free mitigation with W8A8."
             )
+        self._check_backend()
         if not 0 < self.flop_share <= 1:
             raise ActsparseError(f"flop_share {self.flop_share:g} is outside (0, 1]; use e.g. 0.55.")
         if self.amber_skip < 0:
@@ -126,6 +134,24 @@ class SparsityConfig:
                     f"Layer filter '{expression}' is not a valid regular expression ({error}); fix or quote it."
                 ) from None
 
+    def _check_backend(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ActsparseError(f"Unknown backend '{self.backend}'; choose emulated or cpu-kernel.")
+        if self.backend == "emulated":
+            return
+        pattern = self.parsed_pattern
+        refusal = None
+        if pattern.unstructured:
+            refusal = "runs N:M patterns only; choose an N:M pattern"
+        elif not pattern.dense and pattern.m > KERNEL_MAX_M:
+            refusal = f"takes M up to {KERNEL_MAX_M}; choose a smaller group"
+        elif self.quant != "none":
+            refusal = "computes in float32 and does not quantise; drop quant='w8a8'"
+        elif "var" in self.corrections:
+            refusal = "does not rescale the kept values; drop the var mitigation"
+        if refusal:
+            raise ActsparseError(f"The cpu-kernel backend {refusal}, or use backend='emulated'.")
+
     @property
     def label(self) -> str:
         """Short name for tables, e.g. ``"8:16 amber"`` or ``"8:16 amber policy=amber w8a8"``."""
@@ -138,6 +164,8 @@ class SparsityConfig:
             parts.append(self.mitigation)
         if self.quant != "none":
             parts.append(self.quant)
+        if self.backend != "emulated":
+            parts.append(self.backend)
         return " ".join(parts)
 
     @property

@@ -30,6 +30,10 @@ class SparseLinear(nn.Linear):
     (if shift). Dense calls (decode, under the prefill phase) use the layer's own weight without
     learned corrections. Build it with ``SparseLinear(linear, name, config)``; ``handle.remove()``
     puts the original module back.
+
+    Under ``backend="cpu-kernel"`` the layer also holds its sparse-call weight packed for the
+    compiled sparse GEMM (a second copy of the weight), and a sparsified float32 call on the CPU
+    selects, multiplies only the kept inputs and adds bias and ``η · W.sum(1)`` in compiled code.
     """
 
     def __init__(
@@ -90,6 +94,9 @@ class SparseLinear(nn.Linear):
             self.register_buffer(folded, None, persistent=False)
         self.weight = weight if weight is linear.weight else nn.Parameter(weight, requires_grad=False)
         self.bias = linear.bias
+        self.packed: kernels.PackedLinear | None = None
+        if config.backend == "cpu-kernel" and self.sparse and kernels.AVAILABLE:
+            self.packed = kernels.pack_linear(weight, linear.bias, row_sum)
         self.measure_density = False
         self.kept_inputs = 0
         self.seen_inputs = 0
@@ -154,6 +161,8 @@ class SparseLinear(nn.Linear):
         folded = self.correction.fold(self.weight, self.bias, self.channel_factor)
         self.folded_weight, self.folded_bias = folded.weight, folded.bias
         self.folded_row_sum, self.folded_factor = folded.row_sum, folded.channel_factor
+        if self.packed is not None:
+            self.packed = kernels.pack_linear(folded.weight, folded.bias, folded.row_sum)
 
     @property
     def folded(self) -> bool:
@@ -178,6 +187,10 @@ class SparseLinear(nn.Linear):
             row_sum, factor = self.folded_row_sum, self.folded_factor
         elif correction is not None:
             factor = correction.selection_factor(factor)
+        if self.packed is not None and (correction is None or self.folded):
+            n, m = self.pattern.keep_count(self.in_features)
+            if kernels.supports(x, m):
+                return self._kernel_forward(x, factor, eta, n, m)
         sparse = self.sparsify_input(x, factor)
         if self.restore_variance:
             sparse = variance_restored(x, sparse)
@@ -186,6 +199,20 @@ class SparseLinear(nn.Linear):
         y = F.linear(self._quantized(sparse), weight, bias)
         return y if eta is None else y + eta * row_sum
 
+    def _kernel_forward(
+        self, x: torch.Tensor, factor: torch.Tensor | None, eta: torch.Tensor | None, n: int, m: int
+    ) -> torch.Tensor:
+        """The sparsified call through the compiled sparse GEMM (bias and ``η · W.sum(1)`` inside)."""
+        y, compressed = kernels.sparse_linear(
+            x, self.packed, n, m, self.criterion.channel_factor(x, factor), eta
+        )
+        if compressed.has_nan:
+            raise self._nan_error()
+        if self.measure_density:
+            self.kept_inputs += compressed.nonzero
+            self.seen_inputs += x.numel()
+        return y
+
     def _quantized(self, x: torch.Tensor) -> torch.Tensor:
         return quantize_activation(x) if self.quantize else x
 
@@ -193,5 +220,6 @@ class SparseLinear(nn.Linear):
         sparsity = f"pattern={self.pattern}, criterion={self.criterion.name}" if self.sparse else "dense"
         return (
             f"{super().extra_repr()}, {sparsity}, smooth={self.config.smooth}, "
-            f"mitigation={self.config.mitigation}, w8a8={self.quantize}"
+            f"mitigation={self.config.mitigation}, w8a8={self.quantize}, "
+            f"backend={'cpu-kernel' if self.packed is not None else 'emulated'}"
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,10 @@ class Recipe:
                 "`actsparse calibrate`."
             )
         return self.tensors[name]
+
+    def with_backend(self, backend: str) -> Recipe:
+        """The same recipe computed by another backend (``"emulated"`` or ``"cpu-kernel"``)."""
+        return replace(self, config=replace(self.config, backend=backend))
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model other than the one the recipe was calibrated for."""

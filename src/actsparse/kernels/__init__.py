@@ -1,17 +1,35 @@
 """Compiled helpers, loaded with ctypes on tensor buffers (no build against PyTorch's C++ ABI).
 
-``nm_select`` is the fused select-and-zero pass for float32 N:M patterns. When the extension was not
-built (no compiler at install time), ``AVAILABLE`` is False and actsparse uses its PyTorch path.
+- ``nm_select``: the fused select-and-zero pass for float32 N:M patterns (the emulated backend).
+- ``pack_linear`` and ``sparse_linear``: the ``cpu-kernel`` backend, a linear layer that multiplies
+  only the kept activations: a fused select-and-compress pass, then a sparse GEMM over weights
+  packed once per layer (``nm_gemm.c``).
+
+When the extension was not built (no compiler at install time), ``AVAILABLE`` is False and actsparse
+uses its PyTorch path.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 
 MAX_GROUP = 64
+ISAS = ("portable", "avx2", "avx512")
+"""Instruction sets of the sparse GEMM, narrowest first."""
+
+_POINTER, _INT = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    "actsparse_nm_select_f32": (_INT, [_POINTER] * 3 + [_INT] * 5 + [ctypes.POINTER(ctypes.c_int32)]),
+    "actsparse_panel_width": (_INT, []),
+    "actsparse_gemm_isa": (_INT, [_INT]),
+    "actsparse_pack_weight": (None, [_POINTER] * 2 + [_INT] * 2),
+    "actsparse_nm_compress": (_INT, [_POINTER] * 4 + [_INT] * 5 + [ctypes.POINTER(ctypes.c_int32)]),
+    "actsparse_nm_gemm": (None, [_POINTER] * 2 + [_INT] * 5 + [_POINTER, _INT] + [_POINTER] * 4 + [_INT] * 2),
+}
 
 
 def _load() -> ctypes.CDLL | None:
@@ -19,18 +37,25 @@ def _load() -> ctypes.CDLL | None:
     if spec is None or spec.origin is None:
         return None
     library = ctypes.CDLL(spec.origin)
-    function = library.actsparse_nm_select_f32
-    function.restype = ctypes.c_int64
-    function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.POINTER(ctypes.c_int32)]
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        function = getattr(library, name)
+        function.restype, function.argtypes = restype, argtypes
     return library
 
 
 _LIBRARY = _load()
 AVAILABLE = _LIBRARY is not None
+PANEL = _LIBRARY.actsparse_panel_width() if AVAILABLE else 0
+"""Output channels per packed weight panel."""
+
+
+def gemm_isa(limit: str = "avx512") -> str | None:
+    """The instruction set the sparse GEMM uses on this CPU (at most ``limit``); None if not built."""
+    return ISAS[_LIBRARY.actsparse_gemm_isa(ISAS.index(limit))] if AVAILABLE else None
 
 
 def supports(x: torch.Tensor, m: int) -> bool:
-    """True when ``nm_select`` can take ``x`` with group size ``m`` (and no gradient is needed)."""
+    """True when the compiled passes can take ``x`` with group size ``m`` (and no gradient is needed)."""
     return (
         AVAILABLE
         and x.dtype == torch.float32
@@ -38,6 +63,10 @@ def supports(x: torch.Tensor, m: int) -> bool:
         and m <= MAX_GROUP
         and not (x.requires_grad and torch.is_grad_enabled())
     )
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
 
 
 def nm_select(x: torch.Tensor, factor: torch.Tensor | None, n: int, m: int) -> tuple[torch.Tensor, int, bool]:
@@ -50,13 +79,12 @@ def nm_select(x: torch.Tensor, factor: torch.Tensor | None, n: int, m: int) -> t
     factor = None if factor is None else factor.to(torch.float32).contiguous()
     out = torch.empty_like(x)
     has_nan = ctypes.c_int32(0)
-    width = x.shape[-1]
     kept = _LIBRARY.actsparse_nm_select_f32(
         x.data_ptr(),
         None if factor is None else factor.data_ptr(),
         out.data_ptr(),
-        x.numel() // width,
-        width,
+        _rows(x),
+        x.shape[-1],
         n,
         m,
         torch.get_num_threads(),
@@ -65,3 +93,120 @@ def nm_select(x: torch.Tensor, factor: torch.Tensor | None, n: int, m: int) -> t
     if kept < 0:
         raise ValueError(f"nm_select does not support {n}:{m}")
     return out, kept, bool(has_nan.value)
+
+
+@dataclass(frozen=True)
+class CompressedRows:
+    """Each row's kept values and their input channels, in channel order (``rows × kept``)."""
+
+    values: torch.Tensor
+    channels: torch.Tensor
+    nonzero: int
+    has_nan: bool
+
+
+def nm_compress(x: torch.Tensor, factor: torch.Tensor | None, n: int, m: int) -> CompressedRows:
+    """The fused select-and-compress pass: for every row of ``x`` (``(..., in)``, float32), the
+    top ``n`` of every ``m`` scores ``|x| * factor`` as values and channels (ties to the lower
+    index; a tail shorter than ``m`` kept whole)."""
+    x = x.contiguous()
+    factor = None if factor is None else factor.to(torch.float32).contiguous()
+    width, rows = x.shape[-1], _rows(x)
+    body = width - width % m
+    kept = body // m * n + width - body
+    values = torch.empty(rows, kept, dtype=torch.float32)
+    channels = torch.empty(rows, kept, dtype=torch.int32)
+    has_nan = ctypes.c_int32(0)
+    nonzero = _LIBRARY.actsparse_nm_compress(
+        x.data_ptr(),
+        None if factor is None else factor.data_ptr(),
+        values.data_ptr(),
+        channels.data_ptr(),
+        rows,
+        width,
+        n,
+        m,
+        torch.get_num_threads(),
+        ctypes.byref(has_nan),
+    )
+    if nonzero < 0:
+        raise ValueError(f"nm_compress does not support {n}:{m}")
+    return CompressedRows(values, channels, nonzero, bool(has_nan.value))
+
+
+@dataclass(frozen=True)
+class PackedLinear:
+    """A linear layer's weight in the sparse GEMM's panel layout, with bias and row sums padded to
+    whole panels (zeros where the layer has none)."""
+
+    panels: torch.Tensor
+    out_features: int
+    in_features: int
+    bias: torch.Tensor | None
+    row_sum: torch.Tensor | None
+
+    @property
+    def padded_out(self) -> int:
+        return self.panels.shape[0] * PANEL
+
+
+def pack_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None = None, row_sum: torch.Tensor | None = None
+) -> PackedLinear:
+    """Pack ``weight`` (``out × in``) once, for ``sparse_linear``; ``row_sum`` is ``W.sum(1)`` of
+    the shift correction (its ``η · W.sum(1)`` term is added inside the GEMM)."""
+    out_features, in_features = weight.shape
+    count = -(-out_features // PANEL)
+    panels = torch.empty(count, in_features, PANEL, dtype=torch.float32)
+    source = weight.detach().to(torch.float32).contiguous()
+    _LIBRARY.actsparse_pack_weight(source.data_ptr(), panels.data_ptr(), out_features, in_features)
+
+    def padded(vector: torch.Tensor | None) -> torch.Tensor | None:
+        if vector is None:
+            return None
+        return torch.nn.functional.pad(vector.detach().to(torch.float32), (0, count * PANEL - out_features))
+
+    return PackedLinear(panels, out_features, in_features, padded(bias), padded(row_sum))
+
+
+def sparse_linear(
+    x: torch.Tensor,
+    packed: PackedLinear,
+    n: int,
+    m: int,
+    factor: torch.Tensor | None = None,
+    eta: torch.Tensor | None = None,
+    isa: str = "avx512",
+) -> tuple[torch.Tensor, CompressedRows]:
+    """``F.linear(x_sparse, W, bias) (+ eta · W.sum(1))`` multiplying only the kept activations,
+    where ``x_sparse`` keeps the top ``n`` of every ``m`` scores ``|x| * factor`` of each token.
+
+    ``x`` is float32 ``(..., in)``; ``eta`` (``(..., 1)``) needs ``packed`` built with ``row_sum``;
+    ``isa`` caps the instruction set (for tests). Returns the output and the compressed input
+    (its non-zero count and NaN flag).
+    """
+    compressed = nm_compress(x, factor, n, m)
+    rows = compressed.values.shape[0]
+    y = torch.empty(rows, packed.padded_out, dtype=torch.float32)
+    if eta is not None:
+        eta = eta.reshape(rows).to(torch.float32).contiguous()
+    _LIBRARY.actsparse_nm_gemm(
+        compressed.values.data_ptr(),
+        compressed.channels.data_ptr(),
+        rows,
+        compressed.values.shape[1],
+        packed.in_features,
+        n,
+        m,
+        packed.panels.data_ptr(),
+        packed.panels.shape[0],
+        None if packed.bias is None else packed.bias.data_ptr(),
+        None if eta is None else eta.data_ptr(),
+        None if eta is None else packed.row_sum.data_ptr(),
+        y.data_ptr(),
+        torch.get_num_threads(),
+        ISAS.index(isa),
+    )
+    if packed.padded_out != packed.out_features:
+        y = y[:, : packed.out_features].contiguous()
+    return y.reshape(*x.shape[:-1], packed.out_features), compressed

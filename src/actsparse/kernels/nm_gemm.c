@@ -1,0 +1,327 @@
+/* N:M activation-sparse linear layer for float32: Y = X_sparse · Wᵀ (+ bias) (+ η · row_sum),
+ * multiplying only the kept activations. Called through ctypes on tensor buffers.
+ *
+ * Three steps:
+ *   actsparse_pack_weight   once per layer: W (out × in, row-major) into panels of PANEL output
+ *                           channels, panel p holding W[p·PANEL + o, k] at [p][k][o]; the last
+ *                           panel is padded with zeros.
+ *   actsparse_nm_compress   per call: for every token, the top n of every m scores |x|·factor
+ *                           (ties to the lower index, as in nm_select.c), written as the kept
+ *                           values and their input channels, in increasing channel order. A tail
+ *                           shorter than m is kept whole. Every token keeps the same count.
+ *   actsparse_nm_gemm       per call: for every panel, every block of KBLOCK input channels and
+ *                           every few tokens, y[t, panel] += value · W[panel, channel] over the
+ *                           token's kept entries in the block. The panel's block of weights
+ *                           (KBLOCK × PANEL floats, 32 KiB) stays in L1 while all tokens pass
+ *                           over it; each kept value is one broadcast and PANEL/16 FMAs with a
+ *                           weight row loaded from L1, for TOKENS tokens at once.
+ *
+ * The GEMM is written with GCC vector types and compiled three times (AVX-512, AVX2 + FMA,
+ * baseline x86-64 or whatever the target is); the widest the CPU supports is picked at run time.
+ * Built by setuptools with the system compiler; no Python or PyTorch headers are used.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define PANEL 64  /* output channels per panel: four 16-float vectors */
+#define KBLOCK 128 /* input channels per block: KBLOCK · PANEL floats = 32 KiB */
+#define TOKENS 6  /* tokens per micro-kernel call: TOKENS · 4 accumulators */
+#define MAX_M 64
+
+typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
+
+int64_t actsparse_panel_width(void) { return PANEL; }
+
+void actsparse_pack_weight(const float *weight, float *packed, int64_t out, int64_t in) {
+    const int64_t panels = (out + PANEL - 1) / PANEL;
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t k = 0; k < in; k++) {
+            float *row = packed + (p * in + k) * PANEL;
+            for (int64_t o = 0; o < PANEL; o++) {
+                const int64_t channel = p * PANEL + o;
+                row[o] = channel < out ? weight[channel * in + k] : 0.0f;
+            }
+        }
+}
+
+/* ---- select and compress -------------------------------------------------------------------- */
+
+/* Scores are never negative; a NaN score (from a NaN input) ranks last, -1, so that every group
+ * still keeps exactly n entries (the caller is told about the NaN). */
+static inline float score_of(float v, const float *factor, int64_t k) {
+    const float s = (v < 0 ? -v : v) * (factor ? factor[k] : 1.0f);
+    return s == s ? s : -1.0f;
+}
+
+/* One group of m inputs starting at channel c: writes its n kept values and channels. */
+static int64_t compress_group_portable(const float *x, const float *factor, int64_t c, int m, int n,
+                                       float *values, int32_t *channels, int *nan) {
+    float score[MAX_M];
+    for (int k = 0; k < m; k++) {
+        *nan |= x[k] != x[k];
+        score[k] = score_of(x[k], factor, c + k);
+    }
+    int64_t nonzero = 0;
+    int written = 0;
+    for (int i = 0; i < m; i++) {
+        int rank = 0;
+        for (int j = 0; j < m; j++) rank += (score[j] > score[i]) | ((score[j] == score[i]) & (j < i));
+        if (rank < n) {
+            values[written] = x[i];
+            channels[written++] = (int32_t)(c + i);
+            nonzero += x[i] != 0.0f;
+        }
+    }
+    return nonzero;
+}
+
+static int64_t compress_row_portable(const float *x, const float *factor, int64_t body, int m, int n,
+                                     float *values, int32_t *channels, int *nan) {
+    int64_t nonzero = 0;
+    for (int64_t g = 0; g < body; g += m)
+        nonzero += compress_group_portable(x + g, factor, g, m, n, values + g / m * n,
+                                           channels + g / m * n, nan);
+    return nonzero;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define HAVE_X86_DISPATCH 1
+
+/* The scores of 16 inputs, as score_of. */
+__attribute__((target("avx512f"))) static inline __m512 scores_of(__m512 v, const float *factor) {
+    __m512 s = _mm512_abs_ps(v);
+    if (factor) s = _mm512_mul_ps(s, _mm512_loadu_ps(factor));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q), s, _mm512_set1_ps(-1.0f));
+}
+
+/* Ranks of 16 scores within groups of m (2, 4, 8 or 16) held in one register. */
+__attribute__((target("avx512f"))) static inline __m512i ranks_in_register(__m512 scores, int m) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i position = _mm512_and_si512(_mm512_set1_epi32(m - 1), lane);
+    const __m512i group_start = _mm512_sub_epi32(lane, position);
+    __m512i rank = _mm512_setzero_si512();
+    for (int j = 0; j < m; j++) {
+        const __m512 sj = _mm512_permutexvar_ps(_mm512_add_epi32(group_start, _mm512_set1_epi32(j)), scores);
+        const __mmask16 later = _mm512_cmpgt_epi32_mask(position, _mm512_set1_epi32(j));
+        const __mmask16 beats =
+            _mm512_cmp_ps_mask(sj, scores, _CMP_GT_OQ) | _mm512_mask_cmp_ps_mask(later, sj, scores, _CMP_EQ_OQ);
+        rank = _mm512_mask_add_epi32(rank, beats, rank, _mm512_set1_epi32(1));
+    }
+    return rank;
+}
+
+/* Rank of each of the 16 scores in s[h] within the 32 scores s[0], s[1]. */
+__attribute__((target("avx512f"))) static inline __m512i ranks_of_32(const float *scores, __m512 s, int h) {
+    const __m512i lane = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(16 * h));
+    __m512i rank = _mm512_setzero_si512();
+    for (int j = 0; j < 32; j++) {
+        const __m512 sj = _mm512_set1_ps(scores[j]);
+        const __mmask16 later = _mm512_cmpgt_epi32_mask(lane, _mm512_set1_epi32(j));
+        const __mmask16 beats =
+            _mm512_cmp_ps_mask(sj, s, _CMP_GT_OQ) | _mm512_mask_cmp_ps_mask(later, sj, s, _CMP_EQ_OQ);
+        rank = _mm512_mask_add_epi32(rank, beats, rank, _mm512_set1_epi32(1));
+    }
+    return rank;
+}
+
+/* m = 2, 4, 8, 16 or 32 and a body that is a multiple of 16: ranks in registers, then
+ * compress-stores of the kept values and of their channel numbers. */
+__attribute__((target("avx512f"))) static int64_t compress_row_avx512(const float *x, const float *factor,
+                                                                     int64_t body, int m, int n, float *values,
+                                                                     int32_t *channels, int *nan) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 zero = _mm512_setzero_ps();
+    __mmask16 nan_lanes = 0;
+    int64_t nonzero = 0, written = 0;
+    float scores[32] __attribute__((aligned(64)));
+    for (int64_t g = 0; g < body; g += 16) {
+        const __m512 v = _mm512_loadu_ps(x + g);
+        const __m512 s = scores_of(v, factor ? factor + g : 0);
+        nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        __m512i rank;
+        if (m <= 16) {
+            rank = ranks_in_register(s, m);
+        } else {
+            const int h = (int)(g / 16) & 1;
+            if (h == 0) {
+                _mm512_store_ps(scores, s);
+                _mm512_store_ps(scores + 16, scores_of(_mm512_loadu_ps(x + g + 16), factor ? factor + g + 16 : 0));
+            }
+            rank = ranks_of_32(scores, s, h);
+        }
+        const __mmask16 keep = _mm512_cmplt_epi32_mask(rank, _mm512_set1_epi32(n));
+        _mm512_mask_compressstoreu_ps(values + written, keep, v);
+        _mm512_mask_compressstoreu_epi32(channels + written, keep,
+                                         _mm512_add_epi32(lane, _mm512_set1_epi32((int)g)));
+        written += __builtin_popcount(keep);
+        nonzero += __builtin_popcount(keep & _mm512_cmp_ps_mask(v, zero, _CMP_NEQ_UQ));
+    }
+    *nan |= nan_lanes != 0;
+    return nonzero;
+}
+#endif
+
+int64_t actsparse_nm_compress(const float *x, const float *factor, float *values, int32_t *channels,
+                              int64_t rows, int64_t width, int64_t n, int64_t m, int64_t threads,
+                              int32_t *has_nan) {
+    if (m < 1 || m > MAX_M || n < 1 || n > m) return -1;
+    const int64_t body = width - width % m;
+    const int64_t kept_per_row = body / m * n + (width - body);
+    int use_avx512 = 0;
+#ifdef HAVE_X86_DISPATCH
+    use_avx512 = (m == 2 || m == 4 || m == 8 || m == 16 || m == 32) && body % 16 == 0 &&
+                 __builtin_cpu_supports("avx512f");
+#endif
+    int64_t nonzero_total = 0;
+    int nan_any = 0;
+#pragma omp parallel for num_threads(threads) reduction(+ : nonzero_total) reduction(| : nan_any) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * width;
+        float *vr = values + r * kept_per_row;
+        int32_t *cr = channels + r * kept_per_row;
+        int nan = 0;
+        int64_t nonzero;
+#ifdef HAVE_X86_DISPATCH
+        if (use_avx512) nonzero = compress_row_avx512(xr, factor, body, (int)m, (int)n, vr, cr, &nan);
+        else
+#endif
+            nonzero = compress_row_portable(xr, factor, body, (int)m, (int)n, vr, cr, &nan);
+        for (int64_t k = body; k < width; k++) {
+            vr[body / m * n + k - body] = xr[k];
+            cr[body / m * n + k - body] = (int32_t)k;
+            nan |= xr[k] != xr[k];
+            nonzero += xr[k] != 0.0f;
+        }
+        nonzero_total += nonzero;
+        nan_any |= nan;
+    }
+    *has_nan = nan_any;
+    return nonzero_total;
+}
+
+/* ---- sparse GEMM ---------------------------------------------------------------------------- */
+
+/* Accumulators of `tokens` tokens × one panel, over `count` kept entries of each token. Always
+ * inlined with a constant `tokens`, so the accumulators live in registers. */
+#define MICRO_KERNEL_BODY                                                                               \
+    vec16 acc[TOKENS][4];                                                                               \
+    for (int r = 0; r < tokens; r++)                                                                    \
+        for (int j = 0; j < 4; j++) acc[r][j] = *(const vec16 *)(y[r] + 16 * j);                       \
+    for (int64_t i = 0; i < count; i++) {                                                               \
+        for (int r = 0; r < tokens; r++) {                                                              \
+            const vec16 *w = (const vec16 *)(panel + (int64_t)channels[r][i] * PANEL);                  \
+            const float v = values[r][i];                                                               \
+            for (int j = 0; j < 4; j++) acc[r][j] += v * w[j];                                          \
+        }                                                                                               \
+    }                                                                                                   \
+    for (int r = 0; r < tokens; r++)                                                                    \
+        for (int j = 0; j < 4; j++) *(vec16 *)(y[r] + 16 * j) = acc[r][j];
+
+/* One panel, one block of input channels, tokens [t0, t1). y holds the partial sums so far. */
+#define PANEL_BLOCK_BODY(micro)                                                                         \
+    const float *vals[TOKENS];                                                                          \
+    const int32_t *chans[TOKENS];                                                                       \
+    float *ys[TOKENS];                                                                                  \
+    int64_t t = t0;                                                                                     \
+    while (t < t1) {                                                                                    \
+        const int tokens = t1 - t >= TOKENS ? TOKENS : (int)(t1 - t);                                   \
+        for (int r = 0; r < tokens; r++) {                                                              \
+            vals[r] = values + (t + r) * kept_per_row + first;                                          \
+            chans[r] = channels + (t + r) * kept_per_row + first;                                       \
+            ys[r] = y + (t + r) * ldy;                                                                  \
+        }                                                                                               \
+        switch (tokens) {                                                                               \
+        case 6: micro(6, panel, vals, chans, count, ys); break;                                         \
+        case 5: micro(5, panel, vals, chans, count, ys); break;                                         \
+        case 4: micro(4, panel, vals, chans, count, ys); break;                                         \
+        case 3: micro(3, panel, vals, chans, count, ys); break;                                         \
+        case 2: micro(2, panel, vals, chans, count, ys); break;                                         \
+        default: micro(1, panel, vals, chans, count, ys); break;                                        \
+        }                                                                                               \
+        t += tokens;                                                                                    \
+    }
+
+#define DEFINE_GEMM(suffix, target_attribute)                                                           \
+    target_attribute static inline __attribute__((always_inline)) void micro_##suffix(                  \
+        const int tokens, const float *panel, const float *const *values, const int32_t *const *channels, \
+        int64_t count, float *const *y) {                                                               \
+        MICRO_KERNEL_BODY                                                                               \
+    }                                                                                                   \
+    target_attribute static void panel_block_##suffix(const float *panel, const float *values,          \
+                                                      const int32_t *channels, int64_t kept_per_row,    \
+                                                      int64_t first, int64_t count, float *y,           \
+                                                      int64_t ldy, int64_t t0, int64_t t1) {            \
+        PANEL_BLOCK_BODY(micro_##suffix)                                                                \
+    }
+
+DEFINE_GEMM(portable, )
+#ifdef HAVE_X86_DISPATCH
+DEFINE_GEMM(avx2, __attribute__((target("avx2,fma"))))
+DEFINE_GEMM(avx512, __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma"))))
+#endif
+
+typedef void (*panel_block_fn)(const float *, const float *, const int32_t *, int64_t, int64_t, int64_t,
+                               float *, int64_t, int64_t, int64_t);
+
+static panel_block_fn pick_panel_block(int64_t isa) {
+#ifdef HAVE_X86_DISPATCH
+    if (isa >= 2 && __builtin_cpu_supports("avx512f")) return panel_block_avx512;
+    if (isa >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return panel_block_avx2;
+#endif
+    (void)isa;
+    return panel_block_portable;
+}
+
+/* The instruction set the GEMM runs with when allowed up to `isa` (2 AVX-512, 1 AVX2, 0 portable). */
+int64_t actsparse_gemm_isa(int64_t isa) {
+    const panel_block_fn fn = pick_panel_block(isa);
+#ifdef HAVE_X86_DISPATCH
+    if (fn == panel_block_avx512) return 2;
+    if (fn == panel_block_avx2) return 1;
+#endif
+    (void)fn;
+    return 0;
+}
+
+/* y (rows × ldy, ldy = panels · PANEL) = the compressed rows times the packed weight (in_width
+ * inputs), plus bias[o] and eta[t] · row_sum[o] where given (each padded to ldy). */
+void actsparse_nm_gemm(const float *values, const int32_t *channels, int64_t rows, int64_t kept_per_row,
+                       int64_t in_width, int64_t n, int64_t m, const float *packed, int64_t panels,
+                       const float *bias, const float *eta, const float *row_sum, float *y, int64_t threads,
+                       int64_t isa) {
+    const panel_block_fn panel_block = pick_panel_block(isa);
+    const int64_t ldy = panels * PANEL;
+    const int64_t body = in_width - in_width % m;
+    const int64_t block_width = KBLOCK / m * m; /* whole groups only */
+    const int64_t kept_per_block = block_width / m * n;
+    const int64_t blocks = (in_width + block_width - 1) / block_width;
+    /* Token chunks give the second thread work when there are few panels. */
+    int64_t chunks = (threads * 4 + panels - 1) / panels;
+    if (chunks < 1) chunks = 1;
+    int64_t chunk_rows = (rows + chunks - 1) / chunks;
+    chunk_rows = (chunk_rows + TOKENS - 1) / TOKENS * TOKENS;
+    if (chunk_rows < TOKENS) chunk_rows = TOKENS;
+    chunks = (rows + chunk_rows - 1) / chunk_rows;
+#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t c = 0; c < chunks; c++) {
+            const int64_t t0 = c * chunk_rows;
+            const int64_t t1 = t0 + chunk_rows < rows ? t0 + chunk_rows : rows;
+            float *yp = y + p * PANEL;
+            for (int64_t t = t0; t < t1; t++)
+                for (int64_t o = 0; o < PANEL; o++) {
+                    float start = bias ? bias[p * PANEL + o] : 0.0f;
+                    if (eta) start += eta[t] * row_sum[p * PANEL + o];
+                    yp[t * ldy + o] = start;
+                }
+            const float *panel = packed + p * in_width * PANEL;
+            for (int64_t b = 0; b < blocks; b++) {
+                /* Every block but the last is whole groups; the last also holds the dense tail. */
+                const int64_t first = b * kept_per_block;
+                const int64_t count = (b + 1) * block_width <= body ? kept_per_block : kept_per_row - first;
+                if (count > 0) panel_block(panel, values, channels, kept_per_row, first, count, yp, ldy, t0, t1);
+            }
+        }
+}

@@ -1,0 +1,152 @@
+"""The cpu-kernel backend: the compiled select-and-compress pass and sparse GEMM agree with the
+emulated path for every pattern, criterion, correction and instruction set."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from actsparse import ActsparseError, SparsityConfig, kernels, parse_pattern, sparsify
+from actsparse.calibrate import CalibrationSettings
+from actsparse.flops import flop_report
+from actsparse.ops import apply_pattern
+
+needs_kernel = pytest.mark.skipif(not kernels.AVAILABLE, reason="compiled extension not built")
+ISAS = [isa for isa in kernels.ISAS if kernels.AVAILABLE and kernels.gemm_isa(isa) == isa]
+
+
+def test_the_extension_is_built_where_a_compiler_exists():
+    assert kernels.AVAILABLE or not shutil.which("cc"), "pip install found a C compiler but built no kernels"
+
+
+def emulated(x, weight, bias, pattern, factor=None, eta=None):
+    p = parse_pattern(pattern)
+    scores = x.abs() if factor is None else x.abs() * factor
+    y = F.linear(apply_pattern(x, scores, p), weight, bias)
+    return y if eta is None else y + eta * weight.sum(1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("pattern", ["1:2", "2:4", "4:8", "8:16", "16:32", "3:6", "8:64"])
+@pytest.mark.parametrize("tokens", [1, 7, 13])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_linear_matches_the_emulated_product(isa, pattern, tokens, bias):
+    torch.manual_seed(0)
+    p = parse_pattern(pattern)
+    width, out = 3 * 128 + 96, 200  # several input blocks (8:64 leaves a dense tail); a partial output panel
+    x, weight = torch.randn(tokens, width), torch.randn(out, width)
+    b = torch.randn(out) if bias else None
+    factor = torch.rand(width) + 0.5
+    y, compressed = kernels.sparse_linear(x, kernels.pack_linear(weight, b), p.n, p.m, factor, isa=isa)
+    torch.testing.assert_close(y, emulated(x, weight, b, pattern, factor), rtol=1e-4, atol=1e-4)
+    assert compressed.values.shape == (tokens, width // p.m * p.n + width % p.m) and not compressed.has_nan
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_dense_tail_and_the_shift_term_are_fused(isa):
+    torch.manual_seed(1)
+    x, weight, bias = torch.randn(2, 5, 200), torch.randn(70, 200), torch.randn(70)  # 200 = 12·16 + 8
+    eta = x.median(-1, keepdim=True).values
+    packed = kernels.pack_linear(weight, bias, weight.sum(1))
+    y, compressed = kernels.sparse_linear(x - eta, packed, 8, 16, eta=eta, isa=isa)
+    torch.testing.assert_close(y, emulated(x - eta, weight, bias, "8:16", eta=eta), rtol=1e-4, atol=1e-4)
+    assert y.shape == (2, 5, 70) and compressed.values.shape == (10, 12 * 8 + 8)
+
+
+@needs_kernel
+@pytest.mark.parametrize("pattern", ["2:4", "8:16", "16:32", "3:5"])
+def test_compress_keeps_the_emulated_entries_in_channel_order(pattern):
+    p = parse_pattern(pattern)
+    x = torch.randn(9, p.m * 8)
+    x[:, 1::2] = x[:, ::2].neg()  # plant ties of |x|: the lower index wins
+    compressed = kernels.nm_compress(x, None, p.n, p.m)
+    rebuilt = torch.zeros_like(x).scatter_(1, compressed.channels.long(), compressed.values)
+    assert torch.equal(rebuilt, apply_pattern(x, x.abs(), p))
+    assert (compressed.channels.diff(dim=1) > 0).all()
+    assert compressed.nonzero == int(torch.count_nonzero(rebuilt))
+
+
+@needs_kernel
+@pytest.mark.parametrize("pattern", ["2:4", "8:16", "16:32", "3:5"])
+def test_nan_inputs_are_reported_and_still_keep_n_per_group(pattern):
+    p = parse_pattern(pattern)
+    x = torch.randn(3, p.m * 4)
+    x[1, p.m : 2 * p.m] = float("nan")
+    compressed = kernels.nm_compress(x, None, p.n, p.m)
+    assert compressed.has_nan and compressed.channels.shape == (3, 4 * p.n)
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens, use_cache=False).logits
+
+
+@needs_kernel
+@pytest.mark.parametrize("criterion", ["magnitude", "wina", "amber", "clact", "variance"])
+@pytest.mark.parametrize("mitigation", ["none", "shift"])
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+def test_models_give_the_emulated_logits(model, criterion, mitigation, tokens, request):
+    model = request.getfixturevalue(model)
+    config = SparsityConfig(pattern="8:16", criterion=criterion, mitigation=mitigation, phase="all")
+    with sparsify(model, config):
+        expected = logits(model, tokens)
+    with sparsify(model, SparsityConfig(**{**config.to_dict(), "backend": "cpu-kernel"})) as handle:
+        assert all(layer.packed is not None for layer in handle.layers.values())
+        torch.testing.assert_close(logits(model, tokens), expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_learned_corrections_and_smoothing_run_through_the_kernel(llama, tokens):
+    calibration = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
+    settings = CalibrationSettings(steps=3, lr=1e-3)
+    config = SparsityConfig(pattern="2:4", mitigation="shift+learnable", smooth="smoothquant")
+    handle = sparsify(llama, config, calibration, calibration_settings=settings)
+    expected = logits(llama, tokens)
+    recipe = handle.recipe()
+    handle.remove()
+    with sparsify(llama, recipe=recipe.with_backend("cpu-kernel")) as handle:
+        assert all(layer.folded and layer.packed is not None for layer in handle.layers.values())
+        torch.testing.assert_close(logits(llama, tokens), expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_measured_density_is_counted_by_the_kernel(llama, tokens):
+    densities = []
+    for backend in ("emulated", "cpu-kernel"):
+        with sparsify(llama, SparsityConfig(pattern="2:4", backend=backend)) as handle:
+            handle.measure_density(True)
+            logits(llama, tokens)
+            densities.append(flop_report(llama, handle).measured_density)
+    assert densities[0] == densities[1] == pytest.approx(0.5)
+
+
+def test_bfloat16_calls_fall_back_to_the_emulated_path(llama, tokens):
+    llama = llama.to(torch.bfloat16)
+    with sparsify(llama, SparsityConfig(pattern="8:16", backend="cpu-kernel")):
+        assert torch.isfinite(logits(llama, tokens).float()).all()
+
+
+@needs_kernel
+def test_nan_activations_are_reported_with_the_layer(llama, tokens):
+    llama.model.embed_tokens.weight.data[:] = float("nan")
+    with sparsify(llama, SparsityConfig(pattern="8:16", backend="cpu-kernel")):
+        with pytest.raises(ActsparseError, match=r"layers\.0\..*NaN activations"):
+            logits(llama, tokens)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"pattern": "unstructured:0.5"}, "N:M patterns only"),
+        ({"pattern": "64:128"}, "M up to 64"),
+        ({"quant": "w8a8"}, "does not quantise"),
+        ({"mitigation": "shift+var"}, "var mitigation"),
+        ({"backend": "gpu"}, "Unknown backend 'gpu'"),
+    ],
+)
+def test_unsupported_backend_settings_are_refused(settings, message):
+    with pytest.raises(ActsparseError, match=message):
+        SparsityConfig(**{"backend": "cpu-kernel", **settings})
