@@ -26,6 +26,9 @@
 #define PANEL 64  /* output channels per panel: four 16-float vectors */
 #define KBLOCK 128 /* input channels per block: KBLOCK · PANEL floats = 32 KiB */
 #define TOKENS 6  /* tokens per micro-kernel call: TOKENS · 4 accumulators */
+#ifndef STRETCH_BLOCKS
+#define STRETCH_BLOCKS 16 /* blocks whose compressed rows are reused by every panel */
+#endif
 #define MAX_M 64
 
 typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
@@ -304,24 +307,32 @@ void actsparse_nm_gemm(const float *values, const int32_t *channels, int64_t row
     chunk_rows = (chunk_rows + TOKENS - 1) / TOKENS * TOKENS;
     if (chunk_rows < TOKENS) chunk_rows = TOKENS;
     chunks = (rows + chunk_rows - 1) / chunk_rows;
+    /* Blocks are taken a stretch at a time, so that the stretch's compressed rows stay in cache
+     * while every panel passes over them (a wide layer's whole compressed input would not). */
+    for (int64_t stretch = 0; stretch < blocks; stretch += STRETCH_BLOCKS) {
+        const int64_t stretch_end = stretch + STRETCH_BLOCKS < blocks ? stretch + STRETCH_BLOCKS : blocks;
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
-    for (int64_t p = 0; p < panels; p++)
-        for (int64_t c = 0; c < chunks; c++) {
-            const int64_t t0 = c * chunk_rows;
-            const int64_t t1 = t0 + chunk_rows < rows ? t0 + chunk_rows : rows;
-            float *yp = y + p * PANEL;
-            for (int64_t t = t0; t < t1; t++)
-                for (int64_t o = 0; o < PANEL; o++) {
-                    float start = bias ? bias[p * PANEL + o] : 0.0f;
-                    if (eta) start += eta[t] * row_sum[p * PANEL + o];
-                    yp[t * ldy + o] = start;
+        for (int64_t p = 0; p < panels; p++)
+            for (int64_t c = 0; c < chunks; c++) {
+                const int64_t t0 = c * chunk_rows;
+                const int64_t t1 = t0 + chunk_rows < rows ? t0 + chunk_rows : rows;
+                float *yp = y + p * PANEL;
+                if (stretch == 0)
+                    for (int64_t t = t0; t < t1; t++)
+                        for (int64_t o = 0; o < PANEL; o++) {
+                            float start = bias ? bias[p * PANEL + o] : 0.0f;
+                            if (eta) start += eta[t] * row_sum[p * PANEL + o];
+                            yp[t * ldy + o] = start;
+                        }
+                const float *panel = packed + p * in_width * PANEL;
+                for (int64_t b = stretch; b < stretch_end; b++) {
+                    /* Every block but the last is whole groups; the last also holds the dense tail. */
+                    const int64_t first = b * kept_per_block;
+                    const int64_t count =
+                        (b + 1) * block_width <= body ? kept_per_block : kept_per_row - first;
+                    if (count > 0)
+                        panel_block(panel, values, channels, kept_per_row, first, count, yp, ldy, t0, t1);
                 }
-            const float *panel = packed + p * in_width * PANEL;
-            for (int64_t b = 0; b < blocks; b++) {
-                /* Every block but the last is whole groups; the last also holds the dense tail. */
-                const int64_t first = b * kept_per_block;
-                const int64_t count = (b + 1) * block_width <= body ? kept_per_block : kept_per_row - first;
-                if (count > 0) panel_block(panel, values, channels, kept_per_row, first, count, yp, ldy, t0, t1);
             }
-        }
+    }
 }

@@ -1,0 +1,84 @@
+"""Wall-clock prefill with the cpu-kernel backend against the dense model, in one run.
+
+    .venv/bin/python benchmarks/prefill.py [--model smollm2-135m] [--pattern 8:16] [--criterion amber]
+
+Times a prefill of --tokens tokens (one sequence, no KV cache kept) of the dense model, of the model
+with every decoder projection sparsified through the compiled sparse GEMM (cpu-kernel), of the same
+emulated (zeros multiplied densely), and of the dense model with its linear layers on oneDNN
+(``torch.utils.mkldnn``; the fastest dense float32 product this PyTorch has), interleaved round by
+round. Prints medians and ratios to the dense model: above 1 means faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils import mkldnn
+
+from actsparse import SparsityConfig, kernels, load_model, sparsify
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--pattern", default="8:16")
+    parser.add_argument("--criterion", default="amber")
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    if not kernels.AVAILABLE:
+        raise SystemExit("The compiled extension is not built; reinstall actsparse where a C compiler is present.")
+
+    model, _ = load_model(args.model)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+    config = SparsityConfig(pattern=args.pattern, criterion=args.criterion)
+    kernel = sparsify(model, SparsityConfig(**{**config.to_dict(), "backend": "cpu-kernel"}))
+    kernel.remove()
+    emulated = sparsify(model, config)
+    emulated.remove()
+    onednn_model = mkldnn.to_mkldnn(copy.deepcopy(model))
+
+    def prefill(net: torch.nn.Module) -> torch.Tensor:
+        with torch.inference_mode():
+            return net(ids, use_cache=False).logits
+
+    def attached(handle) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with handle:
+                return prefill(model)
+
+        return run
+
+    runs = {
+        "dense (F.linear)": lambda: prefill(model),
+        f"{config.label}, cpu-kernel": attached(kernel),
+        f"{config.label}, emulated": attached(emulated),
+        "dense, oneDNN linear layers": lambda: prefill(onednn_model),
+    }
+    reference = prefill(model)
+    for name, run in runs.items():  # warm-up, and a check that the oneDNN copy is the same model
+        if name.startswith("dense, oneDNN"):
+            torch.testing.assert_close(run(), reference, rtol=1e-3, atol=1e-3)
+        else:
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    dense = statistics.median(times["dense (F.linear)"])
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, sparse GEMM {kernels.gemm_isa()}")
+    print(f"{args.model}, {args.tokens}-token prefill, every decoder projection sparse")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:32s} {median * 1e3:8.1f} ms   {dense / median:5.2f}x   (median of {args.repeats})")
+
+
+if __name__ == "__main__":
+    main()
