@@ -49,9 +49,10 @@ def median_ms(run: Callable[[], object], repeats: int) -> float:
 
 
 def cpu_name() -> str:
-    for line in open("/proc/cpuinfo", encoding="utf-8"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor()
 
 
@@ -65,7 +66,9 @@ def main() -> None:
     parser.add_argument("--out", help="Also write the rows as JSON here.")
     args = parser.parse_args()
     if not kernels.AVAILABLE:
-        raise SystemExit("The compiled extension is not built; reinstall actsparse where a C compiler is present.")
+        raise SystemExit(
+            "The compiled extension is not built; reinstall actsparse where a C compiler is present."
+        )
 
     print(f"{cpu_name()}, torch {torch.__version__}, sparse GEMM {kernels.gemm_isa()}, {args.tokens} tokens")
     print(

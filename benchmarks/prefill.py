@@ -33,10 +33,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     if not kernels.AVAILABLE:
-        raise SystemExit("The compiled extension is not built; reinstall actsparse where a C compiler is present.")
+        raise SystemExit(
+            "The compiled extension is not built; reinstall actsparse where a C compiler is present."
+        )
 
     model, _ = load_model(args.model)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0)
+    )
     config = SparsityConfig(pattern=args.pattern, criterion=args.criterion)
     kernel = sparsify(model, SparsityConfig(**{**config.to_dict(), "backend": "cpu-kernel"}))
     kernel.remove()
