@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from actsparse import kernels
 from actsparse.cli import main
 
 
@@ -31,6 +32,8 @@ def run(monkeypatch, capsys, *args):
         (["eval", "--variants", "no-such-file.txt"], "Variants file 'no-such-file.txt' does not exist"),
         (["eval", "--policy", "greedy"], "Unknown policy 'greedy'"),
         (["eval", "--mitigation", "shift+learn"], "Unknown mitigation 'shift+learn'"),
+        (["eval", "--pattern", "unstructured:0.5", "--backend", "cpu-kernel"], "runs N:M patterns only"),
+        (["info", "--backend", "gpu"], "Unknown backend 'gpu'"),
     ],
 )
 def test_user_errors_exit_2_with_one_sentence(monkeypatch, capsys, args, message):
@@ -85,6 +88,34 @@ def test_eval_end_to_end_on_a_local_model_and_text(monkeypatch, capsys, local_mo
     assert rows[2]["flops"]["sparse_share"] >= 0.3 and rows[2]["config"]["skipped_layers"]
     assert "| weights 2:4 wanda |" in markdown.read_text()
     assert not out.with_name("eval.json.partial").exists()
+
+
+def test_eval_and_info_with_the_cpu_kernel_backend(monkeypatch, capsys, local_model, tmp_path):
+    model, text = local_model
+    out = tmp_path / "eval.json"
+    common = ["--model", str(model), "--dataset", str(text), "--seqlen", "32"]
+    code, output = run(
+        monkeypatch,
+        capsys,
+        "eval",
+        *common,
+        "--windows",
+        "3",
+        "--variant",
+        "pattern=8:16 criterion=wina",
+        "--variant",
+        "pattern=8:16 criterion=wina backend=cpu-kernel",
+        "--out",
+        str(out),
+    )
+    assert code in (0, None), output
+    emulated, kernel = json.loads(out.read_text())["rows"][1:]
+    assert kernel["label"] == "8:16 wina cpu-kernel" and kernel["config"]["backend"] == "cpu-kernel"
+    assert kernel["perplexity"] == pytest.approx(emulated["perplexity"], rel=1e-4)
+    code, output = run(monkeypatch, capsys, "info", *common, "--backend", "cpu-kernel")
+    assert code in (0, None), output
+    expected = "cpu-kernel: 14 layers" if kernels.AVAILABLE else "although cpu-kernel was asked for"
+    assert expected in " ".join(output.split())
 
 
 def test_mitigation_option_expands_to_settings():

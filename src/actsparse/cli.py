@@ -343,6 +343,7 @@ def sweep(
     ] = 16,
     calib_windows: CalibWindowsOpt = 16,
     phase: PhaseOpt = "prefill",
+    backend: BackendOpt = "emulated",
     out: Annotated[Path, typer.Option(help="Results directory (resumes a sweep left there).")] = Path(
         "results/sweep"
     ),
@@ -359,7 +360,7 @@ def sweep(
     Values in --config replace the corresponding options.
     """
     axes = {"patterns": patterns, "criteria": criteria, "mitigations": mitigations, "policies": policies}
-    shared: dict = {"phase": phase, "include": (DEFAULT_TARGETS,), "exclude": ()}
+    shared: dict = {"phase": phase, "include": (DEFAULT_TARGETS,), "exclude": (), "backend": backend}
     if config is not None:
         for key, value in read_sweep_file(config).items():
             if key in axes:
