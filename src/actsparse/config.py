@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from actsparse.criteria import get_criterion
 from actsparse.errors import ActsparseError
+from actsparse.kernels import MAX_GROUP
 from actsparse.patterns import Pattern, parse_pattern
 
 DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_proj$"
@@ -22,7 +23,6 @@ DEFAULT_ALPHA = {"smoothquant": 0.5, "outstanding": 0.1}
 CORRECTIONS = ("shift", "var", "learnable")
 SHIFT_STATISTICS = ("median", "mean")
 BACKENDS = ("emulated", "cpu-kernel")
-KERNEL_MAX_M = 64
 
 
 @dataclass(frozen=True)
@@ -143,8 +143,8 @@ class SparsityConfig:
         refusal = None
         if pattern.unstructured:
             refusal = "runs N:M patterns only; choose an N:M pattern"
-        elif not pattern.dense and pattern.m > KERNEL_MAX_M:
-            refusal = f"takes M up to {KERNEL_MAX_M}; choose a smaller group"
+        elif not pattern.dense and pattern.m > MAX_GROUP:
+            refusal = f"takes M up to {MAX_GROUP}; choose a smaller group"
         elif self.quant != "none":
             refusal = "computes in float32 and does not quantise; drop quant='w8a8'"
         elif "var" in self.corrections:

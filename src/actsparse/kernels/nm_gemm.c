@@ -21,14 +21,11 @@
  * Built by setuptools with the system compiler; no Python or PyTorch headers are used.
  */
 #include <stdint.h>
-#include <string.h>
 
 #define PANEL 64  /* output channels per panel: four 16-float vectors */
 #define KBLOCK 128 /* input channels per block: KBLOCK · PANEL floats = 32 KiB */
 #define TOKENS 6  /* tokens per micro-kernel call: TOKENS · 4 accumulators */
-#ifndef STRETCH_BLOCKS
 #define STRETCH_BLOCKS 16 /* blocks whose compressed rows are reused by every panel */
-#endif
 #define MAX_M 64
 
 typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
