@@ -94,7 +94,9 @@ def main() -> None:
                 onednn_ms = median_ms(lambda: onednn(x), args.repeats)
                 for text in args.patterns.split(","):
                     p = parse_pattern(text)
-                    select_ms = median_ms(lambda: kernels.nm_compress(x, factor, p.n, p.m), args.repeats)
+                    select_ms = median_ms(
+                        lambda: kernels.nm_compress(x, factor, p.n, p.m, scratch=True), args.repeats
+                    )
                     sparse_ms = median_ms(
                         lambda: kernels.sparse_linear(x, packed, p.n, p.m, factor), args.repeats
                     )

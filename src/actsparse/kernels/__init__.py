@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -24,11 +25,11 @@ ISAS = ("portable", "avx2", "avx512")
 _POINTER, _INT = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "actsparse_nm_select_f32": (_INT, [_POINTER] * 3 + [_INT] * 5 + [ctypes.POINTER(ctypes.c_int32)]),
-    "actsparse_panel_width": (_INT, []),
+    "actsparse_output_unit": (_INT, []),
     "actsparse_gemm_isa": (_INT, [_INT]),
     "actsparse_pack_weight": (None, [_POINTER] * 2 + [_INT] * 2),
-    "actsparse_nm_compress": (_INT, [_POINTER] * 4 + [_INT] * 5 + [ctypes.POINTER(ctypes.c_int32)]),
-    "actsparse_nm_gemm": (None, [_POINTER] * 2 + [_INT] * 5 + [_POINTER, _INT] + [_POINTER] * 4 + [_INT] * 2),
+    "actsparse_nm_compress": (_INT, [_POINTER] * 3 + [_INT] * 5 + [ctypes.POINTER(ctypes.c_int32)]),
+    "actsparse_nm_gemm": (None, [_POINTER] + [_INT] * 5 + [_POINTER, _INT] + [_POINTER] * 4 + [_INT] * 2),
 }
 
 
@@ -45,8 +46,8 @@ def _load() -> ctypes.CDLL | None:
 
 _LIBRARY = _load()
 AVAILABLE = _LIBRARY is not None
-PANEL = _LIBRARY.actsparse_panel_width() if AVAILABLE else 0
-"""Output channels per packed weight panel."""
+OUTPUT_UNIT = _LIBRARY.actsparse_output_unit() if AVAILABLE else 0
+"""The packed weight's output width is a multiple of this (panels of 128 outputs, the last maybe 64)."""
 
 
 def gemm_isa(limit: str = "avx512") -> str | None:
@@ -67,6 +68,17 @@ def supports(x: torch.Tensor, m: int) -> bool:
 
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
+
+
+_THREAD = threading.local()
+
+
+def _scratch(size: int) -> torch.Tensor:
+    """``size`` floats of this thread's scratch buffer, grown as needed and kept between calls."""
+    buffer = getattr(_THREAD, "scratch", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _THREAD.scratch = torch.empty(size, dtype=torch.float32)
+    return buffer[:size]
 
 
 def nm_select(x: torch.Tensor, factor: torch.Tensor | None, n: int, m: int) -> tuple[torch.Tensor, int, bool]:
@@ -97,31 +109,44 @@ def nm_select(x: torch.Tensor, factor: torch.Tensor | None, n: int, m: int) -> t
 
 @dataclass(frozen=True)
 class CompressedRows:
-    """Each row's kept values and their input channels, in channel order (``rows × kept``)."""
+    """Each row's kept inputs in channel order, as (value, channel) pairs: ``entries`` is
+    ``rows × kept × 2`` float32 whose second column holds int32 channel numbers."""
 
-    values: torch.Tensor
-    channels: torch.Tensor
+    entries: torch.Tensor
     nonzero: int
     has_nan: bool
 
+    @property
+    def values(self) -> torch.Tensor:
+        return self.entries[..., 0]
 
-def nm_compress(x: torch.Tensor, factor: torch.Tensor | None, n: int, m: int) -> CompressedRows:
+    @property
+    def channels(self) -> torch.Tensor:
+        return self.entries.view(torch.int32)[..., 1]
+
+
+def nm_compress(
+    x: torch.Tensor, factor: torch.Tensor | None, n: int, m: int, scratch: bool = False
+) -> CompressedRows:
     """The fused select-and-compress pass: for every row of ``x`` (``(..., in)``, float32), the
     top ``n`` of every ``m`` scores ``|x| * factor`` as values and channels (ties to the lower
-    index; a tail shorter than ``m`` kept whole)."""
+    index; a tail shorter than ``m`` kept whole).
+
+    ``scratch=True`` writes into this thread's reusable buffer (no fresh pages per call), which the
+    next such call overwrites.
+    """
     x = x.contiguous()
     factor = None if factor is None else factor.to(torch.float32).contiguous()
     width, rows = x.shape[-1], _rows(x)
     body = width - width % m
     kept = body // m * n + width - body
-    values = torch.empty(rows, kept, dtype=torch.float32)
-    channels = torch.empty(rows, kept, dtype=torch.int32)
+    entries = _scratch(rows * kept * 2) if scratch else torch.empty(rows * kept * 2, dtype=torch.float32)
+    entries = entries.view(rows, kept, 2)
     has_nan = ctypes.c_int32(0)
     nonzero = _LIBRARY.actsparse_nm_compress(
         x.data_ptr(),
         None if factor is None else factor.data_ptr(),
-        values.data_ptr(),
-        channels.data_ptr(),
+        entries.data_ptr(),
         rows,
         width,
         n,
@@ -131,13 +156,13 @@ def nm_compress(x: torch.Tensor, factor: torch.Tensor | None, n: int, m: int) ->
     )
     if nonzero < 0:
         raise ValueError(f"nm_compress does not support {n}:{m}")
-    return CompressedRows(values, channels, nonzero, bool(has_nan.value))
+    return CompressedRows(entries, nonzero, bool(has_nan.value))
 
 
 @dataclass(frozen=True)
 class PackedLinear:
     """A linear layer's weight in the sparse GEMM's panel layout, with bias and row sums padded to
-    whole panels (zeros where the layer has none)."""
+    ``padded_out`` outputs (None where the layer has none)."""
 
     panels: torch.Tensor
     out_features: int
@@ -147,7 +172,7 @@ class PackedLinear:
 
     @property
     def padded_out(self) -> int:
-        return self.panels.shape[0] * PANEL
+        return -(-self.out_features // OUTPUT_UNIT) * OUTPUT_UNIT
 
 
 def pack_linear(
@@ -156,15 +181,15 @@ def pack_linear(
     """Pack ``weight`` (``out × in``) once, for ``sparse_linear``; ``row_sum`` is ``W.sum(1)`` of
     the shift correction (its ``η · W.sum(1)`` term is added inside the GEMM)."""
     out_features, in_features = weight.shape
-    count = -(-out_features // PANEL)
-    panels = torch.empty(count, in_features, PANEL, dtype=torch.float32)
+    padded_out = -(-out_features // OUTPUT_UNIT) * OUTPUT_UNIT
+    panels = torch.empty(padded_out, in_features, dtype=torch.float32)  # holds the panels, not rows
     source = weight.detach().to(torch.float32).contiguous()
     _LIBRARY.actsparse_pack_weight(source.data_ptr(), panels.data_ptr(), out_features, in_features)
 
     def padded(vector: torch.Tensor | None) -> torch.Tensor | None:
         if vector is None:
             return None
-        return torch.nn.functional.pad(vector.detach().to(torch.float32), (0, count * PANEL - out_features))
+        return torch.nn.functional.pad(vector.detach().to(torch.float32), (0, padded_out - out_features))
 
     return PackedLinear(panels, out_features, in_features, padded(bias), padded(row_sum))
 
@@ -183,23 +208,22 @@ def sparse_linear(
 
     ``x`` is float32 ``(..., in)``; ``eta`` (``(..., 1)``) needs ``packed`` built with ``row_sum``;
     ``isa`` caps the instruction set (for tests). Returns the output and the compressed input
-    (its non-zero count and NaN flag).
+    (its non-zero count and NaN flag; its entries live in a scratch buffer the next call reuses).
     """
-    compressed = nm_compress(x, factor, n, m)
-    rows = compressed.values.shape[0]
+    compressed = nm_compress(x, factor, n, m, scratch=True)
+    rows, kept = compressed.entries.shape[:2]
     y = torch.empty(rows, packed.padded_out, dtype=torch.float32)
     if eta is not None:
         eta = eta.reshape(rows).to(torch.float32).contiguous()
     _LIBRARY.actsparse_nm_gemm(
-        compressed.values.data_ptr(),
-        compressed.channels.data_ptr(),
+        compressed.entries.data_ptr(),
         rows,
-        compressed.values.shape[1],
+        kept,
         packed.in_features,
         n,
         m,
         packed.panels.data_ptr(),
-        packed.panels.shape[0],
+        packed.padded_out // OUTPUT_UNIT,
         None if packed.bias is None else packed.bias.data_ptr(),
         None if eta is None else eta.data_ptr(),
         None if eta is None else packed.row_sum.data_ptr(),

@@ -2,19 +2,20 @@
  * multiplying only the kept activations. Called through ctypes on tensor buffers.
  *
  * Three steps:
- *   actsparse_pack_weight   once per layer: W (out × in, row-major) into panels of PANEL output
- *                           channels, panel p holding W[p·PANEL + o, k] at [p][k][o]; the last
- *                           panel is padded with zeros.
+ *   actsparse_pack_weight   once per layer: W (out × in, row-major) into panels of WIDE (128)
+ *                           output channels, and one of NARROW (64) when out / 64 is odd; a panel
+ *                           of width P starting at output o0 holds W[o0 + o, k] at [k][o]. The
+ *                           last panel is padded with zeros to its width.
  *   actsparse_nm_compress   per call: for every token, the top n of every m scores |x|·factor
- *                           (ties to the lower index, as in nm_select.c), written as the kept
- *                           values and their input channels, in increasing channel order. A tail
- *                           shorter than m is kept whole. Every token keeps the same count.
- *   actsparse_nm_gemm       per call: for every panel, every block of KBLOCK input channels and
- *                           every few tokens, y[t, panel] += value · W[panel, channel] over the
- *                           token's kept entries in the block. The panel's block of weights
- *                           (KBLOCK × PANEL floats, 32 KiB) stays in L1 while all tokens pass
- *                           over it; each kept value is one broadcast and PANEL/16 FMAs with a
- *                           weight row loaded from L1, for TOKENS tokens at once.
+ *                           (ties to the lower index, as in nm_select.c), written as (value,
+ *                           channel) pairs in increasing channel order. A tail shorter than m is
+ *                           kept whole. Every token keeps the same count.
+ *   actsparse_nm_gemm       per call: for every panel, every block of input channels and every
+ *                           few tokens, y[t, panel] += value · W[panel, channel] over the token's
+ *                           kept entries in the block. The panel's block of weights (32 KiB)
+ *                           stays in L1 while all tokens pass over it; each kept value is one
+ *                           broadcast and P/16 FMAs with a weight row loaded from L1, for 3
+ *                           tokens at once (6 in a narrow panel): 24 register accumulators.
  *
  * The GEMM is written with GCC vector types and compiled three times (AVX-512, AVX2 + FMA,
  * baseline x86-64 or whatever the target is); the widest the CPU supports is picked at run time.
@@ -22,26 +23,39 @@
  */
 #include <stdint.h>
 
-#define PANEL 64  /* output channels per panel: four 16-float vectors */
-#define KBLOCK 128 /* input channels per block: KBLOCK · PANEL floats = 32 KiB */
-#define TOKENS 6  /* tokens per micro-kernel call: TOKENS · 4 accumulators */
-#define STRETCH_BLOCKS 16 /* blocks whose compressed rows are reused by every panel */
+#define NARROW 64  /* output channels of a narrow panel: four 16-float vectors; the output unit */
+#define WIDE 128   /* output channels of a wide panel: eight vectors */
+#define KBLOCK (32768 / 4 / WIDE) /* input channels per block: a wide panel's block is 32 KiB */
+#define STRETCH_BLOCKS 32 /* blocks whose compressed rows are reused by every panel */
+#define CHUNK_TOKENS 6 /* token chunks are multiples of both micro-kernels' token counts */
 #define MAX_M 64
 
 typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
 
-int64_t actsparse_panel_width(void) { return PANEL; }
+/* One kept input: its value and its channel, side by side so that a token's entries are one stream. */
+typedef struct {
+    float value;
+    int32_t channel;
+} kept_entry;
+
+int64_t actsparse_output_unit(void) { return NARROW; }
+
+/* Panel p covers outputs p·WIDE onwards and starts at p·in·WIDE in the packed weight; all panels
+ * are WIDE but the last, which is NARROW when the count of 64-output units is odd. */
+static int64_t panel_count(int64_t units) { return (units + 1) / 2; }
+static int64_t panel_width(int64_t p, int64_t units) { return 2 * p + 1 == units ? NARROW : WIDE; }
 
 void actsparse_pack_weight(const float *weight, float *packed, int64_t out, int64_t in) {
-    const int64_t panels = (out + PANEL - 1) / PANEL;
-    for (int64_t p = 0; p < panels; p++)
-        for (int64_t k = 0; k < in; k++) {
-            float *row = packed + (p * in + k) * PANEL;
-            for (int64_t o = 0; o < PANEL; o++) {
-                const int64_t channel = p * PANEL + o;
-                row[o] = channel < out ? weight[channel * in + k] : 0.0f;
+    const int64_t units = (out + NARROW - 1) / NARROW;
+    for (int64_t p = 0; p < panel_count(units); p++) {
+        const int64_t width = panel_width(p, units);
+        float *panel = packed + p * in * WIDE;
+        for (int64_t k = 0; k < in; k++)
+            for (int64_t o = 0; o < width; o++) {
+                const int64_t channel = p * WIDE + o;
+                panel[k * width + o] = channel < out ? weight[channel * in + k] : 0.0f;
             }
-        }
+    }
 }
 
 /* ---- select and compress -------------------------------------------------------------------- */
@@ -53,9 +67,9 @@ static inline float score_of(float v, const float *factor, int64_t k) {
     return s == s ? s : -1.0f;
 }
 
-/* One group of m inputs starting at channel c: writes its n kept values and channels. */
+/* One group of m inputs starting at channel c: writes its n kept entries. */
 static int64_t compress_group_portable(const float *x, const float *factor, int64_t c, int m, int n,
-                                       float *values, int32_t *channels, int *nan) {
+                                       kept_entry *entries, int *nan) {
     float score[MAX_M];
     for (int k = 0; k < m; k++) {
         *nan |= x[k] != x[k];
@@ -67,8 +81,7 @@ static int64_t compress_group_portable(const float *x, const float *factor, int6
         int rank = 0;
         for (int j = 0; j < m; j++) rank += (score[j] > score[i]) | ((score[j] == score[i]) & (j < i));
         if (rank < n) {
-            values[written] = x[i];
-            channels[written++] = (int32_t)(c + i);
+            entries[written++] = (kept_entry){x[i], (int32_t)(c + i)};
             nonzero += x[i] != 0.0f;
         }
     }
@@ -76,11 +89,10 @@ static int64_t compress_group_portable(const float *x, const float *factor, int6
 }
 
 static int64_t compress_row_portable(const float *x, const float *factor, int64_t body, int m, int n,
-                                     float *values, int32_t *channels, int *nan) {
+                                     kept_entry *entries, int *nan) {
     int64_t nonzero = 0;
     for (int64_t g = 0; g < body; g += m)
-        nonzero += compress_group_portable(x + g, factor, g, m, n, values + g / m * n,
-                                           channels + g / m * n, nan);
+        nonzero += compress_group_portable(x + g, factor, g, m, n, entries + g / m * n, nan);
     return nonzero;
 }
 
@@ -126,11 +138,13 @@ __attribute__((target("avx512f"))) static inline __m512i ranks_of_32(const float
     return rank;
 }
 
-/* m = 2, 4, 8, 16 or 32 and a body that is a multiple of 16: ranks in registers, then
- * compress-stores of the kept values and of their channel numbers. */
+/* m = 2, 4, 8, 16 or 32 and a body that is a multiple of 16: ranks in registers, then the kept
+ * values and channels compressed to the front of two registers, interleaved into pairs and stored. */
 __attribute__((target("avx512f"))) static int64_t compress_row_avx512(const float *x, const float *factor,
-                                                                     int64_t body, int m, int n, float *values,
-                                                                     int32_t *channels, int *nan) {
+                                                                     int64_t body, int m, int n,
+                                                                     kept_entry *entries, int *nan) {
+    const __m512i first_pairs = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i last_pairs = _mm512_add_epi32(first_pairs, _mm512_set1_epi32(8));
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512 zero = _mm512_setzero_ps();
     __mmask16 nan_lanes = 0;
@@ -152,10 +166,17 @@ __attribute__((target("avx512f"))) static int64_t compress_row_avx512(const floa
             rank = ranks_of_32(scores, s, h);
         }
         const __mmask16 keep = _mm512_cmplt_epi32_mask(rank, _mm512_set1_epi32(n));
-        _mm512_mask_compressstoreu_ps(values + written, keep, v);
-        _mm512_mask_compressstoreu_epi32(channels + written, keep,
-                                         _mm512_add_epi32(lane, _mm512_set1_epi32((int)g)));
-        written += __builtin_popcount(keep);
+        const __m512 kept_values = _mm512_maskz_compress_ps(keep, v);
+        const __m512 kept_channels = _mm512_castsi512_ps(
+            _mm512_maskz_compress_epi32(keep, _mm512_add_epi32(lane, _mm512_set1_epi32((int)g))));
+        const int count = __builtin_popcount(keep); /* entries, two floats each */
+        float *out = (float *)(entries + written);
+        _mm512_mask_storeu_ps(out, (__mmask16)((1u << (count > 8 ? 16 : 2 * count)) - 1),
+                              _mm512_permutex2var_ps(kept_values, first_pairs, kept_channels));
+        if (count > 8)
+            _mm512_mask_storeu_ps(out + 16, (__mmask16)((1u << (2 * count - 16)) - 1),
+                                  _mm512_permutex2var_ps(kept_values, last_pairs, kept_channels));
+        written += count;
         nonzero += __builtin_popcount(keep & _mm512_cmp_ps_mask(v, zero, _CMP_NEQ_UQ));
     }
     *nan |= nan_lanes != 0;
@@ -163,9 +184,8 @@ __attribute__((target("avx512f"))) static int64_t compress_row_avx512(const floa
 }
 #endif
 
-int64_t actsparse_nm_compress(const float *x, const float *factor, float *values, int32_t *channels,
-                              int64_t rows, int64_t width, int64_t n, int64_t m, int64_t threads,
-                              int32_t *has_nan) {
+int64_t actsparse_nm_compress(const float *x, const float *factor, kept_entry *entries, int64_t rows,
+                              int64_t width, int64_t n, int64_t m, int64_t threads, int32_t *has_nan) {
     if (m < 1 || m > MAX_M || n < 1 || n > m) return -1;
     const int64_t body = width - width % m;
     const int64_t kept_per_row = body / m * n + (width - body);
@@ -179,18 +199,16 @@ int64_t actsparse_nm_compress(const float *x, const float *factor, float *values
 #pragma omp parallel for num_threads(threads) reduction(+ : nonzero_total) reduction(| : nan_any) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * width;
-        float *vr = values + r * kept_per_row;
-        int32_t *cr = channels + r * kept_per_row;
+        kept_entry *er = entries + r * kept_per_row;
         int nan = 0;
         int64_t nonzero;
 #ifdef HAVE_X86_DISPATCH
-        if (use_avx512) nonzero = compress_row_avx512(xr, factor, body, (int)m, (int)n, vr, cr, &nan);
+        if (use_avx512) nonzero = compress_row_avx512(xr, factor, body, (int)m, (int)n, er, &nan);
         else
 #endif
-            nonzero = compress_row_portable(xr, factor, body, (int)m, (int)n, vr, cr, &nan);
+            nonzero = compress_row_portable(xr, factor, body, (int)m, (int)n, er, &nan);
         for (int64_t k = body; k < width; k++) {
-            vr[body / m * n + k - body] = xr[k];
-            cr[body / m * n + k - body] = (int32_t)k;
+            er[body / m * n + k - body] = (kept_entry){xr[k], (int32_t)k};
             nan |= xr[k] != xr[k];
             nonzero += xr[k] != 0.0f;
         }
@@ -203,57 +221,59 @@ int64_t actsparse_nm_compress(const float *x, const float *factor, float *values
 
 /* ---- sparse GEMM ---------------------------------------------------------------------------- */
 
-/* Accumulators of `tokens` tokens × one panel, over `count` kept entries of each token. Always
- * inlined with a constant `tokens`, so the accumulators live in registers. */
+/* y[r][0, width) += Σ_i entries[r][i].value · panel[entries[r][i].channel] for `tokens` tokens, over
+ * `count` kept entries each. Always inlined with constant `tokens` and `width`, so that the
+ * accumulators live in registers. */
 #define MICRO_KERNEL_BODY                                                                               \
-    vec16 acc[TOKENS][4];                                                                               \
+    vec16 acc[tokens][width / 16];                                                                      \
     for (int r = 0; r < tokens; r++)                                                                    \
-        for (int j = 0; j < 4; j++) acc[r][j] = *(const vec16 *)(y[r] + 16 * j);                       \
+        for (int j = 0; j < width / 16; j++) acc[r][j] = *(const vec16 *)(y[r] + 16 * j);              \
     for (int64_t i = 0; i < count; i++) {                                                               \
         for (int r = 0; r < tokens; r++) {                                                              \
-            const vec16 *w = (const vec16 *)(panel + (int64_t)channels[r][i] * PANEL);                  \
-            const float v = values[r][i];                                                               \
-            for (int j = 0; j < 4; j++) acc[r][j] += v * w[j];                                          \
+            const vec16 *w = (const vec16 *)(panel + (int64_t)entries[r][i].channel * width);           \
+            const float v = entries[r][i].value;                                                        \
+            for (int j = 0; j < width / 16; j++) acc[r][j] += v * w[j];                                 \
         }                                                                                               \
     }                                                                                                   \
     for (int r = 0; r < tokens; r++)                                                                    \
-        for (int j = 0; j < 4; j++) *(vec16 *)(y[r] + 16 * j) = acc[r][j];
+        for (int j = 0; j < width / 16; j++) *(vec16 *)(y[r] + 16 * j) = acc[r][j];
 
-/* One panel, one block of input channels, tokens [t0, t1). y holds the partial sums so far. */
-#define PANEL_BLOCK_BODY(micro)                                                                         \
-    const float *vals[TOKENS];                                                                          \
-    const int32_t *chans[TOKENS];                                                                       \
-    float *ys[TOKENS];                                                                                  \
-    int64_t t = t0;                                                                                     \
-    while (t < t1) {                                                                                    \
-        const int tokens = t1 - t >= TOKENS ? TOKENS : (int)(t1 - t);                                   \
+/* One panel of `width` outputs, one block of input channels, tokens [t0, t1), `group` tokens at a
+ * time (at most 6). y holds the partial sums so far. */
+#define PANEL_BLOCK_BODY(micro, width, group)                                                           \
+    const kept_entry *rows_[group];                                                                     \
+    float *ys[group];                                                                                   \
+    for (int64_t t = t0; t < t1; t += group) {                                                          \
+        const int tokens = t1 - t >= group ? group : (int)(t1 - t);                                     \
         for (int r = 0; r < tokens; r++) {                                                              \
-            vals[r] = values + (t + r) * kept_per_row + first;                                          \
-            chans[r] = channels + (t + r) * kept_per_row + first;                                       \
+            rows_[r] = entries + (t + r) * kept_per_row + first;                                        \
             ys[r] = y + (t + r) * ldy;                                                                  \
         }                                                                                               \
-        switch (tokens) {                                                                               \
-        case 6: micro(6, panel, vals, chans, count, ys); break;                                         \
-        case 5: micro(5, panel, vals, chans, count, ys); break;                                         \
-        case 4: micro(4, panel, vals, chans, count, ys); break;                                         \
-        case 3: micro(3, panel, vals, chans, count, ys); break;                                         \
-        case 2: micro(2, panel, vals, chans, count, ys); break;                                         \
-        default: micro(1, panel, vals, chans, count, ys); break;                                        \
+        switch (tokens) { /* cases above `group` never happen; capped so that they compile */        \
+        case 6: micro(6 > group ? group : 6, width, panel, rows_, count, ys); break;                     \
+        case 5: micro(5 > group ? group : 5, width, panel, rows_, count, ys); break;                     \
+        case 4: micro(4 > group ? group : 4, width, panel, rows_, count, ys); break;                     \
+        case 3: micro(3, width, panel, rows_, count, ys); break;                                        \
+        case 2: micro(2, width, panel, rows_, count, ys); break;                                        \
+        default: micro(1, width, panel, rows_, count, ys); break;                                       \
         }                                                                                               \
-        t += tokens;                                                                                    \
     }
 
 #define DEFINE_GEMM(suffix, target_attribute)                                                           \
     target_attribute static inline __attribute__((always_inline)) void micro_##suffix(                  \
-        const int tokens, const float *panel, const float *const *values, const int32_t *const *channels, \
+        const int tokens, const int width, const float *panel, const kept_entry *const *entries,        \
         int64_t count, float *const *y) {                                                               \
         MICRO_KERNEL_BODY                                                                               \
     }                                                                                                   \
-    target_attribute static void panel_block_##suffix(const float *panel, const float *values,          \
-                                                      const int32_t *channels, int64_t kept_per_row,    \
+    target_attribute static void panel_block_##suffix(const float *panel, int64_t width,                \
+                                                      const kept_entry *entries, int64_t kept_per_row,  \
                                                       int64_t first, int64_t count, float *y,           \
                                                       int64_t ldy, int64_t t0, int64_t t1) {            \
-        PANEL_BLOCK_BODY(micro_##suffix)                                                                \
+        if (width == WIDE) {                                                                            \
+            PANEL_BLOCK_BODY(micro_##suffix, WIDE, 3)                                                   \
+        } else {                                                                                        \
+            PANEL_BLOCK_BODY(micro_##suffix, NARROW, 6)                                                 \
+        }                                                                                               \
     }
 
 DEFINE_GEMM(portable, )
@@ -262,8 +282,8 @@ DEFINE_GEMM(avx2, __attribute__((target("avx2,fma"))))
 DEFINE_GEMM(avx512, __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma"))))
 #endif
 
-typedef void (*panel_block_fn)(const float *, const float *, const int32_t *, int64_t, int64_t, int64_t,
-                               float *, int64_t, int64_t, int64_t);
+typedef void (*panel_block_fn)(const float *, int64_t, const kept_entry *, int64_t, int64_t, int64_t, float *,
+                               int64_t, int64_t, int64_t);
 
 static panel_block_fn pick_panel_block(int64_t isa) {
 #ifdef HAVE_X86_DISPATCH
@@ -285,24 +305,23 @@ int64_t actsparse_gemm_isa(int64_t isa) {
     return 0;
 }
 
-/* y (rows × ldy, ldy = panels · PANEL) = the compressed rows times the packed weight (in_width
- * inputs), plus bias[o] and eta[t] · row_sum[o] where given (each padded to ldy). */
-void actsparse_nm_gemm(const float *values, const int32_t *channels, int64_t rows, int64_t kept_per_row,
-                       int64_t in_width, int64_t n, int64_t m, const float *packed, int64_t panels,
-                       const float *bias, const float *eta, const float *row_sum, float *y, int64_t threads,
-                       int64_t isa) {
+/* y (rows × ldy, ldy = units · NARROW) = the compressed rows times the packed weight (in_width
+ * inputs, `units` 64-output units), plus bias[o] and eta[t] · row_sum[o] where given (each padded
+ * to ldy). */
+void actsparse_nm_gemm(const kept_entry *entries, int64_t rows, int64_t kept_per_row, int64_t in_width,
+                       int64_t n, int64_t m, const float *packed, int64_t units, const float *bias,
+                       const float *eta, const float *row_sum, float *y, int64_t threads, int64_t isa) {
+    if (rows == 0) return;
     const panel_block_fn panel_block = pick_panel_block(isa);
-    const int64_t ldy = panels * PANEL;
+    const int64_t panels = panel_count(units), ldy = units * NARROW;
     const int64_t body = in_width - in_width % m;
     const int64_t block_width = KBLOCK / m * m; /* whole groups only */
     const int64_t kept_per_block = block_width / m * n;
     const int64_t blocks = (in_width + block_width - 1) / block_width;
     /* Token chunks give the second thread work when there are few panels. */
     int64_t chunks = (threads * 4 + panels - 1) / panels;
-    if (chunks < 1) chunks = 1;
     int64_t chunk_rows = (rows + chunks - 1) / chunks;
-    chunk_rows = (chunk_rows + TOKENS - 1) / TOKENS * TOKENS;
-    if (chunk_rows < TOKENS) chunk_rows = TOKENS;
+    chunk_rows = (chunk_rows + CHUNK_TOKENS - 1) / CHUNK_TOKENS * CHUNK_TOKENS;
     chunks = (rows + chunk_rows - 1) / chunk_rows;
     /* Blocks are taken a stretch at a time, so that the stretch's compressed rows stay in cache
      * while every panel passes over them (a wide layer's whole compressed input would not). */
@@ -313,22 +332,23 @@ void actsparse_nm_gemm(const float *values, const int32_t *channels, int64_t row
             for (int64_t c = 0; c < chunks; c++) {
                 const int64_t t0 = c * chunk_rows;
                 const int64_t t1 = t0 + chunk_rows < rows ? t0 + chunk_rows : rows;
-                float *yp = y + p * PANEL;
+                const int64_t width = panel_width(p, units), o0 = p * WIDE;
+                float *yp = y + o0;
                 if (stretch == 0)
                     for (int64_t t = t0; t < t1; t++)
-                        for (int64_t o = 0; o < PANEL; o++) {
-                            float start = bias ? bias[p * PANEL + o] : 0.0f;
-                            if (eta) start += eta[t] * row_sum[p * PANEL + o];
+                        for (int64_t o = 0; o < width; o++) {
+                            float start = bias ? bias[o0 + o] : 0.0f;
+                            if (eta) start += eta[t] * row_sum[o0 + o];
                             yp[t * ldy + o] = start;
                         }
-                const float *panel = packed + p * in_width * PANEL;
+                const float *panel = packed + p * in_width * WIDE;
                 for (int64_t b = stretch; b < stretch_end; b++) {
                     /* Every block but the last is whole groups; the last also holds the dense tail. */
                     const int64_t first = b * kept_per_block;
                     const int64_t count =
                         (b + 1) * block_width <= body ? kept_per_block : kept_per_row - first;
                     if (count > 0)
-                        panel_block(panel, values, channels, kept_per_row, first, count, yp, ldy, t0, t1);
+                        panel_block(panel, width, entries, kept_per_row, first, count, yp, ldy, t0, t1);
                 }
             }
     }
