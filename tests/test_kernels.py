@@ -73,6 +73,20 @@ def test_compress_keeps_the_emulated_entries_in_channel_order(pattern):
 
 
 @needs_kernel
+@pytest.mark.parametrize("pattern", ["1:16", "5:16", "15:16", "16:16", "1:32", "7:32", "17:32", "31:32"])
+def test_every_n_with_many_ties_matches_pytorch(pattern):
+    p = parse_pattern(pattern)
+    x = torch.randint(-2, 3, (11, p.m * 6), generator=torch.Generator().manual_seed(3)).float()
+    factor = torch.randint(1, 3, (p.m * 6,), generator=torch.Generator().manual_seed(4)).float()
+    expected = apply_pattern(x, x.abs() * factor, p)
+    assert torch.equal(kernels.nm_select(x, factor, p.n, p.m)[0], expected)
+    compressed = kernels.nm_compress(x, factor, p.n, p.m)
+    assert torch.equal(
+        torch.zeros_like(x).scatter_(1, compressed.channels.long(), compressed.values), expected
+    )
+
+
+@needs_kernel
 @pytest.mark.parametrize("pattern", ["2:4", "8:16", "16:32", "3:5"])
 def test_nan_inputs_are_reported_and_still_keep_n_per_group(pattern):
     p = parse_pattern(pattern)

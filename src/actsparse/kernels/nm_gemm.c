@@ -6,10 +6,8 @@
  *                           output channels, and one of NARROW (64) when out / 64 is odd; a panel
  *                           of width P starting at output o0 holds W[o0 + o, k] at [k][o]. The
  *                           last panel is padded with zeros to its width.
- *   actsparse_nm_compress   per call: for every token, the top n of every m scores |x|·factor
- *                           (ties to the lower index, as in nm_select.c), written as (value,
- *                           channel) pairs in increasing channel order. A tail shorter than m is
- *                           kept whole. Every token keeps the same count.
+ *   actsparse_nm_compress   per call (nm_select.c): for every token, its kept inputs as (value,
+ *                           channel) pairs in channel order; every token keeps the same count.
  *   actsparse_nm_gemm       per call: for every panel, every block of input channels and every
  *                           few tokens, y[t, panel] += value · W[panel, channel] over the token's
  *                           kept entries in the block. The panel's block of weights (32 KiB)
@@ -28,11 +26,11 @@
 #define KBLOCK (32768 / 4 / WIDE) /* input channels per block: a wide panel's block is 32 KiB */
 #define STRETCH_BLOCKS 32 /* blocks whose compressed rows are reused by every panel */
 #define CHUNK_TOKENS 6 /* token chunks are multiples of both micro-kernels' token counts */
-#define MAX_M 64
 
 typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
 
-/* One kept input: its value and its channel, side by side so that a token's entries are one stream. */
+/* One kept input: its value and its channel, side by side so that a token's entries are one stream
+ * (written by actsparse_nm_compress in nm_select.c, which declares the same pair). */
 typedef struct {
     float value;
     int32_t channel;
@@ -58,166 +56,9 @@ void actsparse_pack_weight(const float *weight, float *packed, int64_t out, int6
     }
 }
 
-/* ---- select and compress -------------------------------------------------------------------- */
-
-/* Scores are never negative; a NaN score (from a NaN input) ranks last, -1, so that every group
- * still keeps exactly n entries (the caller is told about the NaN). */
-static inline float score_of(float v, const float *factor, int64_t k) {
-    const float s = (v < 0 ? -v : v) * (factor ? factor[k] : 1.0f);
-    return s == s ? s : -1.0f;
-}
-
-/* One group of m inputs starting at channel c: writes its n kept entries. */
-static int64_t compress_group_portable(const float *x, const float *factor, int64_t c, int m, int n,
-                                       kept_entry *entries, int *nan) {
-    float score[MAX_M];
-    for (int k = 0; k < m; k++) {
-        *nan |= x[k] != x[k];
-        score[k] = score_of(x[k], factor, c + k);
-    }
-    int64_t nonzero = 0;
-    int written = 0;
-    for (int i = 0; i < m; i++) {
-        int rank = 0;
-        for (int j = 0; j < m; j++) rank += (score[j] > score[i]) | ((score[j] == score[i]) & (j < i));
-        if (rank < n) {
-            entries[written++] = (kept_entry){x[i], (int32_t)(c + i)};
-            nonzero += x[i] != 0.0f;
-        }
-    }
-    return nonzero;
-}
-
-static int64_t compress_row_portable(const float *x, const float *factor, int64_t body, int m, int n,
-                                     kept_entry *entries, int *nan) {
-    int64_t nonzero = 0;
-    for (int64_t g = 0; g < body; g += m)
-        nonzero += compress_group_portable(x + g, factor, g, m, n, entries + g / m * n, nan);
-    return nonzero;
-}
-
 #if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
 #define HAVE_X86_DISPATCH 1
-
-/* The scores of 16 inputs, as score_of. */
-__attribute__((target("avx512f"))) static inline __m512 scores_of(__m512 v, const float *factor) {
-    __m512 s = _mm512_abs_ps(v);
-    if (factor) s = _mm512_mul_ps(s, _mm512_loadu_ps(factor));
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q), s, _mm512_set1_ps(-1.0f));
-}
-
-/* Ranks of 16 scores within groups of m (2, 4, 8 or 16) held in one register. */
-__attribute__((target("avx512f"))) static inline __m512i ranks_in_register(__m512 scores, int m) {
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i position = _mm512_and_si512(_mm512_set1_epi32(m - 1), lane);
-    const __m512i group_start = _mm512_sub_epi32(lane, position);
-    __m512i rank = _mm512_setzero_si512();
-    for (int j = 0; j < m; j++) {
-        const __m512 sj = _mm512_permutexvar_ps(_mm512_add_epi32(group_start, _mm512_set1_epi32(j)), scores);
-        const __mmask16 later = _mm512_cmpgt_epi32_mask(position, _mm512_set1_epi32(j));
-        const __mmask16 beats =
-            _mm512_cmp_ps_mask(sj, scores, _CMP_GT_OQ) | _mm512_mask_cmp_ps_mask(later, sj, scores, _CMP_EQ_OQ);
-        rank = _mm512_mask_add_epi32(rank, beats, rank, _mm512_set1_epi32(1));
-    }
-    return rank;
-}
-
-/* Rank of each of the 16 scores in s[h] within the 32 scores s[0], s[1]. */
-__attribute__((target("avx512f"))) static inline __m512i ranks_of_32(const float *scores, __m512 s, int h) {
-    const __m512i lane = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(16 * h));
-    __m512i rank = _mm512_setzero_si512();
-    for (int j = 0; j < 32; j++) {
-        const __m512 sj = _mm512_set1_ps(scores[j]);
-        const __mmask16 later = _mm512_cmpgt_epi32_mask(lane, _mm512_set1_epi32(j));
-        const __mmask16 beats =
-            _mm512_cmp_ps_mask(sj, s, _CMP_GT_OQ) | _mm512_mask_cmp_ps_mask(later, sj, s, _CMP_EQ_OQ);
-        rank = _mm512_mask_add_epi32(rank, beats, rank, _mm512_set1_epi32(1));
-    }
-    return rank;
-}
-
-/* m = 2, 4, 8, 16 or 32 and a body that is a multiple of 16: ranks in registers, then the kept
- * values and channels compressed to the front of two registers, interleaved into pairs and stored. */
-__attribute__((target("avx512f"))) static int64_t compress_row_avx512(const float *x, const float *factor,
-                                                                     int64_t body, int m, int n,
-                                                                     kept_entry *entries, int *nan) {
-    const __m512i first_pairs = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const __m512i last_pairs = _mm512_add_epi32(first_pairs, _mm512_set1_epi32(8));
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 zero = _mm512_setzero_ps();
-    __mmask16 nan_lanes = 0;
-    int64_t nonzero = 0, written = 0;
-    float scores[32] __attribute__((aligned(64)));
-    for (int64_t g = 0; g < body; g += 16) {
-        const __m512 v = _mm512_loadu_ps(x + g);
-        const __m512 s = scores_of(v, factor ? factor + g : 0);
-        nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        __m512i rank;
-        if (m <= 16) {
-            rank = ranks_in_register(s, m);
-        } else {
-            const int h = (int)(g / 16) & 1;
-            if (h == 0) {
-                _mm512_store_ps(scores, s);
-                _mm512_store_ps(scores + 16, scores_of(_mm512_loadu_ps(x + g + 16), factor ? factor + g + 16 : 0));
-            }
-            rank = ranks_of_32(scores, s, h);
-        }
-        const __mmask16 keep = _mm512_cmplt_epi32_mask(rank, _mm512_set1_epi32(n));
-        const __m512 kept_values = _mm512_maskz_compress_ps(keep, v);
-        const __m512 kept_channels = _mm512_castsi512_ps(
-            _mm512_maskz_compress_epi32(keep, _mm512_add_epi32(lane, _mm512_set1_epi32((int)g))));
-        const int count = __builtin_popcount(keep); /* entries, two floats each */
-        float *out = (float *)(entries + written);
-        _mm512_mask_storeu_ps(out, (__mmask16)((1u << (count > 8 ? 16 : 2 * count)) - 1),
-                              _mm512_permutex2var_ps(kept_values, first_pairs, kept_channels));
-        if (count > 8)
-            _mm512_mask_storeu_ps(out + 16, (__mmask16)((1u << (2 * count - 16)) - 1),
-                                  _mm512_permutex2var_ps(kept_values, last_pairs, kept_channels));
-        written += count;
-        nonzero += __builtin_popcount(keep & _mm512_cmp_ps_mask(v, zero, _CMP_NEQ_UQ));
-    }
-    *nan |= nan_lanes != 0;
-    return nonzero;
-}
 #endif
-
-int64_t actsparse_nm_compress(const float *x, const float *factor, kept_entry *entries, int64_t rows,
-                              int64_t width, int64_t n, int64_t m, int64_t threads, int32_t *has_nan) {
-    if (m < 1 || m > MAX_M || n < 1 || n > m) return -1;
-    const int64_t body = width - width % m;
-    const int64_t kept_per_row = body / m * n + (width - body);
-    int use_avx512 = 0;
-#ifdef HAVE_X86_DISPATCH
-    use_avx512 = (m == 2 || m == 4 || m == 8 || m == 16 || m == 32) && body % 16 == 0 &&
-                 __builtin_cpu_supports("avx512f");
-#endif
-    int64_t nonzero_total = 0;
-    int nan_any = 0;
-#pragma omp parallel for num_threads(threads) reduction(+ : nonzero_total) reduction(| : nan_any) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * width;
-        kept_entry *er = entries + r * kept_per_row;
-        int nan = 0;
-        int64_t nonzero;
-#ifdef HAVE_X86_DISPATCH
-        if (use_avx512) nonzero = compress_row_avx512(xr, factor, body, (int)m, (int)n, er, &nan);
-        else
-#endif
-            nonzero = compress_row_portable(xr, factor, body, (int)m, (int)n, er, &nan);
-        for (int64_t k = body; k < width; k++) {
-            er[body / m * n + k - body] = (kept_entry){xr[k], (int32_t)k};
-            nan |= xr[k] != xr[k];
-            nonzero += xr[k] != 0.0f;
-        }
-        nonzero_total += nonzero;
-        nan_any |= nan;
-    }
-    *has_nan = nan_any;
-    return nonzero_total;
-}
 
 /* ---- sparse GEMM ---------------------------------------------------------------------------- */
 
