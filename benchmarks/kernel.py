@@ -70,7 +70,9 @@ def main() -> None:
             "The compiled extension is not built; reinstall actsparse where a C compiler is present."
         )
 
-    print(f"{cpu_name()}, torch {torch.__version__}, sparse GEMM {kernels.gemm_isa()}, {args.tokens} tokens")
+    print(
+        f"{cpu_name()}, torch {torch.__version__}, sparse GEMM {kernels.gemm_isa()}, selection {kernels.select_isa()}, {args.tokens} tokens"
+    )
     print(
         "| layer | in → out | threads | pattern | F.linear ms | oneDNN ms | select ms | sparse ms "
         "| × F.linear | × oneDNN |"

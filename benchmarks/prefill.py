@@ -83,7 +83,9 @@ def main() -> None:
             run()
             times[name].append(time.perf_counter() - start)
     dense = statistics.median(times["dense (F.linear)"])
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, sparse GEMM {kernels.gemm_isa()}")
+    print(
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, sparse GEMM {kernels.gemm_isa()}, selection {kernels.select_isa()}"
+    )
     print(f"{args.model}, {args.tokens}-token prefill, every decoder projection sparse")
     for name, values in times.items():
         median = statistics.median(values)

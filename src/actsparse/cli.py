@@ -507,15 +507,16 @@ def info(
 def _execution(config: SparsityConfig, handle: SparsityHandle) -> str:
     """How the sparse calls of ``handle`` are computed, in one sentence."""
     selection = (
-        "selection compiled for float32 N:M on the CPU"
+        f"selection compiled for float32 N:M on the CPU, {kernels.select_isa()}"
         if kernels.AVAILABLE
         else "selection in PyTorch: the compiled extension was not built"
     )
     kernel_layers = sum(layer.packed is not None for layer in handle.layers.values())
     if config.backend == "cpu-kernel" and kernel_layers:
         return (
-            f"cpu-kernel: {kernel_layers} layers multiply only the kept inputs (sparse GEMM, "
-            f"{kernels.gemm_isa()}) in float32 calls on the CPU; other calls are emulated."
+            f"cpu-kernel: {kernel_layers} layers multiply only the kept inputs (sparse GEMM "
+            f"{kernels.gemm_isa()}, selection {kernels.select_isa()}) in float32 calls on the CPU; "
+            "other calls are emulated."
         )
     if config.backend == "cpu-kernel":
         return (

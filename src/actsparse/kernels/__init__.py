@@ -27,6 +27,7 @@ _SIGNATURES = {
     "actsparse_nm_select_f32": (_INT, [_POINTER] * 3 + [_INT] * 5 + [ctypes.POINTER(ctypes.c_int32)]),
     "actsparse_output_unit": (_INT, []),
     "actsparse_gemm_isa": (_INT, [_INT]),
+    "actsparse_select_isa": (_INT, []),
     "actsparse_pack_weight": (None, [_POINTER] * 2 + [_INT] * 2),
     "actsparse_nm_compress": (_INT, [_POINTER] * 3 + [_INT] * 5 + [ctypes.POINTER(ctypes.c_int32)]),
     "actsparse_nm_gemm": (None, [_POINTER] + [_INT] * 5 + [_POINTER, _INT] + [_POINTER] * 4 + [_INT] * 2),
@@ -53,6 +54,12 @@ OUTPUT_UNIT = _LIBRARY.actsparse_output_unit() if AVAILABLE else 0
 def gemm_isa(limit: str = "avx512") -> str | None:
     """The instruction set the sparse GEMM uses on this CPU (at most ``limit``); None if not built."""
     return ISAS[_LIBRARY.actsparse_gemm_isa(ISAS.index(limit))] if AVAILABLE else None
+
+
+def select_isa() -> str | None:
+    """The instruction set of the compiled selection on this CPU: "avx512" (groups of 2, 4, 8, 16
+    and 32) or "portable" (a plain loop, several times slower); None if not built."""
+    return ISAS[_LIBRARY.actsparse_select_isa()] if AVAILABLE else None
 
 
 def supports(x: torch.Tensor, m: int) -> bool:

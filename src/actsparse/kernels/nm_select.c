@@ -197,14 +197,17 @@ AVX512 static int64_t compress_row_avx512(const float *x, const float *factor, k
 }
 #endif
 
-static int avx512_takes(int64_t m, int64_t body) {
+/* 2 when this CPU runs the AVX-512 selection (for m = 2, 4, 8, 16, 32), 0 when only the portable loop. */
+int64_t actsparse_select_isa(void) {
 #ifdef HAVE_AVX512_PATH
-    return (m == 2 || m == 4 || m == 8 || m == 16 || m == 32) && body % 16 == 0 &&
-           __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("bmi2");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("bmi2") ? 2 : 0;
 #else
-    (void)m, (void)body;
     return 0;
 #endif
+}
+
+static int avx512_takes(int64_t m, int64_t body) {
+    return (m == 2 || m == 4 || m == 8 || m == 16 || m == 32) && body % 16 == 0 && actsparse_select_isa() == 2;
 }
 
 int64_t actsparse_nm_select_f32(const float *x, const float *factor, float *out, int64_t rows,
