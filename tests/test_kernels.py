@@ -14,6 +14,7 @@ from actsparse.ops import apply_pattern
 
 needs_kernel = pytest.mark.skipif(not kernels.AVAILABLE, reason="compiled extension not built")
 ISAS = [isa for isa in kernels.ISAS if kernels.AVAILABLE and kernels.gemm_isa(isa) == isa]
+SELECT_ISAS = [isa for isa in kernels.ISAS if kernels.AVAILABLE and kernels.select_isa(isa) == isa]
 
 
 def test_the_extension_is_built_where_a_compiler_exists():
@@ -60,12 +61,13 @@ def test_a_dense_tail_and_the_shift_term_are_fused(isa):
 
 
 @needs_kernel
-@pytest.mark.parametrize("pattern", ["2:4", "8:16", "16:32", "3:5"])
-def test_compress_keeps_the_emulated_entries_in_channel_order(pattern):
+@pytest.mark.parametrize("isa", SELECT_ISAS)
+@pytest.mark.parametrize("pattern", ["1:2", "2:4", "4:8", "8:16", "16:32", "3:5"])
+def test_compress_keeps_the_emulated_entries_in_channel_order(pattern, isa):
     p = parse_pattern(pattern)
     x = torch.randn(9, p.m * 8)
     x[:, 1::2] = x[:, ::2].neg()  # plant ties of |x|: the lower index wins
-    compressed = kernels.nm_compress(x, None, p.n, p.m)
+    compressed = kernels.nm_compress(x, None, p.n, p.m, isa=isa)
     rebuilt = torch.zeros_like(x).scatter_(1, compressed.channels.long(), compressed.values)
     assert torch.equal(rebuilt, apply_pattern(x, x.abs(), p))
     assert (compressed.channels.diff(dim=1) > 0).all()
@@ -73,26 +75,31 @@ def test_compress_keeps_the_emulated_entries_in_channel_order(pattern):
 
 
 @needs_kernel
-@pytest.mark.parametrize("pattern", ["1:16", "5:16", "15:16", "16:16", "1:32", "7:32", "17:32", "31:32"])
-def test_every_n_with_many_ties_matches_pytorch(pattern):
+@pytest.mark.parametrize("isa", SELECT_ISAS)
+@pytest.mark.parametrize(
+    "pattern",
+    ["1:4", "3:4", "1:8", "7:8", "1:16", "5:16", "15:16", "16:16", "1:32", "7:32", "17:32", "31:32"],
+)
+def test_every_n_with_many_ties_matches_pytorch(pattern, isa):
     p = parse_pattern(pattern)
     x = torch.randint(-2, 3, (11, p.m * 6), generator=torch.Generator().manual_seed(3)).float()
     factor = torch.randint(1, 3, (p.m * 6,), generator=torch.Generator().manual_seed(4)).float()
     expected = apply_pattern(x, x.abs() * factor, p)
-    assert torch.equal(kernels.nm_select(x, factor, p.n, p.m)[0], expected)
-    compressed = kernels.nm_compress(x, factor, p.n, p.m)
+    assert torch.equal(kernels.nm_select(x, factor, p.n, p.m, isa=isa)[0], expected)
+    compressed = kernels.nm_compress(x, factor, p.n, p.m, isa=isa)
     assert torch.equal(
         torch.zeros_like(x).scatter_(1, compressed.channels.long(), compressed.values), expected
     )
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", SELECT_ISAS)
 @pytest.mark.parametrize("pattern", ["2:4", "8:16", "16:32", "3:5"])
-def test_nan_inputs_are_reported_and_still_keep_n_per_group(pattern):
+def test_nan_inputs_are_reported_and_still_keep_n_per_group(pattern, isa):
     p = parse_pattern(pattern)
     x = torch.randn(3, p.m * 4)
     x[1, p.m : 2 * p.m] = float("nan")
-    compressed = kernels.nm_compress(x, None, p.n, p.m)
+    compressed = kernels.nm_compress(x, None, p.n, p.m, isa=isa)
     assert compressed.has_nan and compressed.channels.shape == (3, 4 * p.n)
 
 

@@ -24,12 +24,12 @@ ISAS = ("portable", "avx2", "avx512")
 
 _POINTER, _INT = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "actsparse_nm_select_f32": (_INT, [_POINTER] * 3 + [_INT] * 5 + [ctypes.POINTER(ctypes.c_int32)]),
+    "actsparse_nm_select_f32": (_INT, [_POINTER] * 3 + [_INT] * 5 + [ctypes.POINTER(ctypes.c_int32), _INT]),
     "actsparse_output_unit": (_INT, []),
     "actsparse_gemm_isa": (_INT, [_INT]),
     "actsparse_select_isa": (_INT, []),
     "actsparse_pack_weight": (None, [_POINTER] * 2 + [_INT] * 2),
-    "actsparse_nm_compress": (_INT, [_POINTER] * 3 + [_INT] * 5 + [ctypes.POINTER(ctypes.c_int32)]),
+    "actsparse_nm_compress": (_INT, [_POINTER] * 3 + [_INT] * 5 + [ctypes.POINTER(ctypes.c_int32), _INT]),
     "actsparse_nm_gemm": (None, [_POINTER] + [_INT] * 5 + [_POINTER, _INT] + [_POINTER] * 4 + [_INT] * 2),
 }
 
@@ -56,10 +56,11 @@ def gemm_isa(limit: str = "avx512") -> str | None:
     return ISAS[_LIBRARY.actsparse_gemm_isa(ISAS.index(limit))] if AVAILABLE else None
 
 
-def select_isa() -> str | None:
-    """The instruction set of the compiled selection on this CPU: "avx512" (groups of 2, 4, 8, 16
-    and 32) or "portable" (a plain loop, several times slower); None if not built."""
-    return ISAS[_LIBRARY.actsparse_select_isa()] if AVAILABLE else None
+def select_isa(limit: str = "avx512") -> str | None:
+    """The instruction set of the compiled selection on this CPU (at most ``limit``): "avx512" or
+    "avx2" (groups of 2, 4, 8, 16 and 32), or "portable" (a plain loop, several times slower);
+    None if not built."""
+    return ISAS[min(_LIBRARY.actsparse_select_isa(), ISAS.index(limit))] if AVAILABLE else None
 
 
 def supports(x: torch.Tensor, m: int) -> bool:
@@ -88,11 +89,14 @@ def _scratch(size: int) -> torch.Tensor:
     return buffer[:size]
 
 
-def nm_select(x: torch.Tensor, factor: torch.Tensor | None, n: int, m: int) -> tuple[torch.Tensor, int, bool]:
+def nm_select(
+    x: torch.Tensor, factor: torch.Tensor | None, n: int, m: int, isa: str = "avx512"
+) -> tuple[torch.Tensor, int, bool]:
     """Keep the top ``n`` of every ``m`` scores ``|x| * factor`` along the last dimension of ``x``.
 
     Same result as ``actsparse.ops.apply_pattern`` (ties to the lower index, a tail shorter than
     ``m`` kept dense). Returns the sparse tensor, its number of non-zeros, and whether ``x`` held NaN.
+    ``isa`` caps the instruction set (for tests).
     """
     x = x.contiguous()
     factor = None if factor is None else factor.to(torch.float32).contiguous()
@@ -108,6 +112,7 @@ def nm_select(x: torch.Tensor, factor: torch.Tensor | None, n: int, m: int) -> t
         m,
         torch.get_num_threads(),
         ctypes.byref(has_nan),
+        ISAS.index(isa),
     )
     if kept < 0:
         raise ValueError(f"nm_select does not support {n}:{m}")
@@ -133,14 +138,19 @@ class CompressedRows:
 
 
 def nm_compress(
-    x: torch.Tensor, factor: torch.Tensor | None, n: int, m: int, scratch: bool = False
+    x: torch.Tensor,
+    factor: torch.Tensor | None,
+    n: int,
+    m: int,
+    scratch: bool = False,
+    isa: str = "avx512",
 ) -> CompressedRows:
     """The fused select-and-compress pass: for every row of ``x`` (``(..., in)``, float32), the
     top ``n`` of every ``m`` scores ``|x| * factor`` as values and channels (ties to the lower
     index; a tail shorter than ``m`` kept whole).
 
     ``scratch=True`` writes into this thread's reusable buffer (no fresh pages per call), which the
-    next such call overwrites.
+    next such call overwrites; ``isa`` caps the instruction set (for tests).
     """
     x = x.contiguous()
     factor = None if factor is None else factor.to(torch.float32).contiguous()
@@ -160,6 +170,7 @@ def nm_compress(
         m,
         torch.get_num_threads(),
         ctypes.byref(has_nan),
+        ISAS.index(isa),
     )
     if nonzero < 0:
         raise ValueError(f"nm_compress does not support {n}:{m}")
@@ -217,7 +228,7 @@ def sparse_linear(
     ``isa`` caps the instruction set (for tests). Returns the output and the compressed input
     (its non-zero count and NaN flag; its entries live in a scratch buffer the next call reuses).
     """
-    compressed = nm_compress(x, factor, n, m, scratch=True)
+    compressed = nm_compress(x, factor, n, m, scratch=True, isa=isa)
     rows, kept = compressed.entries.shape[:2]
     y = torch.empty(rows, packed.padded_out, dtype=torch.float32)
     if eta is not None:

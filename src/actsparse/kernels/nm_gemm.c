@@ -27,7 +27,10 @@
 #define STRETCH_BLOCKS 32 /* blocks whose compressed rows are reused by every panel */
 #define CHUNK_TOKENS 6 /* token chunks are multiples of both micro-kernels' token counts */
 
+/* Vectors of each instruction set's register width (unaligned loads and stores). */
 typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
+typedef float vec8 __attribute__((vector_size(32), aligned(4), may_alias));
+typedef float vec4 __attribute__((vector_size(16), aligned(4), may_alias));
 
 /* One kept input: its value and its channel, side by side so that a token's entries are one stream
  * (written by actsparse_nm_compress in nm_select.c, which declares the same pair). */
@@ -62,26 +65,26 @@ void actsparse_pack_weight(const float *weight, float *packed, int64_t out, int6
 
 /* ---- sparse GEMM ---------------------------------------------------------------------------- */
 
-/* y[r][0, width) += Σ_i entries[r][i].value · panel[entries[r][i].channel] for `tokens` tokens, over
- * `count` kept entries each. Always inlined with constant `tokens` and `width`, so that the
- * accumulators live in registers. */
-#define MICRO_KERNEL_BODY                                                                               \
-    vec16 acc[tokens][width / 16];                                                                      \
+/* y[r][offset, offset + tile) += Σ_i entries[r][i].value · panel[entries[r][i].channel][offset, ...)
+ * for `tokens` tokens over `count` kept entries each (weight rows `stride` floats apart). Always
+ * inlined with constant `tokens` and `tile`, so that the accumulators live in registers. */
+#define MICRO_KERNEL_BODY(vec, lanes)                                                                   \
+    vec acc[tokens][tile / lanes];                                                                      \
     for (int r = 0; r < tokens; r++)                                                                    \
-        for (int j = 0; j < width / 16; j++) acc[r][j] = *(const vec16 *)(y[r] + 16 * j);              \
+        for (int j = 0; j < tile / lanes; j++) acc[r][j] = *(const vec *)(y[r] + offset + lanes * j);  \
     for (int64_t i = 0; i < count; i++) {                                                               \
         for (int r = 0; r < tokens; r++) {                                                              \
-            const vec16 *w = (const vec16 *)(panel + (int64_t)entries[r][i].channel * width);           \
+            const vec *w = (const vec *)(panel + (int64_t)entries[r][i].channel * stride + offset);     \
             const float v = entries[r][i].value;                                                        \
-            for (int j = 0; j < width / 16; j++) acc[r][j] += v * w[j];                                 \
+            for (int j = 0; j < tile / lanes; j++) acc[r][j] += v * w[j];                               \
         }                                                                                               \
     }                                                                                                   \
     for (int r = 0; r < tokens; r++)                                                                    \
-        for (int j = 0; j < width / 16; j++) *(vec16 *)(y[r] + 16 * j) = acc[r][j];
+        for (int j = 0; j < tile / lanes; j++) *(vec *)(y[r] + offset + lanes * j) = acc[r][j];
 
-/* One panel of `width` outputs, one block of input channels, tokens [t0, t1), `group` tokens at a
- * time (at most 6). y holds the partial sums so far. */
-#define PANEL_BLOCK_BODY(micro, width, group)                                                           \
+/* One panel of `width` outputs, one block of input channels, tokens [t0, t1): `group` tokens (at
+ * most 6) × `tile` outputs at a time. y holds the partial sums so far. */
+#define PANEL_BLOCK_BODY(micro, width, group, tile)                                                     \
     const kept_entry *rows_[group];                                                                     \
     float *ys[group];                                                                                   \
     for (int64_t t = t0; t < t1; t += group) {                                                          \
@@ -90,37 +93,43 @@ void actsparse_pack_weight(const float *weight, float *packed, int64_t out, int6
             rows_[r] = entries + (t + r) * kept_per_row + first;                                        \
             ys[r] = y + (t + r) * ldy;                                                                  \
         }                                                                                               \
-        switch (tokens) { /* cases above `group` never happen; capped so that they compile */        \
-        case 6: micro(6 > group ? group : 6, width, panel, rows_, count, ys); break;                     \
-        case 5: micro(5 > group ? group : 5, width, panel, rows_, count, ys); break;                     \
-        case 4: micro(4 > group ? group : 4, width, panel, rows_, count, ys); break;                     \
-        case 3: micro(3, width, panel, rows_, count, ys); break;                                        \
-        case 2: micro(2, width, panel, rows_, count, ys); break;                                        \
-        default: micro(1, width, panel, rows_, count, ys); break;                                       \
+        for (int64_t offset = 0; offset < width; offset += tile) {                                      \
+            switch (tokens) { /* cases above `group` never happen; capped so that they compile */    \
+            case 6: micro(6 > group ? group : 6, tile, width, offset, panel, rows_, count, ys); break;  \
+            case 5: micro(5 > group ? group : 5, tile, width, offset, panel, rows_, count, ys); break;  \
+            case 4: micro(4 > group ? group : 4, tile, width, offset, panel, rows_, count, ys); break;  \
+            case 3: micro(3, tile, width, offset, panel, rows_, count, ys); break;                      \
+            case 2: micro(2, tile, width, offset, panel, rows_, count, ys); break;                      \
+            default: micro(1, tile, width, offset, panel, rows_, count, ys); break;                     \
+            }                                                                                           \
         }                                                                                               \
     }
 
-#define DEFINE_GEMM(suffix, target_attribute)                                                           \
+/* The GEMM for one instruction set, with vectors of its register width. Its register file sets
+ * the micro-kernel: AVX-512 (32 × 16 floats) takes a whole panel for 3 tokens (6 in a narrow one);
+ * AVX2 (16 × 8) 32 outputs and the portable baseline (16 × 4 on x86-64) 16 outputs, for 3 tokens. */
+#define DEFINE_GEMM(suffix, target_attribute, vec, lanes, wide_group, wide_tile, narrow_group, narrow_tile) \
     target_attribute static inline __attribute__((always_inline)) void micro_##suffix(                  \
-        const int tokens, const int width, const float *panel, const kept_entry *const *entries,        \
-        int64_t count, float *const *y) {                                                               \
-        MICRO_KERNEL_BODY                                                                               \
+        const int tokens, const int tile, const int64_t stride, const int64_t offset, const float *panel, \
+        const kept_entry *const *entries, int64_t count, float *const *y) {                             \
+        MICRO_KERNEL_BODY(vec, lanes)                                                                   \
     }                                                                                                   \
     target_attribute static void panel_block_##suffix(const float *panel, int64_t width,                \
                                                       const kept_entry *entries, int64_t kept_per_row,  \
                                                       int64_t first, int64_t count, float *y,           \
                                                       int64_t ldy, int64_t t0, int64_t t1) {            \
         if (width == WIDE) {                                                                            \
-            PANEL_BLOCK_BODY(micro_##suffix, WIDE, 3)                                                   \
+            PANEL_BLOCK_BODY(micro_##suffix, WIDE, wide_group, wide_tile)                               \
         } else {                                                                                        \
-            PANEL_BLOCK_BODY(micro_##suffix, NARROW, 6)                                                 \
+            PANEL_BLOCK_BODY(micro_##suffix, NARROW, narrow_group, narrow_tile)                         \
         }                                                                                               \
     }
 
-DEFINE_GEMM(portable, )
+DEFINE_GEMM(portable, , vec4, 4, 3, 16, 3, 16)
 #ifdef HAVE_X86_DISPATCH
-DEFINE_GEMM(avx2, __attribute__((target("avx2,fma"))))
-DEFINE_GEMM(avx512, __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma"))))
+DEFINE_GEMM(avx2, __attribute__((target("avx2,fma"))), vec8, 8, 3, 32, 3, 32)
+DEFINE_GEMM(avx512, __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma"))), vec16, 16, 3, WIDE, 6,
+            NARROW)
 #endif
 
 typedef void (*panel_block_fn)(const float *, int64_t, const kept_entry *, int64_t, int64_t, int64_t, float *,

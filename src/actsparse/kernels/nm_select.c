@@ -14,8 +14,10 @@
  * compares. A group of 16 is sorted instead (a bitonic network) to find its n-th score τ; the
  * entries above τ are kept, and of those equal to τ the lowest-indexed ones fill the n places. A
  * group of 32 spans two registers: each half is sorted, the halves merged, and the same rule
- * applied to the 32-bit masks. Other CPUs and group sizes use the portable loop. A NaN score
- * counts as -1, below every real score, so every group keeps exactly n entries even then.
+ * applied to the 32-bit masks. With AVX2 (8 lanes) every group size is ranked, by permutes within
+ * a register for m ≤ 8 and by broadcasts across registers for 16 and 32, and kept entries are
+ * left-packed through a table. Other CPUs and group sizes use the portable loop. A NaN score counts
+ * as -1, below every real score, so every group keeps exactly n entries even then.
  *
  * Built by setuptools with the system compiler; no Python or PyTorch headers are used.
  */
@@ -51,7 +53,7 @@ static uint64_t keep_group_portable(const float *x, const float *factor, int64_t
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
-#define HAVE_AVX512_PATH 1
+#define HAVE_X86_PATHS 1
 #define AVX512 __attribute__((target("avx512f,avx512dq,bmi,bmi2,popcnt")))
 
 AVX512 static inline __m512 scores_of(__m512 v, const float *factor) {
@@ -195,26 +197,146 @@ AVX512 static int64_t compress_row_avx512(const float *x, const float *factor, k
     *nan |= nan_lanes != 0;
     return nonzero;
 }
-#endif
+#define AVX2 __attribute__((target("avx2,fma,popcnt")))
 
-/* 2 when this CPU runs the AVX-512 selection (for m = 2, 4, 8, 16, 32), 0 when only the portable loop. */
-int64_t actsparse_select_isa(void) {
-#ifdef HAVE_AVX512_PATH
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("bmi2") ? 2 : 0;
-#else
-    return 0;
-#endif
+AVX2 static inline __m256 scores_of_avx2(__m256 v, const float *factor) {
+    __m256 s = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+    if (factor) s = _mm256_mul_ps(s, _mm256_loadu_ps(factor));
+    return _mm256_blendv_ps(s, _mm256_set1_ps(-1.0f), _mm256_cmp_ps(s, s, _CMP_UNORD_Q));
 }
 
-static int avx512_takes(int64_t m, int64_t body) {
-    return (m == 2 || m == 4 || m == 8 || m == 16 || m == 32) && body % 16 == 0 && actsparse_select_isa() == 2;
+/* Adds to rank, per lane, 1 where sj beats the score s of that lane (higher, or equal at a lower
+ * index: `later` lanes come after j). */
+AVX2 static inline __m256i add_beaten(__m256i rank, __m256 sj, __m256 s, __m256i later) {
+    const __m256 beats = _mm256_or_ps(_mm256_cmp_ps(sj, s, _CMP_GT_OQ),
+                                      _mm256_and_ps(_mm256_cmp_ps(sj, s, _CMP_EQ_OQ), _mm256_castsi256_ps(later)));
+    return _mm256_sub_epi32(rank, _mm256_castps_si256(beats)); /* a true compare is -1 */
+}
+
+/* Keep mask of the max(8, m) inputs at x + g (bit i is input g + i), m = 2, 4, 8, 16 or 32, by
+ * rank; values[h] receives inputs g + 8h .. g + 8h + 7. */
+AVX2 static inline uint32_t keep_avx2(const float *x, const float *factor, int64_t g, int m, int n,
+                                      __m256 *values, int *nan) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i limit = _mm256_set1_epi32(n);
+    const int registers = m > 8 ? m / 8 : 1;
+    __m256 s[4];
+    float scores[32] __attribute__((aligned(32)));
+    for (int h = 0; h < registers; h++) {
+        values[h] = _mm256_loadu_ps(x + g + 8 * h);
+        *nan |= _mm256_movemask_ps(_mm256_cmp_ps(values[h], values[h], _CMP_UNORD_Q)) != 0;
+        s[h] = scores_of_avx2(values[h], factor ? factor + g + 8 * h : 0);
+        _mm256_store_ps(scores + 8 * h, s[h]);
+    }
+    if (m <= 8) {
+        const __m256i position = _mm256_and_si256(lane, _mm256_set1_epi32(m - 1));
+        const __m256i group_start = _mm256_sub_epi32(lane, position);
+        __m256i rank = _mm256_setzero_si256();
+        for (int j = 0; j < m; j++) {
+            const __m256i source = _mm256_add_epi32(group_start, _mm256_set1_epi32(j));
+            rank = add_beaten(rank, _mm256_permutevar8x32_ps(s[0], source), s[0],
+                              _mm256_cmpgt_epi32(position, _mm256_set1_epi32(j)));
+        }
+        return (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(limit, rank)));
+    }
+    __m256i rank[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                       _mm256_setzero_si256()};
+    for (int j = 0; j < m; j++) {
+        const __m256 sj = _mm256_broadcast_ss(scores + j);
+        for (int h = 0; h < registers; h++)
+            rank[h] = add_beaten(rank[h], sj, s[h],
+                                 _mm256_cmpgt_epi32(_mm256_add_epi32(lane, _mm256_set1_epi32(8 * h)),
+                                                    _mm256_set1_epi32(j)));
+    }
+    uint32_t keep = 0;
+    for (int h = 0; h < registers; h++)
+        keep |= (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(limit, rank[h]))) << (8 * h);
+    return keep;
+}
+
+/* left_pack[k] lists the set bits of k, lowest first: the lanes an 8-bit keep mask moves to the front. */
+static int32_t left_pack[256][8];
+
+__attribute__((constructor)) static void fill_left_pack(void) {
+    for (int k = 0; k < 256; k++)
+        for (int i = 0, j = 0; i < 8; i++)
+            if ((k >> i) & 1) left_pack[k][j++] = i;
+}
+
+AVX2 static int64_t select_row_avx2(const float *x, const float *factor, float *out, int64_t body, int m,
+                                    int n, int *nan) {
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const int step = m > 8 ? m : 8;
+    int64_t nonzero = 0;
+    for (int64_t g = 0; g < body; g += step) {
+        __m256 values[4];
+        const uint32_t keep = keep_avx2(x, factor, g, m, n, values, nan);
+        for (int h = 0; h < step / 8; h++) {
+            const int kept = (keep >> (8 * h)) & 0xff;
+            const __m256i mask = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(kept), bit), bit);
+            _mm256_storeu_ps(out + g + 8 * h, _mm256_and_ps(values[h], _mm256_castsi256_ps(mask)));
+            nonzero += __builtin_popcount(
+                kept & _mm256_movemask_ps(_mm256_cmp_ps(values[h], _mm256_setzero_ps(), _CMP_NEQ_UQ)));
+        }
+    }
+    return nonzero;
+}
+
+AVX2 static int64_t compress_row_avx2(const float *x, const float *factor, kept_entry *entries, int64_t body,
+                                      int m, int n, int *nan) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const int step = m > 8 ? m : 8;
+    int64_t nonzero = 0, written = 0;
+    for (int64_t g = 0; g < body; g += step) {
+        __m256 values[4];
+        const uint32_t keep = keep_avx2(x, factor, g, m, n, values, nan);
+        for (int h = 0; h < step / 8; h++) {
+            const int kept = (keep >> (8 * h)) & 0xff, count = __builtin_popcount(kept);
+            const __m256i order = _mm256_loadu_si256((const __m256i *)left_pack[kept]);
+            const __m256 kept_values = _mm256_permutevar8x32_ps(values[h], order);
+            const __m256 kept_channels = _mm256_castsi256_ps(
+                _mm256_add_epi32(order, _mm256_set1_epi32((int)(g + 8 * h))));
+            const __m256 low = _mm256_unpacklo_ps(kept_values, kept_channels);  /* pairs 0, 1 | 4, 5 */
+            const __m256 high = _mm256_unpackhi_ps(kept_values, kept_channels); /* pairs 2, 3 | 6, 7 */
+            float *out = (float *)(entries + written);
+            _mm256_maskstore_ps(out, _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * count), lane),
+                                _mm256_permute2f128_ps(low, high, 0x20));
+            if (count > 4)
+                _mm256_maskstore_ps(out + 8, _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * count - 8), lane),
+                                    _mm256_permute2f128_ps(low, high, 0x31));
+            written += count;
+            nonzero += __builtin_popcount(
+                kept & _mm256_movemask_ps(_mm256_cmp_ps(values[h], _mm256_setzero_ps(), _CMP_NEQ_UQ)));
+        }
+    }
+    return nonzero;
+}
+#endif
+
+/* The selection's instruction set on this CPU: 2 AVX-512 (with BMI2), 1 AVX2, 0 the portable loop. */
+int64_t actsparse_select_isa(void) {
+#ifdef HAVE_X86_PATHS
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("bmi2")) return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) return 1;
+#endif
+    return 0;
+}
+
+/* The path for groups of m over a body of `body` inputs, at most `isa`. */
+static int select_path(int64_t m, int64_t body, int64_t isa) {
+    const int vector_groups = m == 2 || m == 4 || m == 8 || m == 16 || m == 32;
+    const int best = actsparse_select_isa() < isa ? (int)actsparse_select_isa() : (int)isa;
+    if (best == 2 && vector_groups && body % 16 == 0) return 2;
+    if (best >= 1 && vector_groups && body % 8 == 0) return 1;
+    return 0;
 }
 
 int64_t actsparse_nm_select_f32(const float *x, const float *factor, float *out, int64_t rows,
-                                int64_t width, int64_t n, int64_t m, int64_t threads, int32_t *has_nan) {
+                                int64_t width, int64_t n, int64_t m, int64_t threads, int32_t *has_nan,
+                                int64_t isa) {
     if (m < 1 || m > MAX_M || n < 1 || n > m) return -1;
     const int64_t body = width - width % m;
-    const int use_avx512 = avx512_takes(m, body);
+    const int path = select_path(m, body, isa);
     int64_t nonzero_total = 0;
     int nan_any = 0;
 #pragma omp parallel for num_threads(threads) reduction(+ : nonzero_total) reduction(| : nan_any) schedule(static)
@@ -223,8 +345,9 @@ int64_t actsparse_nm_select_f32(const float *x, const float *factor, float *out,
         float *orow = out + r * width;
         int nan = 0;
         int64_t nonzero = 0;
-#ifdef HAVE_AVX512_PATH
-        if (use_avx512) nonzero = select_row_avx512(xr, factor, orow, body, (int)m, (int)n, &nan);
+#ifdef HAVE_X86_PATHS
+        if (path == 2) nonzero = select_row_avx512(xr, factor, orow, body, (int)m, (int)n, &nan);
+        else if (path == 1) nonzero = select_row_avx2(xr, factor, orow, body, (int)m, (int)n, &nan);
         else
 #endif
             for (int64_t g = 0; g < body; g += m) {
@@ -247,11 +370,12 @@ int64_t actsparse_nm_select_f32(const float *x, const float *factor, float *out,
 }
 
 int64_t actsparse_nm_compress(const float *x, const float *factor, kept_entry *entries, int64_t rows,
-                              int64_t width, int64_t n, int64_t m, int64_t threads, int32_t *has_nan) {
+                              int64_t width, int64_t n, int64_t m, int64_t threads, int32_t *has_nan,
+                              int64_t isa) {
     if (m < 1 || m > MAX_M || n < 1 || n > m) return -1;
     const int64_t body = width - width % m;
     const int64_t kept_per_row = body / m * n + (width - body);
-    const int use_avx512 = avx512_takes(m, body);
+    const int path = select_path(m, body, isa);
     int64_t nonzero_total = 0;
     int nan_any = 0;
 #pragma omp parallel for num_threads(threads) reduction(+ : nonzero_total) reduction(| : nan_any) schedule(static)
@@ -260,9 +384,10 @@ int64_t actsparse_nm_compress(const float *x, const float *factor, kept_entry *e
         kept_entry *er = entries + r * kept_per_row;
         int nan = 0;
         int64_t nonzero = 0, written = 0;
-#ifdef HAVE_AVX512_PATH
-        if (use_avx512) {
-            nonzero = compress_row_avx512(xr, factor, er, body, (int)m, (int)n, &nan);
+#ifdef HAVE_X86_PATHS
+        if (path) {
+            nonzero = path == 2 ? compress_row_avx512(xr, factor, er, body, (int)m, (int)n, &nan)
+                                : compress_row_avx2(xr, factor, er, body, (int)m, (int)n, &nan);
             written = body / m * n;
         } else
 #endif
