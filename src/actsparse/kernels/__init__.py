@@ -20,7 +20,7 @@ import torch
 
 MAX_GROUP = 64
 ISAS = ("portable", "avx2", "avx512")
-"""Instruction sets of the sparse GEMM, narrowest first."""
+"""Instruction sets of the compiled selection and sparse GEMM, narrowest first."""
 
 _POINTER, _INT = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
@@ -190,7 +190,11 @@ class PackedLinear:
 
     @property
     def padded_out(self) -> int:
-        return -(-self.out_features // OUTPUT_UNIT) * OUTPUT_UNIT
+        return _padded_width(self.out_features)
+
+
+def _padded_width(out_features: int) -> int:
+    return -(-out_features // OUTPUT_UNIT) * OUTPUT_UNIT
 
 
 def pack_linear(
@@ -199,7 +203,7 @@ def pack_linear(
     """Pack ``weight`` (``out × in``) once, for ``sparse_linear``; ``row_sum`` is ``W.sum(1)`` of
     the shift correction (its ``η · W.sum(1)`` term is added inside the GEMM)."""
     out_features, in_features = weight.shape
-    padded_out = -(-out_features // OUTPUT_UNIT) * OUTPUT_UNIT
+    padded_out = _padded_width(out_features)
     panels = torch.empty(padded_out, in_features, dtype=torch.float32)  # holds the panels, not rows
     source = weight.detach().to(torch.float32).contiguous()
     _LIBRARY.actsparse_pack_weight(source.data_ptr(), panels.data_ptr(), out_features, in_features)

@@ -13,16 +13,18 @@
  *                           kept entries in the block. The panel's block of weights (32 KiB)
  *                           stays in L1 while all tokens pass over it; each kept value is one
  *                           broadcast and P/16 FMAs with a weight row loaded from L1, for 3
- *                           tokens at once (6 in a narrow panel): 24 register accumulators.
+ *                           tokens at once (6 in a narrow panel): 24 register accumulators with
+ *                           AVX-512.
  *
  * The GEMM is written with GCC vector types and compiled three times (AVX-512, AVX2 + FMA,
- * baseline x86-64 or whatever the target is); the widest the CPU supports is picked at run time.
+ * baseline x86-64 or whatever the target is), each with vectors of its own register width and a
+ * tile that fits its registers; the widest the CPU supports is picked at run time.
  * Built by setuptools with the system compiler; no Python or PyTorch headers are used.
  */
 #include <stdint.h>
 
-#define NARROW 64  /* output channels of a narrow panel: four 16-float vectors; the output unit */
-#define WIDE 128   /* output channels of a wide panel: eight vectors */
+#define NARROW 64  /* output channels of a narrow panel; the unit of the padded output width */
+#define WIDE 128   /* output channels of a wide panel */
 #define KBLOCK (32768 / 4 / WIDE) /* input channels per block: a wide panel's block is 32 KiB */
 #define STRETCH_BLOCKS 32 /* blocks whose compressed rows are reused by every panel */
 #define CHUNK_TOKENS 6 /* token chunks are multiples of both micro-kernels' token counts */
