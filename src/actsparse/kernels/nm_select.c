@@ -14,8 +14,8 @@
  * compares. A group of 16 is sorted instead (a bitonic network) to find its n-th score τ; the
  * entries above τ are kept, and of those equal to τ the lowest-indexed ones fill the n places. A
  * group of 32 spans two registers: each half is sorted, the halves merged, and the same rule
- * applied to the 32-bit masks. With AVX2 (8 lanes) every group size is ranked, by permutes within
- * a register for m ≤ 8 and by broadcasts across registers for 16 and 32, and kept entries are
+ * applied to the 32-bit masks. With AVX2 (8 lanes) the same: ranks by permutes within a register
+ * for m ≤ 8, the sorting network across two or four registers for 16 and 32; kept entries are
  * left-packed through a table. Other CPUs and group sizes use the portable loop. A NaN score counts
  * as -1, below every real score, so every group keeps exactly n entries even then.
  *
@@ -103,7 +103,8 @@ AVX512 static inline __m512 sorted_descending(__m512 s) {
 }
 
 /* Keep the entries above tau, and of those equal to tau the lowest-indexed, n in all. */
-AVX512 static inline uint32_t keep_by_threshold(uint32_t above, uint32_t equal, int n) {
+__attribute__((target("bmi2,popcnt"))) static inline uint32_t keep_by_threshold(uint32_t above, uint32_t equal,
+                                                                                int n) {
     const int room = n - __builtin_popcount(above);
     return above | _pdep_u32((uint32_t)((1ull << room) - 1), equal);
 }
@@ -197,7 +198,7 @@ AVX512 static int64_t compress_row_avx512(const float *x, const float *factor, k
     *nan |= nan_lanes != 0;
     return nonzero;
 }
-#define AVX2 __attribute__((target("avx2,fma,popcnt")))
+#define AVX2 __attribute__((target("avx2,fma,bmi2,popcnt")))
 
 AVX2 static inline __m256 scores_of_avx2(__m256 v, const float *factor) {
     __m256 s = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
@@ -213,20 +214,75 @@ AVX2 static inline __m256i add_beaten(__m256i rank, __m256 sj, __m256 s, __m256i
     return _mm256_sub_epi32(rank, _mm256_castps_si256(beats)); /* a true compare is -1 */
 }
 
+/* One compare-exchange stage at distance 1, 2 or 4 within a register; the lanes set in `upper`
+ * take the smaller score (as exchange() for AVX-512). */
+AVX2 static inline __m256 exchange_avx2(__m256 s, int distance, int upper) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256 partner = _mm256_permutevar8x32_ps(s, _mm256_xor_si256(lane, _mm256_set1_epi32(distance)));
+    const __m256i takes_min = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(upper), bit), bit);
+    return _mm256_blendv_ps(_mm256_max_ps(s, partner), _mm256_min_ps(s, partner), _mm256_castsi256_ps(takes_min));
+}
+
+/* 16 scores in two registers sorted in descending order: the network of sorted_descending(), with
+ * its distance-8 stage across the two registers. */
+AVX2 static inline void sort16_avx2(__m256 *low, __m256 *high) {
+    static const int distance[10] = {1, 2, 1, 4, 2, 1, 8, 4, 2, 1};
+    static const int upper[10] = {0x6666, 0x3c3c, 0x5a5a, 0x0ff0, 0x33cc, 0x55aa, 0xff00, 0xf0f0, 0xcccc, 0xaaaa};
+    for (int stage = 0; stage < 10; stage++) {
+        if (distance[stage] == 8) {
+            const __m256 larger = _mm256_max_ps(*low, *high);
+            *high = _mm256_min_ps(*low, *high);
+            *low = larger;
+        } else {
+            *low = exchange_avx2(*low, distance[stage], upper[stage] & 0xff);
+            *high = exchange_avx2(*high, distance[stage], upper[stage] >> 8);
+        }
+    }
+}
+
+/* Entry `index` of 16 sorted scores, in every lane. */
+AVX2 static inline __m256 entry_avx2(__m256 low, __m256 high, int index) {
+    return _mm256_permutevar8x32_ps(index < 8 ? low : high, _mm256_set1_epi32(index & 7));
+}
+
+/* Keep mask of a group of 16 or 32 scores in s[0 .. m/8) by the n-th score, as keep_16 and keep_32. */
+AVX2 static inline uint32_t keep_sorted_avx2(const __m256 *s, int m, int n) {
+    __m256 a0 = s[0], a1 = s[1];
+    sort16_avx2(&a0, &a1);
+    __m256 tau;
+    if (m == 16) {
+        tau = entry_avx2(a0, a1, n - 1);
+    } else {
+        const __m256i reverse = _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+        __m256 b0 = s[2], b1 = s[3];
+        sort16_avx2(&b0, &b1);
+        const __m256 r0 = _mm256_permutevar8x32_ps(b1, reverse), r1 = _mm256_permutevar8x32_ps(b0, reverse);
+        __m256 h0 = n <= 16 ? _mm256_max_ps(a0, r0) : _mm256_min_ps(a0, r0);
+        __m256 h1 = n <= 16 ? _mm256_max_ps(a1, r1) : _mm256_min_ps(a1, r1);
+        sort16_avx2(&h0, &h1);
+        tau = entry_avx2(h0, h1, n <= 16 ? n - 1 : n - 17);
+    }
+    uint32_t above = 0, equal = 0;
+    for (int h = 0; h < m / 8; h++) {
+        above |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(s[h], tau, _CMP_GT_OQ)) << (8 * h);
+        equal |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(s[h], tau, _CMP_EQ_OQ)) << (8 * h);
+    }
+    return keep_by_threshold(above, equal, n);
+}
+
 /* Keep mask of the max(8, m) inputs at x + g (bit i is input g + i), m = 2, 4, 8, 16 or 32, by
- * rank; values[h] receives inputs g + 8h .. g + 8h + 7. */
+ * rank for m ≤ 8 and by the n-th score for 16 and 32; values[h] receives inputs g + 8h .. g + 8h + 7. */
 AVX2 static inline uint32_t keep_avx2(const float *x, const float *factor, int64_t g, int m, int n,
                                       __m256 *values, int *nan) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i limit = _mm256_set1_epi32(n);
     const int registers = m > 8 ? m / 8 : 1;
     __m256 s[4];
-    float scores[32] __attribute__((aligned(32)));
     for (int h = 0; h < registers; h++) {
         values[h] = _mm256_loadu_ps(x + g + 8 * h);
         *nan |= _mm256_movemask_ps(_mm256_cmp_ps(values[h], values[h], _CMP_UNORD_Q)) != 0;
         s[h] = scores_of_avx2(values[h], factor ? factor + g + 8 * h : 0);
-        _mm256_store_ps(scores + 8 * h, s[h]);
     }
     if (m <= 8) {
         const __m256i position = _mm256_and_si256(lane, _mm256_set1_epi32(m - 1));
@@ -239,19 +295,7 @@ AVX2 static inline uint32_t keep_avx2(const float *x, const float *factor, int64
         }
         return (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(limit, rank)));
     }
-    __m256i rank[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                       _mm256_setzero_si256()};
-    for (int j = 0; j < m; j++) {
-        const __m256 sj = _mm256_broadcast_ss(scores + j);
-        for (int h = 0; h < registers; h++)
-            rank[h] = add_beaten(rank[h], sj, s[h],
-                                 _mm256_cmpgt_epi32(_mm256_add_epi32(lane, _mm256_set1_epi32(8 * h)),
-                                                    _mm256_set1_epi32(j)));
-    }
-    uint32_t keep = 0;
-    for (int h = 0; h < registers; h++)
-        keep |= (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(limit, rank[h]))) << (8 * h);
-    return keep;
+    return keep_sorted_avx2(s, m, n);
 }
 
 /* left_pack[k] lists the set bits of k, lowest first: the lanes an 8-bit keep mask moves to the front. */
@@ -317,7 +361,7 @@ AVX2 static int64_t compress_row_avx2(const float *x, const float *factor, kept_
 int64_t actsparse_select_isa(void) {
 #ifdef HAVE_X86_PATHS
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("bmi2")) return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) return 1;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2")) return 1;
 #endif
     return 0;
 }
