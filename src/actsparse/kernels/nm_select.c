@@ -25,6 +25,7 @@
 
 #define MAX_M 64
 
+/* One kept input, as nm_gemm.c reads it. */
 typedef struct {
     float value;
     int32_t channel;
