@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import replace
 import statistics
 import time
 from collections.abc import Callable
@@ -42,14 +43,15 @@ def main() -> None:
         0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0)
     )
     config = SparsityConfig(pattern=args.pattern, criterion=args.criterion)
-    kernel = sparsify(model, SparsityConfig(**{**config.to_dict(), "backend": "cpu-kernel"}))
+    kernel_config = replace(config, backend="cpu-kernel")
+    kernel = sparsify(model, kernel_config)
     kernel.remove()
     emulated = sparsify(model, config)
     emulated.remove()
     onednn_model = mkldnn.to_mkldnn(copy.deepcopy(model))
     onednn_head = copy.deepcopy(model)
     onednn_head.lm_head = mkldnn.to_mkldnn(onednn_head.lm_head)
-    sparsify(onednn_head, SparsityConfig(**{**config.to_dict(), "backend": "cpu-kernel"}))  # stays attached
+    sparsify(onednn_head, kernel_config)  # stays attached
 
     def prefill(net: torch.nn.Module) -> torch.Tensor:
         with torch.inference_mode():

@@ -2,6 +2,7 @@
 emulated path for every pattern, criterion, correction and instruction set."""
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -117,7 +118,7 @@ def test_models_give_the_emulated_logits(model, criterion, mitigation, tokens, r
     config = SparsityConfig(pattern="8:16", criterion=criterion, mitigation=mitigation, phase="all")
     with sparsify(model, config):
         expected = logits(model, tokens)
-    with sparsify(model, SparsityConfig(**{**config.to_dict(), "backend": "cpu-kernel"})) as handle:
+    with sparsify(model, replace(config, backend="cpu-kernel")) as handle:
         assert all(layer.packed is not None for layer in handle.layers.values())
         torch.testing.assert_close(logits(model, tokens), expected, rtol=1e-4, atol=1e-4)
 
