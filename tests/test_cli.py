@@ -26,7 +26,7 @@ def run(monkeypatch, capsys, *args):
         (["eval", "--phase", "decode"], "Unknown phase 'decode'"),
         (["info", "--model", "./missing-model"], "was not found"),
         (["info", "--pattern", "2:4,8:16"], "describes one configuration"),
-        (["eval", "--pattern", ","], "Give at least one pattern"),
+        (["eval", "--pattern", ","], "Setting pattern is empty"),
         (["eval", "--variant", "pattern=8:16 colour=red"], "Unknown setting(s) colour"),
         (["eval", "--weights", "obs"], "Unknown weight-pruning method 'obs'"),
         (["eval", "--variants", "no-such-file.txt"], "Variants file 'no-such-file.txt' does not exist"),
@@ -82,7 +82,7 @@ def test_eval_end_to_end_on_a_local_model_and_text(monkeypatch, capsys, local_mo
     assert [r["label"] for r in rows] == [
         "dense",
         "2:4 magnitude",
-        "8:16 amber policy=budget",
+        "8:16 amber policy=budget flop_share=0.3",
         "weights 2:4 wanda",
     ]
     assert rows[2]["flops"]["sparse_share"] >= 0.3 and rows[2]["config"]["skipped_layers"]
@@ -119,11 +119,12 @@ def test_eval_and_info_with_the_cpu_kernel_backend(monkeypatch, capsys, local_mo
 
 
 def test_mitigation_option_expands_to_settings():
-    from actsparse.variants import cross_product
+    from actsparse.config import configs_from_settings
 
-    shared = {"phase": "prefill", "include": ("proj",), "exclude": (), "remainder": "error"}
-    configs = cross_product(["8:16"], ["amber"], ["all"], ["none", "shift+var", "smooth"], [], shared)
+    settings = {"pattern": "8:16", "mitigation": "none,shift+var,smoothquant", "include": ["proj"]}
+    configs = configs_from_settings(settings)
     assert [c.label for c in configs] == ["8:16 amber", "8:16 amber shift+var", "8:16 amber smoothquant"]
+    assert all(c.include == ("proj",) for c in configs)
 
 
 def test_calibrate_writes_a_recipe_that_eval_reads(monkeypatch, capsys, local_model, tmp_path):
@@ -132,7 +133,7 @@ def test_calibrate_writes_a_recipe_that_eval_reads(monkeypatch, capsys, local_mo
     common = ["--model", str(model), "--dataset", str(text), "--seqlen", "32"]
     code, output = run(
         monkeypatch, capsys, "calibrate", *common, "--pattern", "2:4", "--mitigation", "shift+learnable",
-        "--calib-windows", "3", "--steps", "2", "--lr", "1e-3", "--out", str(recipe),
+        "--calib-windows", "3", "--calib-steps", "2", "--lr", "1e-3", "--out", str(recipe),
     )  # fmt: skip
     assert code in (0, None), output
     assert "model.layers.1" in output and (recipe / "tensors.safetensors").exists()
@@ -153,7 +154,7 @@ def test_eval_with_a_missing_recipe(monkeypatch, capsys, tmp_path):
 def test_sweep_from_a_yaml_file(monkeypatch, capsys, local_model, tmp_path):
     model, text = local_model
     config = tmp_path / "sweep.yaml"
-    config.write_text('patterns: ["2:4", "16:32"]\ncriteria: [magnitude]\nmitigations: "none,shift"\n')
+    config.write_text('pattern: ["2:4", "16:32"]\ncriterion: [magnitude]\nmitigation: "none,shift"\n')
     out = tmp_path / "sweep"
     args = ["sweep", "--model", str(model), "--dataset", str(text), "--seqlen", "32", "--windows", "2"]
     code, output = run(monkeypatch, capsys, *args, "--config", str(config), "--out", str(out))

@@ -3,7 +3,15 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from actsparse import ActsparseError
-from actsparse.data import SOTU_FIRST_EVALUATION_YEAR, load_text, sotu_addresses, sotu_dir, token_windows
+from actsparse.data import (
+    SOTU_FIRST_EVALUATION_YEAR,
+    TextPart,
+    calibration_text,
+    load_text,
+    sotu_addresses,
+    sotu_dir,
+    token_windows,
+)
 
 
 @pytest.fixture
@@ -38,10 +46,26 @@ def test_text_too_short_names_the_fix(word_tokenizer):
         token_windows(word_tokenizer, "one two", seqlen=16)
 
 
-def test_local_text_file(tmp_path):
+def test_a_local_text_file_splits_into_disjoint_calibration_and_evaluation_parts(tmp_path):
     path = tmp_path / "notes.txt"
-    path.write_text("hello there", encoding="utf-8")
-    assert load_text(str(path)) == "hello there"
+    lines = [f"line {i}\n" for i in range(100)]
+    path.write_text("".join(lines), encoding="utf-8")
+    calibration, evaluation = load_text(str(path), "calibration"), load_text(str(path), "evaluation")
+    assert calibration + evaluation == load_text(str(path), "whole") == "".join(lines)
+    assert calibration.endswith("\n") and 0.2 < len(calibration) / len(calibration + evaluation) < 0.3
+    part = calibration_text(str(path))
+    assert part == TextPart(str(path), "calibration") and "first quarter" in part.describe()["part"]
+
+
+def test_a_separate_calibration_file_is_used_whole_unless_it_is_the_evaluation_text(tmp_path):
+    evaluation, other, copy = tmp_path / "eval.txt", tmp_path / "calib.txt", tmp_path / "copy.txt"
+    evaluation.write_text("evaluation text\n" * 10)
+    other.write_text("calibration text\n" * 10)
+    copy.write_text(evaluation.read_text())
+    assert calibration_text(str(evaluation), str(other)) == TextPart(str(other), "whole")
+    assert calibration_text(str(evaluation), "sotu") == TextPart("sotu", "calibration")
+    with pytest.raises(ActsparseError, match="same text"):
+        calibration_text(str(evaluation), str(copy))
 
 
 def test_unknown_text_source():

@@ -119,7 +119,7 @@ def test_models_give_the_emulated_logits(model, criterion, mitigation, tokens, r
     with sparsify(model, config):
         expected = logits(model, tokens)
     with sparsify(model, replace(config, backend="cpu-kernel")) as handle:
-        assert all(layer.packed is not None for layer in handle.layers.values())
+        assert all(layer.prepared is not None for layer in handle.layers.values())
         torch.testing.assert_close(logits(model, tokens), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -127,13 +127,13 @@ def test_models_give_the_emulated_logits(model, criterion, mitigation, tokens, r
 def test_learned_corrections_and_smoothing_run_through_the_kernel(llama, tokens):
     calibration = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
     settings = CalibrationSettings(steps=3, lr=1e-3)
-    config = SparsityConfig(pattern="2:4", mitigation="shift+learnable", smooth="smoothquant")
+    config = SparsityConfig(pattern="2:4", mitigation="smoothquant+shift+learnable")
     handle = sparsify(llama, config, calibration, calibration_settings=settings)
     expected = logits(llama, tokens)
     recipe = handle.recipe()
     handle.remove()
     with sparsify(llama, recipe=recipe.with_backend("cpu-kernel")) as handle:
-        assert all(layer.folded and layer.packed is not None for layer in handle.layers.values())
+        assert all(layer.folded and layer.prepared is not None for layer in handle.layers.values())
         torch.testing.assert_close(logits(llama, tokens), expected, rtol=1e-4, atol=1e-4)
 
 

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
+from actsparse.corrections import Shift
 from actsparse.layers import SparseLinear
 from actsparse.ops import apply_pattern
 
@@ -28,7 +29,7 @@ def test_shift_by_hand():
 def test_shift_adds_eta_times_row_sums_exactly_as_the_dense_form(statistic):
     torch.manual_seed(0)
     weight, bias = torch.randn(24, 32), torch.randn(24)
-    config = SparsityConfig(pattern="8:16", criterion="amber", mitigation="shift", shift_statistic=statistic)
+    config = SparsityConfig(pattern="8:16", criterion="amber", mitigation=(Shift(shift_statistic=statistic),))
     sparse = layer(config, weight, bias)
     x = torch.randn(2, 5, 32) + 3
     eta = x.median(-1, keepdim=True).values if statistic == "median" else x.mean(-1, keepdim=True)
@@ -65,6 +66,13 @@ def test_shift_and_var_run_on_a_model(llama, tokens):
 def test_unknown_mitigation(mitigation):
     with pytest.raises(ActsparseError, match="Unknown mitigation"):
         SparsityConfig(mitigation=mitigation)
+
+
+def test_a_correction_named_twice_or_two_smoothings_are_refused():
+    with pytest.raises(ActsparseError, match="names a correction twice"):
+        SparsityConfig(mitigation="shift+shift")
+    with pytest.raises(ActsparseError, match="two smoothing corrections"):
+        SparsityConfig(mitigation="smoothquant+outstanding")
 
 
 def learned_layer(

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
-from actsparse.policy import amber_layers, budget_layers, layer_sensitivity
+from actsparse.policy import AmberRule, amber_layers, budget_layers
+from actsparse.sensitivity import layer_sensitivity
 
 
 def test_sensitivity_is_the_relative_output_error_by_hand():
@@ -79,7 +80,7 @@ def test_amber_policy_stops_skipping_at_the_flop_share():
 
 def test_policies_attach_through_sparsify(llama, tokens):
     handle = sparsify(
-        llama, SparsityConfig(pattern="2:4", policy="amber", flop_share=0.3, amber_skip=1), tokens
+        llama, SparsityConfig(pattern="2:4", policy=AmberRule(flop_share=0.3, amber_skip=1)), tokens
     )
     sparse = {n for n, layer in handle.layers.items() if layer.sparse}
     assert sparse and all(n.endswith(("q_proj", "gate_proj", "down_proj")) for n in sparse)

@@ -7,15 +7,14 @@ import torch
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
 from actsparse.calibrate import CalibrationSettings
+from actsparse.policy import AmberRule
 from actsparse.recipe import load_recipe
 
 CONFIG = SparsityConfig(
     pattern="2:4",
     criterion="amber",
-    mitigation="shift+learnable",
-    smooth="smoothquant",
-    policy="amber",
-    flop_share=0.3,
+    mitigation="smoothquant+shift+learnable",
+    policy=AmberRule(flop_share=0.3),
 )
 
 

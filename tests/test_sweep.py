@@ -14,7 +14,7 @@ CONFIGS = [
     for p in ("2:4", "8:16", "unstructured:0.5")
     for c in ("magnitude", "amber")
 ]
-DESCRIPTION = {"model": "tiny llama", "text": "random tokens"}
+DATA = SweepData("tiny llama", "sotu", seqlen=16, windows=2, calib_windows=2)
 
 
 class Killed(Exception):
@@ -35,10 +35,10 @@ def test_a_killed_sweep_resumes_with_every_configuration_exactly_once(llama, tok
         return run
 
     with pytest.raises(Killed):
-        run_sweep(CONFIGS, tmp_path, DESCRIPTION, evaluations(kill_at=2), progress=False)
+        run_sweep(CONFIGS, tmp_path, DATA, evaluations(kill_at=2), progress=False)
     assert len(list((tmp_path / "configs").glob("*.json"))) == 2
     assert not list(tmp_path.glob("configs/.*"))  # nothing half-written
-    records = run_sweep(CONFIGS, tmp_path, DESCRIPTION, evaluations(), progress=False)
+    records = run_sweep(CONFIGS, tmp_path, DATA, evaluations(), progress=False)
     assert sorted(calls) == sorted(config_key(c) for c in CONFIGS)  # each evaluated exactly once
     assert [r["label"] for r in records] == [c.label for c in CONFIGS]
     rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
@@ -52,7 +52,7 @@ def test_a_killed_sweep_resumes_with_every_configuration_exactly_once(llama, tok
 def test_a_directory_of_another_sweep_is_refused(tmp_path):
     (tmp_path / "sweep.json").write_text(json.dumps({"model": "other", "text": "other"}))
     with pytest.raises(ActsparseError, match="holds a sweep of another model"):
-        run_sweep(CONFIGS[:1], tmp_path, DESCRIPTION, lambda pending: iter(()), progress=False)
+        run_sweep(CONFIGS[:1], tmp_path, DATA, lambda pending: iter(()), progress=False)
 
 
 def test_ray_runs_the_configurations_on_workers(local_model, tmp_path):
@@ -63,7 +63,7 @@ def test_ray_runs_the_configurations_on_workers(local_model, tmp_path):
     data = SweepData(str(model), str(text), seqlen=32, windows=2, calib_windows=2)
     try:
         records = run_sweep(
-            CONFIGS[:2], tmp_path, {"model": "tiny"}, ray_evaluations("local", data), progress=False
+            CONFIGS[:2], tmp_path, data, ray_evaluations("local", data), progress=False
         )
     finally:
         ray.shutdown()
@@ -73,13 +73,14 @@ def test_ray_runs_the_configurations_on_workers(local_model, tmp_path):
 
 def test_sweep_file(tmp_path):
     path = tmp_path / "sweep.yaml"
-    path.write_text('patterns: ["2:4", "8:16"]\ncriteria: magnitude,amber\nphase: all\n')
+    path.write_text('pattern: ["2:4", "8:16"]\ncriterion: magnitude,amber\nphase: all\nflop_share: 0.6\n')
     assert read_sweep_file(path) == {
-        "patterns": ["2:4", "8:16"],
-        "criteria": "magnitude,amber",
+        "pattern": ["2:4", "8:16"],
+        "criterion": "magnitude,amber",
         "phase": "all",
+        "flop_share": 0.6,
     }
-    path.write_text("patterns: [2:4, 8:16]\n")
+    path.write_text("pattern: [2:4, 8:16]\n")
     with pytest.raises(ActsparseError, match="must be quoted"):
         read_sweep_file(path)
     path.write_text("colour: red\n")

@@ -22,7 +22,7 @@ from actsparse.calibration import observe_inputs
 from actsparse.config import DEFAULT_TARGETS, SparsityConfig
 from actsparse.errors import ActsparseError
 from actsparse.ops import nm_keep_mask
-from actsparse.sparsify import target_layers
+from actsparse.targets import target_layers
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 

@@ -23,7 +23,7 @@ from actsparse.errors import ActsparseError
 
 if TYPE_CHECKING:
     from actsparse.layers import SparseLinear
-    from actsparse.sparsify import SparsityHandle
+    from actsparse.handle import SparsityHandle
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,9 @@ class BlockFit:
     loss_after: float
     steps: int
     kept: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class _StopForward(Exception):
@@ -228,7 +231,8 @@ def learn_corrections(
     progress: bool = True,
 ) -> list[BlockFit]:
     """Fit the learned corrections of ``handle``'s layers block by block on ``windows`` (the
-    calibration split), then fold them into the layers. The model's own weights never change."""
+    calibration split); ``actsparse.sparsify.fold`` then folds them into the layers. The model's
+    own weights never change, and the handle is attached again at the end."""
     if windows is None or len(windows) == 0:
         raise ActsparseError(
             "Learnable corrections need calibration text; pass calibration windows (--calib-windows)."
@@ -259,7 +263,5 @@ def learn_corrections(
         bar.set_postfix_str(f"MSE {fit.loss_before:.3g} → {fit.loss_after:.3g}")
         dense_inputs = targets
         handle.remove()
-    for layer in corrected.values():
-        layer.fold()
     handle.attach()
     return fits

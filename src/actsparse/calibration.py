@@ -3,13 +3,36 @@ layer's input to an observer (for sensitivities, smoothing maxima, Wanda norms, 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from actsparse.errors import ActsparseError
+
+T = TypeVar("T")
+
+
+class Measurements:
+    """Statistics of the dense model on one set of calibration windows, each computed once and
+    shared by every variant prepared with them (sensitivities, smoothing maxima).
+
+    ``get(key, compute)`` returns the value stored under ``key`` (any JSON-ready description of
+    what is measured), calling ``compute(windows)`` the first time.
+    """
+
+    def __init__(self, windows: torch.Tensor | None) -> None:
+        self.windows = windows
+        self._values: dict[str, Any] = {}
+
+    def get(self, key: Any, compute: Callable[[torch.Tensor | None], T]) -> T:
+        text = json.dumps(key, sort_keys=True)
+        if text not in self._values:
+            self._values[text] = compute(self.windows)
+        return self._values[text]
 
 
 def observe_inputs(

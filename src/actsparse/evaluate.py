@@ -21,18 +21,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from actsparse import __version__
-from actsparse.baselines import WeightPruningConfig, WeightPruningHandle, prune_weights
 from actsparse.calibrate import CalibrationSettings
-from actsparse.config import SparsityConfig
 from actsparse.flops import flop_report
+from actsparse.handle import SparsityHandle
 from actsparse.layers import SparseLinear
 from actsparse.paths import write_json_atomic
-from actsparse.recipe import Recipe
-from actsparse.sparsify import SparsityHandle, sparsify
-
-Variant = SparsityConfig | WeightPruningConfig | Recipe
-"""What ``evaluate`` compares with the dense model: activation sparsity (a config, or a calibrated
-recipe) or weight pruning."""
+from actsparse.variants import Prepared, Variant, prepare_variants
 
 
 @dataclass
@@ -71,31 +65,24 @@ def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.float(), dim=-1)
 
 
-def attach_variant(
-    model: nn.Module,
-    variant: Variant,
-    calibration: torch.Tensor | None = None,
-    calibration_settings: CalibrationSettings | None = None,
-) -> SparsityHandle | WeightPruningHandle:
-    """Attach one variant to ``model`` and return its handle."""
-    if isinstance(variant, WeightPruningConfig):
-        return prune_weights(model, variant, calibration)
-    if isinstance(variant, Recipe):
-        return sparsify(model, recipe=variant)
-    return sparsify(model, variant, calibration, calibration_settings=calibration_settings)
-
-
 def _run_key(
-    model: nn.Module, windows: torch.Tensor, configs: list[Variant], settings: CalibrationSettings | None
+    model: nn.Module,
+    windows: torch.Tensor,
+    handles: list[Prepared],
+    calibration: torch.Tensor | None,
+    settings: CalibrationSettings | None,
 ) -> str:
-    """Fingerprint of a run: the configurations and calibration settings, the exact tokens, and a
-    sample of every weight."""
-    described = [c.to_dict() for c in configs] + [settings.to_dict() if settings else None]
+    """Fingerprint of a run: every prepared variant (its description, with what calibration chose
+    and learned, and its calibrated tensors), the calibration settings and tokens, the exact
+    evaluation tokens, and a sample of every weight."""
+    described = [h.describe() for h in handles] + [settings.to_dict() if settings else None]
     digest = hashlib.sha256(json.dumps(described).encode())
     digest.update(windows.numpy().tobytes())
-    for config in configs:
-        if isinstance(config, Recipe):
-            for tensor in config.tensors.values():
+    if calibration is not None:
+        digest.update(calibration.numpy().tobytes())
+    for handle in handles:
+        if isinstance(handle, SparsityHandle):
+            for tensor in handle.recipe().tensors.values():
                 digest.update(tensor.float().numpy().tobytes())
     for name, parameter in model.named_parameters():
         digest.update(name.encode())
@@ -116,7 +103,7 @@ def _load_checkpoint(checkpoint: Path | None, key: str) -> dict[str, Any] | None
 def evaluate(
     model: nn.Module,
     windows: torch.Tensor,
-    configs: list[Variant],
+    configs: list[Variant | Prepared],
     calibration: torch.Tensor | None = None,
     progress: bool = True,
     checkpoint: Path | None = None,
@@ -126,7 +113,8 @@ def evaluate(
 
     ``calibration`` windows (from the calibration split) serve the variants that measure something
     first: layer policies, smoothing, learnable corrections (fitted with ``calibration_settings``),
-    Wanda and SparseGPT.
+    Wanda and SparseGPT. Variants already prepared (``actsparse.variants.prepare_variants``) are
+    used as they are, so tasks and generation can share them.
 
     Each window runs once dense and once per configuration, so every row sees the same tokens and
     the dense distribution never has to be stored. The model is left dense afterwards.
@@ -134,14 +122,11 @@ def evaluate(
     With ``checkpoint``, the running totals are saved there (atomically) after every window, and a
     run of the same model, windows and configurations resumes from it; it is deleted at the end.
     """
-    handles = []
-    for config in configs:
-        handle = attach_variant(model, config, calibration, calibration_settings)
-        handle.remove()
+    handles = prepare_variants(model, configs, calibration, calibration_settings, progress)
+    for handle in handles:
         handle.measure_density()
-        handles.append(handle)
     dense, sparse = _Totals(), [_Totals() for _ in handles]
-    key, done = _run_key(model, windows, configs, calibration_settings), 0
+    key, done = _run_key(model, windows, handles, calibration, calibration_settings), 0
     if state := _load_checkpoint(checkpoint, key):
         done, dense = state["windows_done"], _Totals(**state["dense"])
         sparse = [_Totals(**saved["totals"]) for saved in state["configs"]]
@@ -182,7 +167,7 @@ def _checkpoint_state(
     key: str,
     windows_done: int,
     dense: _Totals,
-    handles: list[SparsityHandle | WeightPruningHandle],
+    handles: list[Prepared],
     sparse: list[_Totals],
 ) -> dict[str, Any]:
     return {

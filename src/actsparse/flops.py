@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from actsparse.sparsify import SparsityHandle, linear_flops, linear_layers, lm_head
+from actsparse.handle import SparsityHandle
+from actsparse.targets import linear_flops, linear_layers, lm_head
 
 
 @dataclass(frozen=True)

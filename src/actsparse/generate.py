@@ -15,10 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from actsparse.baselines import WeightPruningHandle
-from actsparse.calibrate import CalibrationSettings
-from actsparse.evaluate import Variant, attach_variant
-from actsparse.sparsify import SparsityHandle
+from actsparse.variants import Prepared
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -72,7 +69,7 @@ def _continuation(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> li
 
 def generation_agreement(
     model: nn.Module,
-    handle: SparsityHandle | WeightPruningHandle,
+    handle: Prepared,
     prompts: torch.Tensor,
     new_tokens: int = 32,
     progress: bool = True,
@@ -99,16 +96,7 @@ def generation_agreement(
 
 
 def evaluate_generation(
-    model: nn.Module,
-    variants: list[Variant],
-    prompts: torch.Tensor,
-    new_tokens: int = 32,
-    calibration: torch.Tensor | None = None,
-    calibration_settings: CalibrationSettings | None = None,
+    model: nn.Module, handles: list[Prepared], prompts: torch.Tensor, new_tokens: int = 32
 ) -> list[GenerationAgreement]:
-    """``generation_agreement`` of every variant with the dense model, on the same prompts."""
-    results = []
-    for variant in variants:
-        handle = attach_variant(model, variant, calibration, calibration_settings)
-        results.append(generation_agreement(model, handle, prompts, new_tokens))
-    return results
+    """``generation_agreement`` of every prepared variant with the dense model, on the same prompts."""
+    return [generation_agreement(model, handle, prompts, new_tokens) for handle in handles]

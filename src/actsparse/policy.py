@@ -1,4 +1,4 @@
-"""Which layers to sparsify: sensitivity analysis and the layer policies (REFERENCE §4).
+"""Which layers to sparsify: the layer policies (REFERENCE §4), each one registered piece.
 
 - ``all``: every target layer.
 - ``amber``: Amber Pruner's published rule — skip k, v, o and up; always sparsify down; sparsify q
@@ -6,53 +6,20 @@
   least ``flop_share`` of the linear FLOPs sparse.
 - ``budget``: the set of target layers that reaches ``flop_share`` of the linear FLOPs with the least
   total sensitivity (greedy by sensitivity per FLOP, then dropping what the target does not need).
+
+Add a policy with a frozen dataclass subclass of ``Policy`` (its fields are its settings) and
+``@POLICIES.register``; ``choose`` gets the candidate layers, their FLOPs and, on demand, their
+sensitivities (measured once per run and shared by every variant that asks for the same ones).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from actsparse.calibration import observe_inputs
-from actsparse.config import SparsityConfig
 from actsparse.errors import ActsparseError
-from actsparse.layers import SparseLinear
-
-_EPS = 1e-12
-
-
-def layer_sensitivity(
-    model: nn.Module,
-    windows: torch.Tensor | None,
-    layers: dict[str, nn.Linear],
-    config: SparsityConfig,
-    input_max: dict[str, torch.Tensor] | None = None,
-) -> dict[str, float]:
-    """Relative output error ``‖Y − Y'‖₂ / ‖Y‖₂`` of each layer when only its own input is made
-    sparse under ``config`` (smoothing included, quantisation not), over all calibration tokens.
-
-    ``input_max`` (per-channel calibration maxima) is needed when ``config`` smooths.
-    """
-    sparsity_only = replace(config, quant="none", policy="all")
-    sparse = {
-        name: SparseLinear(linear, name, sparsity_only, (input_max or {}).get(name))
-        for name, linear in layers.items()
-    }
-    error = dict.fromkeys(layers, 0.0)
-    norm = dict.fromkeys(layers, 0.0)
-
-    def observe(name: str, x: torch.Tensor) -> None:
-        dense_out = F.linear(x, layers[name].weight, layers[name].bias)
-        sparse_out = sparse[name](x[None])[0]  # one sequence of many tokens: the prefill path
-        error[name] += (dense_out - sparse_out).float().pow(2).sum().item()
-        norm[name] += dense_out.float().pow(2).sum().item()
-
-    observe_inputs(model, windows, layers, observe, f"sensitivity of {len(layers)} layers")
-    return {name: math.sqrt(error[name]) / (math.sqrt(norm[name]) + _EPS) for name in layers}
+from actsparse.registry import Piece, Registry, setting
 
 
 def projection(name: str) -> str:
@@ -108,3 +75,83 @@ def budget_layers(
             chosen.remove(name)
             covered -= flops[name]
     return [name for name in sensitivity if name in chosen]
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """What a policy chooses from: the candidate layers' FLOPs per token, the model's total linear
+    FLOPs per token (LM head excluded), and ``sensitivity()``, each candidate's relative output
+    error when sparsified alone (measured on calibration text the first time it is asked for)."""
+
+    flops: dict[str, int]
+    total_flops: int
+    sensitivity: Callable[[], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Policy(Piece):
+    """Which of the target layers are sparsified; ``needs_calibration`` when it measures first."""
+
+    needs_calibration: ClassVar[bool] = False
+
+    def choose(self, choice: LayerChoice) -> list[str]:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Refuse settings out of range, with one sentence."""
+
+
+POLICIES: Registry[type[Policy]] = Registry("policy")
+"""The layer policies by name."""
+
+_SHARE_HELP = "Share of linear FLOPs (LM head excluded) the amber and budget policies keep sparse."
+
+
+def _check_share(share: float) -> None:
+    if not 0 < share <= 1:
+        raise ActsparseError(f"flop_share {share:g} is outside (0, 1]; use e.g. 0.55.")
+
+
+@POLICIES.register
+@dataclass(frozen=True)
+class AllLayers(Policy):
+    name: ClassVar[str] = "all"
+    description: ClassVar[str] = "every target layer"
+
+    def choose(self, choice: LayerChoice) -> list[str]:
+        return list(choice.flops)
+
+
+@POLICIES.register
+@dataclass(frozen=True)
+class AmberRule(Policy):
+    name: ClassVar[str] = "amber"
+    description: ClassVar[str] = "Amber Pruner's rule: down always, q and gate but their most sensitive"
+    needs_calibration: ClassVar[bool] = True
+    flop_share: float = setting(0.55, _SHARE_HELP)
+    amber_skip: int = setting(5, "Most sensitive q and gate layers each that the amber policy may skip.")
+
+    def check(self) -> None:
+        _check_share(self.flop_share)
+        if self.amber_skip < 0:
+            raise ActsparseError(f"amber_skip {self.amber_skip} is negative; use 0 or more (5 is published).")
+
+    def choose(self, choice: LayerChoice) -> list[str]:
+        return amber_layers(
+            choice.sensitivity(), choice.flops, choice.total_flops, self.flop_share, self.amber_skip
+        )
+
+
+@POLICIES.register
+@dataclass(frozen=True)
+class Budget(Policy):
+    name: ClassVar[str] = "budget"
+    description: ClassVar[str] = "the least sensitive set of layers reaching flop_share"
+    needs_calibration: ClassVar[bool] = True
+    flop_share: float = setting(0.55, _SHARE_HELP)
+
+    def check(self) -> None:
+        _check_share(self.flop_share)
+
+    def choose(self, choice: LayerChoice) -> list[str]:
+        return budget_layers(choice.sensitivity(), choice.flops, choice.total_flops, self.flop_share)

@@ -26,7 +26,9 @@ from actsparse.paths import atomic_directory, write_json_atomic
 
 RECIPE_FILE = "recipe.json"
 TENSORS_FILE = "tensors.safetensors"
-FORMAT = 1
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
+"""Format 1 (actsparse 0.1) kept policy and mitigation settings flat in its config; it still loads."""
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, str]:
@@ -132,10 +134,10 @@ def load_recipe(directory: Path | str) -> Recipe:
         raise ActsparseError(
             f"{description_path} is corrupted ({type(error).__name__}: {error}); calibrate the recipe again."
         ) from None
-    if description.get("format") != FORMAT:
+    if description.get("format") not in READABLE_FORMATS:
         raise ActsparseError(
             f"{directory} is a recipe of format {description.get('format')}, this actsparse reads "
-            f"format {FORMAT}; calibrate it again with this version."
+            f"formats {' and '.join(map(str, READABLE_FORMATS))}; calibrate it again with this version."
         )
     if _sha256(tensors_path) != expected_sha256:
         raise ActsparseError(

@@ -1,171 +1,154 @@
-"""Attach and detach N:M activation sparsity on a model: ``sparsify(model, config) -> handle``."""
+"""Attach and detach N:M activation sparsity on a model: ``sparsify(model, config) -> handle``.
+
+``sparsify`` is four named phases, each a function with one job:
+
+1. ``plan``: the corrections measure their statistics on calibration text (smoothing maxima), and
+   the policy chooses the sparse layers (measuring sensitivities if it ranks by them);
+2. ``insert``: each target layer is replaced by a ``SparseLinear``;
+3. ``calibrate``: the corrections that learn are fitted on the attached model;
+4. ``fold``: what was learned is folded into each layer's sparse-call weight, bias and factor.
+
+A recipe replaces phases 1 and 3 with what it saved.
+"""
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from actsparse.calibrate import CalibrationSettings, learn_corrections
-from actsparse.calibration import input_abs_max
+from actsparse.calibrate import CalibrationSettings
+from actsparse.calibration import Measurements
 from actsparse.config import SparsityConfig
 from actsparse.errors import ActsparseError
+from actsparse.handle import SparsityHandle
 from actsparse.layers import SparseLinear
-from actsparse.policy import amber_layers, budget_layers, layer_sensitivity
-from actsparse.recipe import Recipe, model_fingerprint
+from actsparse.policy import LayerChoice
+from actsparse.recipe import Recipe
+from actsparse.sensitivity import layer_sensitivity, sensitivity_config
+from actsparse.targets import linear_flops, linear_layers, target_layers
 
 
-def lm_head(model: nn.Module) -> nn.Module | None:
-    """The model's output embedding (its LM head), which is never sparsified."""
-    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+@dataclass(frozen=True)
+class Plan:
+    """What planning decided: the layers made sparse, per-layer calibration statistics, and the
+    sensitivities the policy measured (None when it measured none)."""
+
+    sparse_layers: list[str]
+    statistics: dict[str, dict[str, torch.Tensor]]
+    sensitivity: dict[str, float] | None
 
 
-def linear_flops(layer: nn.Linear) -> int:
-    """Multiply-add FLOPs per token of one linear layer: ``2 · in · out``."""
-    return 2 * layer.in_features * layer.out_features
+def _statistics(
+    model: nn.Module, config: SparsityConfig, candidates: dict[str, nn.Linear], measurements: Measurements
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Every correction's per-layer statistics (smoothing maxima), each measured once."""
+    statistics: dict[str, dict[str, torch.Tensor]] = {}
+    for correction in config.mitigation:
+        for name, values in correction.measure(model, candidates, measurements).items():
+            statistics.setdefault(name, {}).update(values)
+    return statistics
 
 
-def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` of ``model`` by name, except its LM head."""
-    head = lm_head(model)
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module is not head and name
-    }
-
-
-def target_layers(model: nn.Module, config: SparsityConfig) -> dict[str, nn.Linear]:
-    """The linear layers ``config`` selects: names matching an include and no exclude expression.
-
-    An include or exclude expression that matches no linear layer is refused, as is an empty result.
-    """
-    layers = linear_layers(model)
-    for kind, expressions in (("include", config.include), ("exclude", config.exclude)):
-        for expression in expressions:
-            if not any(re.search(expression, name) for name in layers):
-                raise ActsparseError(
-                    f"The {kind} filter '{expression}' matches no linear layer of this model; "
-                    "list the layer names with `actsparse info --model ...` and adjust the filter."
-                )
-    chosen = {
-        name: module
-        for name, module in layers.items()
-        if any(re.search(e, name) for e in config.include)
-        and not any(re.search(e, name) for e in config.exclude)
-    }
-    if not chosen:
-        raise ActsparseError(
-            "No linear layer is left to sparsify after the include and exclude filters; "
-            "loosen --exclude or widen --include."
-        )
-    return chosen
-
-
-@dataclass
-class SparsityHandle:
-    """What ``sparsify`` returns: the wrapped layers, and the means to take them out and back.
-
-    ``remove()`` puts every original ``nn.Linear`` object back, so the model is bit-for-bit what it
-    was; ``attach()`` re-inserts the same prepared layers (no factor is recomputed).
-    """
-
-    model: nn.Module
-    config: SparsityConfig
-    layers: dict[str, SparseLinear]
-    originals: dict[str, nn.Linear]
-    sensitivity: dict[str, float] | None = None
-    input_max: dict[str, torch.Tensor] = field(default_factory=dict)
-    calibration: dict[str, Any] | None = None
-    attached: bool = False
-
-    @property
-    def label(self) -> str:
-        return self.config.label
-
-    def describe(self) -> dict[str, Any]:
-        """The configuration and, under a layer policy, the layers it skipped and why."""
-        description: dict[str, Any] = {"kind": "activations", **self.config.to_dict()}
-        if self.sensitivity is not None:
-            description["sensitivity"] = self.sensitivity
-            description["skipped_layers"] = [
-                name for name in self.sensitivity if not (name in self.layers and self.layers[name].sparse)
-            ]
-        if self.calibration is not None:
-            description["calibration"] = self.calibration
-        return description
-
-    def recipe(self) -> Recipe:
-        """This sparsification as a recipe: its config, sparse layers and calibrated tensors."""
-        tensors = {f"{name}.input_max": maxima for name, maxima in self.input_max.items()}
-        for name, layer in self.layers.items():
-            if layer.correction is not None:
-                for tensor_name, parameter in layer.correction.named_parameters():
-                    tensors[f"{name}.correction.{tensor_name}"] = parameter.detach()
-        return Recipe(
-            config=self.config,
-            model=model_fingerprint(self.model),
-            sparse_layers=[name for name, layer in self.layers.items() if layer.sparse],
-            tensors=tensors,
-            sensitivity=self.sensitivity,
-            calibration=self.calibration,
-        )
-
-    def _swap_in(self, modules: dict[str, nn.Module]) -> None:
-        for name, module in modules.items():
-            parent_name, _, child = name.rpartition(".")
-            setattr(self.model.get_submodule(parent_name), child, module)
-
-    def attach(self) -> SparsityHandle:
-        """Put the sparse layers into the model (no-op when already attached)."""
-        if not self.attached:
-            self._swap_in(self.layers)
-            self.attached = True
-        return self
-
-    def remove(self) -> None:
-        """Restore the original dense layers (no-op when already removed)."""
-        if self.attached:
-            self._swap_in(self.originals)
-            self.attached = False
-
-    def measure_density(self, enabled: bool = True) -> None:
-        """Start (or stop) counting the non-zero inputs of every sparsified call, from zero."""
-        for layer in self.layers.values():
-            layer.measure_density = enabled
-            layer.reset_counters()
-
-    def __enter__(self) -> SparsityHandle:
-        return self.attach()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.remove()
-
-
-def _plan(
+def _sensitivity(
     model: nn.Module,
     config: SparsityConfig,
     candidates: dict[str, nn.Linear],
-    calibration: torch.Tensor | None,
-) -> tuple[list[str], dict[str, torch.Tensor], dict[str, float] | None]:
-    """Measure what ``config`` needs on calibration text: smoothing maxima, and under a layer
-    policy the sensitivities and the layers chosen. Returns (sparse layers, maxima, sensitivities)."""
-    input_max = {}
-    if config.smooth != "none":
-        input_max = input_abs_max(model, calibration, candidates, f"{config.smooth} smoothing")
-    if config.policy == "all":
-        return list(candidates), input_max, None
-    sensitivity = layer_sensitivity(model, calibration, candidates, config, input_max)
+    statistics: dict[str, dict[str, torch.Tensor]],
+    measurements: Measurements,
+) -> dict[str, float]:
+    """The candidates' sensitivities, measured once per distinct pattern, criterion, training-free
+    corrections and layers on the windows of ``measurements``."""
+    key = ("sensitivity", sensitivity_config(config).to_dict(), sorted(candidates))
+    return measurements.get(
+        key, lambda windows: layer_sensitivity(model, windows, candidates, config, statistics)
+    )
+
+
+def measure_sensitivity(
+    model: nn.Module, config: SparsityConfig, calibration: torch.Tensor | None
+) -> dict[str, float]:
+    """Each target layer's relative output error under ``config`` when sparsified alone."""
+    measurements = Measurements(calibration)
+    candidates = target_layers(model, config)
+    statistics = _statistics(model, config, candidates, measurements)
+    return _sensitivity(model, config, candidates, statistics, measurements)
+
+
+def plan(
+    model: nn.Module, config: SparsityConfig, candidates: dict[str, nn.Linear], measurements: Measurements
+) -> Plan:
+    """Phase 1: measure what ``config`` needs on the calibration windows of ``measurements`` (each
+    statistic once per ``measurements``) and choose the sparse layers."""
+    statistics = _statistics(model, config, candidates, measurements)
+    measured: dict[str, dict[str, float]] = {}
+
+    def sensitivity() -> dict[str, float]:
+        if "values" not in measured:
+            measured["values"] = _sensitivity(model, config, candidates, statistics, measurements)
+        return measured["values"]
+
     flops = {name: linear_flops(layer) for name, layer in candidates.items()}
     total = sum(linear_flops(layer) for layer in linear_layers(model).values())
-    if config.policy == "amber":
-        chosen = amber_layers(sensitivity, flops, total, config.flop_share, config.amber_skip)
-    else:
-        chosen = budget_layers(sensitivity, flops, total, config.flop_share)
-    return chosen, input_max, sensitivity
+    chosen = config.policy.choose(LayerChoice(flops, total, sensitivity))
+    return Plan(chosen, statistics, measured.get("values"))
+
+
+def _recipe_plan(recipe: Recipe, candidates: dict[str, nn.Linear]) -> Plan:
+    """Phase 1 from a recipe: its layers and statistics as saved."""
+    names = [key for correction in recipe.config.mitigation for key in correction.statistics]
+    statistics = {name: {key: recipe.tensor(f"{name}.{key}") for key in names} for name in candidates}
+    return Plan(recipe.sparse_layers, statistics if names else {}, recipe.sensitivity)
+
+
+def insert(
+    model: nn.Module, config: SparsityConfig, candidates: dict[str, nn.Linear], planned: Plan
+) -> SparsityHandle:
+    """Phase 2: wrap the planned layers (every candidate under W8A8, the skipped ones dense) and
+    attach them."""
+    chosen = set(planned.sparse_layers)
+    wrapped = candidates if config.quant != "none" else {n: l for n, l in candidates.items() if n in chosen}
+    layers = {
+        name: SparseLinear(linear, name, config, planned.statistics.get(name), sparse=name in chosen)
+        for name, linear in wrapped.items()
+    }
+    handle = SparsityHandle(
+        model, config, layers, dict(wrapped), planned.sensitivity, statistics=planned.statistics
+    )
+    return handle.attach()
+
+
+def calibrate(
+    handle: SparsityHandle, windows: torch.Tensor | None, settings: CalibrationSettings | None = None
+) -> None:
+    """Phase 3: fit the corrections that learn (``learnable``) on ``windows``; on failure the
+    model is left dense."""
+    settings = settings or CalibrationSettings()
+    record: dict = {}
+    try:
+        for correction in handle.config.mitigation:
+            record |= correction.calibrate(handle, windows, settings) or {}
+    except BaseException:
+        handle.remove()
+        raise
+    handle.calibration = record or None
+
+
+def fold(handle: SparsityHandle) -> None:
+    """Phase 4: fold what the corrections learned into every layer's sparse-call operands."""
+    for layer in handle.layers.values():
+        layer.fold()
+
+
+def _load_tensors(handle: SparsityHandle, recipe: Recipe) -> None:
+    """Phases 3 and 4 from a recipe: every correction's tensors as saved, folded."""
+    for name, layer in handle.layers.items():
+        for correction in layer.corrections:
+            wanted = correction.layer_tensors(layer)
+            if wanted:
+                correction.load_tensors(layer, {key: recipe.tensor(f"{name}.{key}") for key in wanted})
+    handle.calibration = recipe.calibration
 
 
 def sparsify(
@@ -174,6 +157,7 @@ def sparsify(
     calibration: torch.Tensor | None = None,
     recipe: Recipe | None = None,
     calibration_settings: CalibrationSettings | None = None,
+    measurements: Measurements | None = None,
 ) -> SparsityHandle:
     """Attach N:M activation sparsity to ``model`` in place and return the handle that undoes it.
 
@@ -185,8 +169,10 @@ def sparsify(
     ``calibration`` (token windows ``(W, T)``, never the evaluation text) is needed when the config
     measures or learns something first: a layer policy other than ``all``, smoothing, or learnable
     corrections (fitted block by block with ``calibration_settings``; see ``actsparse.calibrate``).
-    A ``recipe`` (``actsparse.recipe.load_recipe``) replaces both ``config`` and ``calibration``:
-    its layers and tensors are used as saved, so the logits are those of the calibrated model.
+    ``measurements`` shares what was measured on the same windows between several calls (it
+    replaces ``calibration``). A ``recipe`` (``actsparse.recipe.load_recipe``) replaces both
+    ``config`` and ``calibration``: its layers and tensors are used as saved, so the logits are
+    those of the calibrated model.
     """
     if recipe is not None:
         if config is not None and config != recipe.config:
@@ -197,39 +183,12 @@ def sparsify(
         config = recipe.config
     config = config or SparsityConfig()
     candidates = target_layers(model, config)
-    if recipe is None:
-        chosen, input_max, sensitivity = _plan(model, config, candidates, calibration)
-    else:
-        chosen, sensitivity = recipe.sparse_layers, recipe.sensitivity
-        input_max = {}
-        if config.smooth != "none":
-            input_max = {name: recipe.tensor(f"{name}.input_max") for name in candidates}
-    wrapped = candidates if config.quant != "none" else {name: candidates[name] for name in chosen}
-    layers = {
-        name: SparseLinear(linear, name, config, input_max.get(name), sparse=name in chosen)
-        for name, linear in wrapped.items()
-    }
-    handle = SparsityHandle(model, config, layers, dict(wrapped), sensitivity, input_max=input_max)
-    handle.attach()
     if recipe is not None:
-        _load_corrections(layers, recipe)
-        handle.calibration = recipe.calibration
-    elif config.learnable:
-        settings = calibration_settings or CalibrationSettings()
-        try:
-            fits = learn_corrections(handle, calibration, settings)
-        except BaseException:
-            handle.remove()
-            raise
-        handle.calibration = {"settings": settings.to_dict(), "blocks": [asdict(fit) for fit in fits]}
+        handle = insert(model, config, candidates, _recipe_plan(recipe, candidates))
+        _load_tensors(handle, recipe)
+        return handle
+    measurements = measurements or Measurements(calibration)
+    handle = insert(model, config, candidates, plan(model, config, candidates, measurements))
+    calibrate(handle, measurements.windows, calibration_settings)
+    fold(handle)
     return handle
-
-
-def _load_corrections(layers: dict[str, SparseLinear], recipe: Recipe) -> None:
-    """Set every learned correction from the recipe's tensors and fold it."""
-    for name, layer in layers.items():
-        if layer.correction is None:
-            continue
-        for tensor_name, parameter in layer.correction.named_parameters():
-            parameter.copy_(recipe.tensor(f"{name}.correction.{tensor_name}"))
-        layer.fold()

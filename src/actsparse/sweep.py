@@ -1,4 +1,5 @@
-"""Sweeps: patterns × criteria × mitigations × policies, one configuration at a time, resumable.
+"""Sweeps: the cross product of any settings (patterns × criteria × mitigations × policies × ...),
+one configuration at a time, resumable.
 
 Every finished configuration is written at once, atomically, to ``<out>/configs/<key>.json``; a
 restarted sweep skips the configurations whose file exists, so none is lost or run twice. When all
@@ -15,7 +16,7 @@ import io
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from actsparse.calibrate import CalibrationSettings
-from actsparse.config import SparsityConfig
-from actsparse.data import load_text, token_windows
+from actsparse.config import SparsityConfig, config_settings
+from actsparse.data import calibration_text, evaluation_text, token_windows
 from actsparse.errors import ActsparseError
 from actsparse.evaluate import evaluate
 from actsparse.hwcost import hardware_cost
@@ -34,12 +35,12 @@ from actsparse.models import load_model
 from actsparse.paths import write_json_atomic, write_text_atomic
 
 MANIFEST = "sweep.json"
-AXES = ("patterns", "criteria", "mitigations", "policies")
 
 
 def read_sweep_file(path: Path) -> dict[str, Any]:
-    """A sweep file: YAML mapping with ``patterns``, ``criteria``, ``mitigations``, ``policies``
-    (lists or comma-separated strings) and any shared ``SparsityConfig`` setting."""
+    """A sweep file: a YAML mapping from setting names (those of the command-line options, e.g.
+    ``pattern``, ``criterion``, ``mitigation``, ``policy``, ``flop_share``) to a value, a list of
+    values or comma-separated values; read by ``configs_from_settings``."""
     if not path.is_file():
         raise ActsparseError(f"Sweep file '{path}' does not exist; pass a YAML file (see README).")
     try:
@@ -48,17 +49,12 @@ def read_sweep_file(path: Path) -> dict[str, Any]:
         raise ActsparseError(f"Sweep file '{path}' is not valid YAML ({error}); fix it.") from None
     if not isinstance(data, dict):
         raise ActsparseError(f"Sweep file '{path}' must be a mapping such as patterns: \"2:4,8:16\".")
-    known = set(AXES) | {f.name for f in fields(SparsityConfig) if f.init} - {
-        "pattern",
-        "criterion",
-        "policy",
-        "mitigation",
-    }
-    if unknown := set(data) - known:
+    known = [setting.name for setting in config_settings()]
+    if unknown := set(data) - set(known):
         raise ActsparseError(
-            f"Unknown key(s) {', '.join(sorted(unknown))} in sweep file '{path}'; known: {', '.join(sorted(known))}."
+            f"Unknown key(s) {', '.join(sorted(unknown))} in sweep file '{path}'; known: {', '.join(known)}."
         )
-    patterns = data.get("patterns", [])
+    patterns = data.get("pattern", [])
     if not isinstance(patterns, str) and any(not isinstance(p, str) for p in patterns):
         raise ActsparseError(
             f"Patterns in '{path}' must be quoted (\"2:4\"): unquoted, YAML reads 2:4 as the number 124."
@@ -72,7 +68,7 @@ def config_key(config: SparsityConfig) -> str:
     return f"{re.sub(r'[^A-Za-z0-9+.=-]+', '_', config.label)}-{digest}"
 
 
-def _record(config: SparsityConfig, rows: list) -> dict[str, Any]:
+def _record(config: SparsityConfig, rows: list, data: SweepData) -> dict[str, Any]:
     dense, row = rows
     pattern = config.parsed_pattern
     # The I/O figures are for a 512 × 4096 activation tile (trimmed to whole groups of M).
@@ -85,6 +81,7 @@ def _record(config: SparsityConfig, rows: list) -> dict[str, Any]:
         "kl_to_dense": row.kl_to_dense,
         "top1_agreement": row.top1_agreement,
         "dense_perplexity": dense.perplexity,
+        "calibration_text": data.calibration_description(config),
         "flops": row.flops,
         "hwcost": hardware_cost(pattern, tokens=512, channels=channels).to_dict(),
     }
@@ -92,7 +89,8 @@ def _record(config: SparsityConfig, rows: list) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class SweepData:
-    """The model and text of a sweep, by name: enough for any worker to rebuild them."""
+    """The model, texts and calibration settings of a sweep, by name: enough for any worker to
+    rebuild them."""
 
     model: str
     dataset: str
@@ -100,11 +98,33 @@ class SweepData:
     windows: int
     calib_windows: int
     dtype: str = "float32"
+    calib_dataset: str | None = None
+    calibration_settings: CalibrationSettings = CalibrationSettings()
 
     @property
     def text(self) -> str:
         count = f"{self.windows} windows" if self.windows else "all windows"
         return f"{self.dataset} evaluation split, {count} × {self.seqlen} tokens"
+
+    def calibration_description(self, config: SparsityConfig) -> dict[str, Any] | None:
+        """Which text calibrated ``config`` (None when it needs none)."""
+        if not config.needs_calibration:
+            return None
+        part = calibration_text(self.dataset, self.calib_dataset).describe()
+        return part | {"windows": self.calib_windows, "seqlen": self.seqlen}
+
+    def describe(self) -> dict[str, Any]:
+        """What every configuration of the sweep shares (its manifest)."""
+        return {
+            "model": self.model,
+            "text": self.text,
+            "dtype": self.dtype,
+            "calibration": {
+                "text": calibration_text(self.dataset, self.calib_dataset).describe(),
+                "windows": self.calib_windows,
+                "settings": self.calibration_settings.to_dict(),
+            },
+        }
 
 
 Evaluations = Callable[[list[SparsityConfig]], Iterator[tuple[SparsityConfig, list]]]
@@ -117,33 +137,28 @@ def load_sweep_inputs(
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
     """The model, evaluation windows and (if needed) calibration windows of ``data``, once per process."""
     model, tokenizer = load_model(data.model, data.dtype)
-    windows = token_windows(
-        tokenizer, load_text(data.dataset, "evaluation"), data.seqlen, data.windows or None
-    )
+    windows = token_windows(tokenizer, evaluation_text(data.dataset).text(), data.seqlen, data.windows or None)
     calibration = None
     if calibration_needed:
-        calibration = token_windows(
-            tokenizer, load_text(data.dataset, "calibration"), data.seqlen, data.calib_windows
-        )
+        text = calibration_text(data.dataset, data.calib_dataset).text()
+        calibration = token_windows(tokenizer, text, data.seqlen, data.calib_windows)
     return model, windows, calibration
 
 
-def evaluate_config(
-    data: SweepData, config: SparsityConfig, settings: CalibrationSettings | None = None
-) -> list:
+def evaluate_config(data: SweepData, config: SparsityConfig) -> list:
     """Dense and ``config`` rows over the sweep's windows (loads the inputs on first use)."""
     model, windows, calibration = load_sweep_inputs(data, config.needs_calibration)
-    return evaluate(model, windows, [config], calibration, progress=False, calibration_settings=settings)
+    return evaluate(
+        model, windows, [config], calibration, progress=False, calibration_settings=data.calibration_settings
+    )
 
 
-def local_evaluations(data: SweepData, settings: CalibrationSettings | None = None) -> Evaluations:
+def local_evaluations(data: SweepData) -> Evaluations:
     """Run the configurations one after another in this process."""
-    return lambda pending: ((config, evaluate_config(data, config, settings)) for config in pending)
+    return lambda pending: ((config, evaluate_config(data, config)) for config in pending)
 
 
-def ray_evaluations(
-    address: str, data: SweepData, settings: CalibrationSettings | None = None
-) -> Evaluations:
+def ray_evaluations(address: str, data: SweepData) -> Evaluations:
     """Run the configurations as Ray tasks on the cluster at ``address`` ("local" starts one here);
     every worker needs actsparse installed and rebuilds the model and text from ``data``."""
     try:
@@ -154,7 +169,7 @@ def ray_evaluations(
     remote = ray.remote(evaluate_config)
 
     def run(pending: list[SparsityConfig]) -> Iterator[tuple[SparsityConfig, list]]:
-        running = {remote.remote(data, config, settings): config for config in pending}
+        running = {remote.remote(data, config): config for config in pending}
         while running:
             (done,), _ = ray.wait(list(running), num_returns=1)
             yield running.pop(done), ray.get(done)
@@ -165,20 +180,23 @@ def ray_evaluations(
 def run_sweep(
     configs: list[SparsityConfig],
     out: Path,
-    description: dict[str, Any],
+    data: SweepData,
     evaluations: Evaluations,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Evaluate every configuration not yet in ``out`` and write the tables and plots.
 
-    ``description`` (model, text, windows) is saved as ``out/sweep.json``; a directory holding a
-    sweep with another description is refused rather than mixed. Each configuration's record is
-    written as soon as it finishes. Returns every record, in the order of ``configs``.
+    ``data.describe()`` (model, texts, calibration settings) is saved as ``out/sweep.json``; a
+    directory holding a sweep with another description is refused rather than mixed. Each
+    configuration's record is written as soon as it finishes. Returns every record, in the order
+    of ``configs``.
     """
+    description = data.describe()
     manifest = out / MANIFEST
     if manifest.exists() and json.loads(manifest.read_text()) != description:
         raise ActsparseError(
-            f"{out} holds a sweep of another model or text ({manifest}); choose another --out or remove it."
+            f"{out} holds a sweep of another model, text or calibration ({manifest}); choose another --out "
+            "or remove it."
         )
     write_json_atomic(manifest, description)
     pending = [c for c in configs if not (out / "configs" / f"{config_key(c)}.json").exists()]
@@ -190,7 +208,7 @@ def run_sweep(
         disable=not progress,
     )
     for config, rows in evaluations(pending):
-        record = _record(config, rows)
+        record = _record(config, rows, data)
         write_json_atomic(out / "configs" / f"{record['key']}.json", record)
         bar.update()
     bar.close()
@@ -277,18 +295,8 @@ def plot_sweep(records: list[dict[str, Any]], out: Path, subtitle: str = "") -> 
 
     patterns = list(dict.fromkeys(record["config"]["pattern"] for record in records))
     lines: dict[str, list[dict[str, Any]]] = {}
-    for record in records:
-        config = record["config"]
-        name = " ".join(
-            part
-            for part in (
-                config["criterion"],
-                "" if config["mitigation"] == "none" else config["mitigation"],
-                "" if config.get("smooth", "none") == "none" else config["smooth"],
-                "" if config["policy"] == "all" else f"policy={config['policy']}",
-            )
-            if part
-        )
+    for record in records:  # one line per configuration but its pattern: the label after it
+        name = record["label"].split(" ", 1)[1] if " " in record["label"] else record["label"]
         lines.setdefault(name, []).append(record)
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, group in lines.items():

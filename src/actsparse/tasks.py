@@ -26,10 +26,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from actsparse.calibrate import CalibrationSettings
 from actsparse.errors import ActsparseError
-from actsparse.evaluate import Variant, attach_variant
 from actsparse.paths import cache_dir, write_text_atomic
+from actsparse.variants import Prepared
 
 LOCAL_TASKS = ("mmlu", "lastword")
 _LETTERS = "ABCD"
@@ -185,17 +184,16 @@ def run_tasks(
 def evaluate_tasks(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    variants: list[Variant],
+    handles: list[Prepared],
     tasks: list[str],
-    calibration: torch.Tensor | None = None,
-    calibration_settings: CalibrationSettings | None = None,
     text: str | None = None,
     limit: int | None = None,
     task_dir: Path | None = None,
 ) -> list[dict[str, dict[str, float]]]:
-    """``run_tasks`` on the dense model, then with each variant attached; one result per model."""
+    """``run_tasks`` on the dense model, then with each prepared variant attached (see
+    ``actsparse.variants.prepare_variants``); one result per model."""
     results = [run_tasks(model, tokenizer, tasks, text, limit, task_dir)]
-    for variant in variants:
-        with attach_variant(model, variant, calibration, calibration_settings):
+    for handle in handles:
+        with handle:
             results.append(run_tasks(model, tokenizer, tasks, text, limit, task_dir))
     return results

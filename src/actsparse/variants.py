@@ -1,98 +1,122 @@
-"""Variants written as text: ``"pattern=8:16 criterion=amber policy=amber"`` or
-``"weights=wanda pattern=2:4"`` — one per ``--variant`` option or per line of a ``--variants`` file.
+"""Variants: what an evaluation compares with the dense model, and how each is prepared once.
 
-Keys are the fields of ``SparsityConfig`` (activation sparsity) or, with ``weights=<method>``, of
-``WeightPruningConfig``; ``include``, ``exclude`` and ``quant_exclude`` take one regular expression.
+A variant is activation sparsity (a ``SparsityConfig``, or a calibrated ``Recipe``) or weight
+pruning (a ``WeightPruningConfig``). ``prepare_variants`` attaches each one once — measuring,
+calibrating and folding what it needs, with every measurement shared between the variants that
+ask for the same — and returns the detached handles that perplexity, tasks and generation then use.
+
+Written as text, a variant is ``key=value`` words (``"pattern=8:16 criterion=amber policy=amber"``,
+or ``"weights=wanda pattern=2:4"``), read by the config's one parser; a comma-separated value
+gives one variant per value.
 """
 
 from __future__ import annotations
 
-import itertools
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from actsparse.baselines import WeightPruningConfig
-from actsparse.config import SparsityConfig
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from actsparse.baselines import WeightPruningConfig, WeightPruningHandle, prune_weights
+from actsparse.calibrate import CalibrationSettings
+from actsparse.calibration import Measurements
+from actsparse.config import SparsityConfig, configs_from_settings
 from actsparse.errors import ActsparseError
-from actsparse.evaluate import Variant
+from actsparse.handle import SparsityHandle
+from actsparse.recipe import Recipe
+from actsparse.sparsify import sparsify
 
-_TUPLES = {"include", "exclude", "quant_exclude"}
-_INTS = {"amber_skip", "blocksize"}
-_FLOATS = {"flop_share", "smooth_alpha", "damping"}
+Variant = SparsityConfig | WeightPruningConfig | Recipe
+"""What ``evaluate`` compares with the dense model."""
 
+Prepared = SparsityHandle | WeightPruningHandle
+"""A variant attached once and detached again, ready to be attached for each measurement."""
 
-def _value(key: str, text: str) -> Any:
-    if key in _TUPLES:
-        return (text,)
-    try:
-        if key in _INTS:
-            return int(text)
-        if key in _FLOATS:
-            return float(text)
-    except ValueError:
-        raise ActsparseError(f"Setting {key}={text} needs a number.") from None
-    return text
+_WEIGHT_NUMBERS = {"blocksize": int, "damping": float}
 
 
-def parse_variant(spec: str, defaults: dict[str, Any] | None = None) -> Variant:
-    """One variant from ``key=value`` words; ``defaults`` fill the keys the spec leaves out."""
-    settings: dict[str, Any] = {}
+def attach_variant(
+    model: nn.Module,
+    variant: Variant,
+    measurements: Measurements | None = None,
+    calibration_settings: CalibrationSettings | None = None,
+) -> Prepared:
+    """Attach one variant to ``model`` and return its handle (attached)."""
+    measurements = measurements or Measurements(None)
+    if isinstance(variant, WeightPruningConfig):
+        return prune_weights(model, variant, measurements.windows)
+    if isinstance(variant, Recipe):
+        return sparsify(model, recipe=variant)
+    return sparsify(model, variant, calibration_settings=calibration_settings, measurements=measurements)
+
+
+def prepare_variants(
+    model: nn.Module,
+    variants: list[Variant | Prepared],
+    calibration: torch.Tensor | None = None,
+    calibration_settings: CalibrationSettings | None = None,
+    progress: bool = True,
+) -> list[Prepared]:
+    """Every variant attached once (prepared handles pass through), then detached; ``calibration``
+    windows (never the evaluation text) serve all of them, each statistic measured once."""
+    measurements = Measurements(calibration)
+    prepared = []
+    for variant in tqdm(variants, desc="preparing", unit="variant", disable=not progress, leave=False):
+        if isinstance(variant, (SparsityHandle, WeightPruningHandle)):
+            prepared.append(variant)
+            continue
+        handle = attach_variant(model, variant, measurements, calibration_settings)
+        handle.remove()
+        prepared.append(handle)
+    return prepared
+
+
+def parse_variant(spec: str, inherited: Mapping[str, Any] | None = None) -> list[Variant]:
+    """The variants of one ``key=value`` spec; ``inherited`` settings fill the keys it leaves out
+    (those that a variant's pieces do not have are ignored)."""
+    settings: dict[str, str] = {}
     for word in spec.split():
         key, sep, text = word.partition("=")
         if not sep or not text:
             raise ActsparseError(f"'{word}' in variant '{spec}' is not key=value, e.g. pattern=8:16.")
-        settings[key] = _value(key, text)
-    kind = WeightPruningConfig if "weights" in settings else SparsityConfig
-    if kind is WeightPruningConfig:
-        settings["method"] = settings.pop("weights")
-    known = {f.name for f in fields(kind) if f.init}
+        settings[key] = text
+    if "weights" not in settings:
+        return list(configs_from_settings(settings, inherited or {}))
+    settings["method"] = settings.pop("weights")
+    known = {f.name for f in fields(WeightPruningConfig)}
     if unknown := set(settings) - known:
         raise ActsparseError(
             f"Unknown setting(s) {', '.join(sorted(unknown))} in variant '{spec}'; known: {', '.join(sorted(known))}."
         )
-    inherited = {k: v for k, v in (defaults or {}).items() if k in known and k not in settings}
-    return kind(**inherited, **settings)
+    arguments: dict[str, Any] = {k: v for k, v in (inherited or {}).items() if k in ("include", "exclude")}
+    for key, text in settings.items():
+        if key in ("include", "exclude"):
+            arguments[key] = (text,)
+        elif key in _WEIGHT_NUMBERS:
+            try:
+                arguments[key] = _WEIGHT_NUMBERS[key](text)
+            except ValueError:
+                raise ActsparseError(f"Setting {key}={text} needs a number.") from None
+        else:
+            arguments[key] = text
+    return [WeightPruningConfig(**arguments)]
 
 
-def read_variants(path: Path, defaults: dict[str, Any] | None = None) -> list[Variant]:
-    """Variants from a text file: one per line; blank lines and ``#`` comments are skipped."""
+def read_variants(path: Path, inherited: Mapping[str, Any] | None = None) -> list[Variant]:
+    """Variants from a text file: one spec per line; blank lines and ``#`` comments are skipped."""
     if not path.is_file():
         raise ActsparseError(
             f"Variants file '{path}' does not exist; pass a text file with one variant per line."
         )
     lines = [line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    return [parse_variant(line, defaults) for line in lines if line]
+    return [variant for line in lines if line for variant in parse_variant(line, inherited)]
 
 
-def mitigation_settings(text: str) -> dict[str, str]:
-    """Settings of one mitigation entry: ``smooth`` is static scaling (SmoothQuant, α 0.5), the
-    other parts (shift, var, learnable) are corrections; e.g. ``shift+smooth``."""
-    parts = [part for part in text.split("+") if part]
-    settings = {"smooth": "smoothquant"} if "smooth" in parts else {}
-    return settings | {"mitigation": "+".join(p for p in parts if p != "smooth") or "none"}
-
-
-def cross_product(
-    patterns: list[str],
-    criteria: list[str],
-    policies: list[str],
-    mitigations: list[str],
-    weights: list[str],
-    shared: dict[str, Any],
-) -> list[Variant]:
-    """Every pattern × criterion × policy × mitigation, then each weight-pruning method at each pattern;
-    ``shared`` holds the settings common to all (phase, include, exclude, ...)."""
-    if not patterns or not criteria or not policies or not mitigations:
-        raise ActsparseError(
-            "Give at least one pattern and one criterion, e.g. --pattern 8:16 --criterion amber."
-        )
-    configs: list[Variant] = [
-        SparsityConfig(pattern=p, criterion=c, policy=pol, **mitigation_settings(mit), **shared)
-        for p, c, pol, mit in itertools.product(patterns, criteria, policies, mitigations)
-    ]
-    configs += [
-        WeightPruningConfig(method=method, pattern=p, include=shared["include"], exclude=shared["exclude"])
-        for method, p in itertools.product(weights, patterns)
-    ]
-    return configs
+def weight_variants(methods: list[str], patterns: list[str], inherited: Mapping[str, Any]) -> list[Variant]:
+    """Weight pruning by each method at each N:M pattern, on the layers ``inherited`` selects."""
+    filters = {k: tuple(v) for k, v in inherited.items() if k in ("include", "exclude")}
+    return [WeightPruningConfig(method=m, pattern=p, **filters) for m in methods for p in patterns]

@@ -1,0 +1,137 @@
+"""Backends: how a ``SparseLinear`` computes its products, each one registered piece.
+
+A backend says what it refuses for a config (``refusal``), prepares a layer's weights once
+(``prepare``, again after learned corrections are folded), runs the dense product of calls that
+stay dense and the sparse product of sparsified calls, and describes in one sentence how a set of
+layers runs (``actsparse info``). Add one with a ``Backend`` subclass and
+``BACKENDS.register(MyBackend())``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from actsparse import kernels
+from actsparse.registry import Registry
+
+if TYPE_CHECKING:
+    from actsparse.config import SparsityConfig
+    from actsparse.layers import SparseCall, SparseLinear
+
+
+class Backend:
+    """The emulated product: dropped inputs are zeroed and the product is dense (any dtype, any
+    device). Subclasses replace what they compute differently and fall back to this otherwise."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def refusal(self, config: SparsityConfig) -> str | None:
+        """Why this backend cannot run ``config`` (a clause completing "The <name> backend ..."),
+        or None."""
+        return None
+
+    def prepare(self, layer: SparseLinear) -> Any:
+        """What this backend keeps for ``layer`` (e.g. packed weights), stored as ``layer.prepared``."""
+        return None
+
+    def dense(self, layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
+        """A call that stays dense: the layer's own (smoothed, quantised) weight and bias."""
+        return F.linear(layer.quantized(x), layer.weight, layer.bias)
+
+    def sparse(self, layer: SparseLinear, call: SparseCall) -> torch.Tensor:
+        """A sparsified call: select, let the corrections change the kept values, multiply, add
+        ``η · row_sum`` for the shift."""
+        kept = layer.sparsify_input(call.input, call.factor)
+        for correction in layer.corrections:
+            kept = correction.kept_values(layer, call, kept)
+        operands = layer.operands()
+        y = F.linear(layer.quantized(kept), operands.weight, operands.bias)
+        return y if call.eta is None else y + call.eta * operands.row_sum
+
+    def execution(self, layers: list[SparseLinear]) -> str:
+        """How ``layers`` are computed, in one sentence."""
+        selection = (
+            f"selection compiled for float32 N:M on the CPU, {kernels.select_isa()}"
+            if kernels.AVAILABLE
+            else "selection in PyTorch: the compiled extension was not built"
+        )
+        return f"{self.name}: dropped inputs are zeroed and multiplied densely ({selection})."
+
+
+BACKENDS: Registry[Backend] = Registry("backend")
+"""The backends by name."""
+
+
+class Emulated(Backend):
+    name: ClassVar[str] = "emulated"
+    description: ClassVar[str] = "zero the dropped inputs, multiply densely (any dtype, any device)"
+
+
+class CpuKernel(Backend):
+    """actsparse's compiled sparse GEMM: a fused select-and-compress pass, then a product over the
+    kept inputs only, with bias and ``η · W.sum(1)`` inside (float32 N:M, M ≤ 64, on the CPU).
+    Other calls (other dtypes or devices, calls needing gradients, unfolded learned corrections)
+    are emulated."""
+
+    name: ClassVar[str] = "cpu-kernel"
+    description: ClassVar[str] = (
+        "multiply only the kept inputs (compiled sparse GEMM, float32 N:M on the CPU)"
+    )
+
+    def refusal(self, config: SparsityConfig) -> str | None:
+        pattern = config.parsed_pattern
+        if pattern.unstructured:
+            return "runs N:M patterns only; choose an N:M pattern"
+        if not pattern.dense and pattern.m > kernels.MAX_GROUP:
+            return f"takes M up to {kernels.MAX_GROUP}; choose a smaller group"
+        if config.quant != "none":
+            return "computes in float32 and does not quantise; drop quant='w8a8'"
+        for correction in config.mitigation:
+            if correction.rescales_kept:
+                return f"does not rescale the kept values; drop the {correction.name} mitigation"
+        return None
+
+    def prepare(self, layer: SparseLinear) -> kernels.PackedLinear | None:
+        if not (layer.sparse and kernels.AVAILABLE):
+            return None
+        operands = layer.operands()
+        return kernels.pack_linear(operands.weight, operands.bias, operands.row_sum)
+
+    def sparse(self, layer: SparseLinear, call: SparseCall) -> torch.Tensor:
+        n, m = layer.pattern.keep_count(layer.in_features)
+        if (
+            layer.prepared is None
+            or not kernels.supports(call.input, m)
+            or any(c.rescales_kept_values(layer) for c in layer.corrections)
+        ):
+            return super().sparse(layer, call)
+        factor = layer.criterion.channel_factor(call.input, call.factor)
+        y, compressed = kernels.sparse_linear(call.input, layer.prepared, n, m, factor, call.eta)
+        if compressed.has_nan:
+            raise layer.nan_error()
+        layer.count_kept(compressed.nonzero, call.input.numel())
+        return y
+
+    def execution(self, layers: list[SparseLinear]) -> str:
+        packed = sum(layer.prepared is not None for layer in layers)
+        if packed:
+            return (
+                f"cpu-kernel: {packed} layers multiply only the kept inputs (sparse GEMM "
+                f"{kernels.gemm_isa()}, selection {kernels.select_isa()}) in float32 calls on the CPU; "
+                "other calls are emulated."
+            )
+        return (
+            "emulated, although cpu-kernel was asked for: the compiled extension was not built "
+            "(reinstall actsparse where a C compiler is present)."
+        )
+
+
+BACKENDS.register(Emulated())
+BACKENDS.register(CpuKernel())
+
+get_backend = BACKENDS.get
+"""Look a backend up by name; an unknown name is refused with the list of known ones."""

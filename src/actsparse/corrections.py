@@ -1,0 +1,384 @@
+"""Corrections of N:M activation sparsity (REFERENCE §3), each one registered piece.
+
+A ``SparseLinear`` runs its corrections around the backend's sparse product::
+
+    every call:       x = c.every_call(x)                  smoothing (X / s)
+    sparsified call:  c.before_selection(call)             learned shift, the token's shift η
+                      kept = select(call.input)            (backend)
+                      kept = c.kept_values(call, kept)     restored variance, learned scale
+                      y = kept Wᵀ + b + η · W.sum(1)       (backend)
+                      y = c.after_product(call, y)         learned output scale and bias
+
+Corrections run in their ``stage`` order; they are named, spelled (``"shift+var"``) and shown in
+their registration order. Add one with a frozen dataclass subclass of ``Correction`` (its fields
+are its settings) and ``@CORRECTIONS.register``; nothing else changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actsparse.calibration import Measurements, input_abs_max
+from actsparse.errors import ActsparseError
+from actsparse.quant import smoothing_scale
+from actsparse.registry import Piece, Registry, setting
+
+if TYPE_CHECKING:
+    from actsparse.calibrate import CalibrationSettings
+    from actsparse.config import SparsityConfig
+    from actsparse.handle import SparsityHandle
+    from actsparse.layers import SparseCall, SparseLinear
+
+
+@dataclass(frozen=True)
+class Correction(Piece):
+    """One correction; every hook does nothing unless a subclass says otherwise.
+
+    Class attributes: ``stage`` (order of application), ``needs_calibration`` (measures or learns on
+    calibration text), ``learned`` (fitted by ``calibrate``, so sensitivities are measured without
+    it), ``rescales_kept`` (changes the kept values after selection, which fused kernels can't do),
+    ``exclusive`` (at most one correction of this group per config), ``statistics`` (names of the
+    per-layer tensors ``measure`` returns, saved in recipes).
+    """
+
+    stage: ClassVar[int] = 50
+    needs_calibration: ClassVar[bool] = False
+    learned: ClassVar[bool] = False
+    rescales_kept: ClassVar[bool] = False
+    exclusive: ClassVar[str | None] = None
+    statistics: ClassVar[tuple[str, ...]] = ()
+
+    def check(self, config: SparsityConfig) -> None:
+        """Refuse, with one sentence, a config this correction cannot be combined with."""
+
+    def measure(
+        self, model: nn.Module, layers: dict[str, nn.Linear], measurements: Measurements
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-layer statistics from the dense model on calibration text (named in ``statistics``)."""
+        return {}
+
+    def transform_weight(
+        self, layer: SparseLinear, weight: torch.Tensor, statistics: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The layer's weight as this correction needs it (before quantisation)."""
+        return weight
+
+    def attach(self, layer: SparseLinear) -> None:
+        """Give the layer what this correction holds (buffers, parameters); its weight is final."""
+
+    def every_call(self, layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def before_selection(self, layer: SparseLinear, call: SparseCall) -> None:
+        """Change ``call.input``, ``call.factor`` or ``call.eta`` before the kept inputs are chosen."""
+
+    def kept_values(self, layer: SparseLinear, call: SparseCall, kept: torch.Tensor) -> torch.Tensor:
+        return kept
+
+    def rescales_kept_values(self, layer: SparseLinear) -> bool:
+        """True when ``kept_values`` changes anything for this layer now."""
+        return self.rescales_kept
+
+    def after_product(self, layer: SparseLinear, call: SparseCall, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def calibrate(
+        self, handle: SparsityHandle, windows: torch.Tensor | None, settings: CalibrationSettings
+    ) -> dict[str, Any] | None:
+        """Fit what this correction learns on the attached model; returns a JSON-ready record."""
+        return None
+
+    def fold(self, layer: SparseLinear) -> None:
+        """Turn what was learned into the layer's sparse-call operands (inference form)."""
+
+    def layer_tensors(self, layer: SparseLinear) -> dict[str, torch.Tensor]:
+        """Tensors this correction holds in ``layer`` (saved in recipes as ``<layer>.<name>``)."""
+        return {}
+
+    def load_tensors(self, layer: SparseLinear, tensors: dict[str, torch.Tensor]) -> None:
+        """Set what ``layer_tensors`` returned (from a recipe) and fold it."""
+
+
+CORRECTIONS: Registry[type[Correction]] = Registry("mitigation")
+"""The corrections by name, in the order they are spelled and shown."""
+
+
+# ---- smoothing ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Smoothing(Correction):
+    """Per-input-channel scaling from calibration maxima: ``X / s`` and ``W · diag(s)``."""
+
+    stage: ClassVar[int] = 0
+    needs_calibration: ClassVar[bool] = True
+    exclusive: ClassVar[str | None] = "smoothing"
+    statistics: ClassVar[tuple[str, ...]] = ("input_max",)
+    inverse: ClassVar[bool] = False
+    smooth_alpha: float = 0.5
+
+    def check(self, config: SparsityConfig) -> None:
+        if not 0 <= self.smooth_alpha <= 1:
+            raise ActsparseError(f"smooth_alpha {self.smooth_alpha:g} is outside [0, 1]; use e.g. 0.5.")
+
+    def measure(
+        self, model: nn.Module, layers: dict[str, nn.Linear], measurements: Measurements
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        maxima = measurements.get(
+            ("input_max", sorted(layers)),
+            lambda windows: input_abs_max(model, windows, layers, f"{self.name} smoothing"),
+        )
+        return {name: {"input_max": value} for name, value in maxima.items()}
+
+    def transform_weight(
+        self, layer: SparseLinear, weight: torch.Tensor, statistics: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        scale = smoothing_scale(statistics["input_max"].to(weight.device), weight, self.smooth_alpha)
+        scale = (1 / scale if self.inverse else scale).to(weight.dtype)
+        layer.register_buffer("input_scale", scale, persistent=False)
+        return weight.detach() * scale  # W · diag(s): columns scaled, X / s keeps X Wᵀ
+
+    def every_call(self, layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
+        return x / layer.input_scale
+
+
+@CORRECTIONS.register
+@dataclass(frozen=True)
+class SmoothQuant(_Smoothing):
+    """SmoothQuant's ``s = max|X|^α / max|W|^(1−α)`` (α 0.5: ``sqrt(max|X| / max|W|)``)."""
+
+    name: ClassVar[str] = "smoothquant"
+    description: ClassVar[str] = "static scaling s = max|X|^α / max|W|^(1−α), X/s and W·diag(s)"
+    smooth_alpha: float = setting(0.5, "α of the smoothing scale (smoothquant 0.5, outstanding 0.1).")
+
+
+@CORRECTIONS.register
+@dataclass(frozen=True)
+class Outstanding(_Smoothing):
+    """Outstanding-sparse: the inverse of SmoothQuant's scale, which widens the activation range."""
+
+    name: ClassVar[str] = "outstanding"
+    description: ClassVar[str] = "Outstanding-sparse: the inverse smoothing scale (α 0.1)"
+    inverse: ClassVar[bool] = True
+    smooth_alpha: float = setting(0.1, "α of the smoothing scale (smoothquant 0.5, outstanding 0.1).")
+
+
+# ---- training-free corrections of each token ---------------------------------------------------
+
+
+def shift_value(x: torch.Tensor, statistic: str) -> torch.Tensor:
+    """η of the shift correction: each token's median (or mean) input, ``(..., 1)``."""
+    if statistic == "mean":
+        return x.mean(dim=-1, keepdim=True)
+    return x.median(dim=-1, keepdim=True).values
+
+
+def variance_restored(dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+    """``sparse`` scaled per token by ``sqrt(Var(dense) / Var(sparse))`` (rows of zeros kept)."""
+    ratio = dense.float().var(dim=-1, keepdim=True) / sparse.float().var(dim=-1, keepdim=True)
+    return sparse * torch.nan_to_num(ratio, nan=1.0, posinf=1.0).sqrt().to(sparse.dtype)
+
+
+SHIFT_STATISTICS = ("median", "mean")
+
+
+@CORRECTIONS.register
+@dataclass(frozen=True)
+class Shift(Correction):
+    """Select on ``x − η`` (η the token's median or mean) and add ``η · W.sum(1)`` to the output:
+    a per-token scalar times a fixed vector, no dense product."""
+
+    name: ClassVar[str] = "shift"
+    description: ClassVar[str] = "select on x − η (token median or mean), add η · W.sum(1) back"
+    stage: ClassVar[int] = 20
+    shift_statistic: str = setting("median", "Shift correction: η is each token's median or mean input.")
+
+    def check(self, config: SparsityConfig) -> None:
+        if self.shift_statistic not in SHIFT_STATISTICS:
+            raise ActsparseError(f"Unknown shift statistic '{self.shift_statistic}'; choose median or mean.")
+
+    def attach(self, layer: SparseLinear) -> None:
+        layer.row_sum = layer.weight.detach().sum(dim=1)
+
+    def before_selection(self, layer: SparseLinear, call: SparseCall) -> None:
+        call.eta = shift_value(call.input, self.shift_statistic)
+        call.input = call.input - call.eta
+
+
+@CORRECTIONS.register
+@dataclass(frozen=True)
+class RestoreVariance(Correction):
+    """Rescale the kept values so each token keeps the variance of its dense input."""
+
+    name: ClassVar[str] = "var"
+    description: ClassVar[str] = "rescale the kept values to the token's dense variance"
+    stage: ClassVar[int] = 30
+    rescales_kept: ClassVar[bool] = True
+
+    def kept_values(self, layer: SparseLinear, call: SparseCall, kept: torch.Tensor) -> torch.Tensor:
+        return variance_restored(call.input, kept)
+
+
+# ---- learned per-channel corrections -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FoldedLayer:
+    """What a sparsified call multiplies with once the learned corrections are folded in."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    row_sum: torch.Tensor
+    channel_factor: torch.Tensor
+
+
+class LearnedCorrection(nn.Module):
+    """Calibrated corrections of one layer, all per channel; at initialisation they do nothing.
+
+    With ``v = x − shift`` (and, under the training-free shift, ``v − η``) a sparsified call computes::
+
+        y = ((prune(v) ⊙ scale + shift + η) Wᵀ + b) ⊙ (1 + output_scale) + output_bias
+
+    i.e. the dropped inputs are replaced by ``shift`` (learnable shift), the kept ones are scaled
+    per channel (learnable diagonal scale, which also multiplies the selection score), and the
+    output is corrected per channel (``Y(1 + a) + b``). ``fold`` turns all of it into one weight,
+    bias and channel factor, so inference only subtracts ``shift`` before the usual selection.
+    """
+
+    TENSORS = ("scale", "shift", "output_scale", "output_bias")
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        # Trainable only while calibration fits them (``actsparse.calibrate``).
+        self.scale = nn.Parameter(torch.ones(in_features, dtype=dtype), requires_grad=False)
+        self.shift = nn.Parameter(torch.zeros(in_features, dtype=dtype), requires_grad=False)
+        self.output_scale = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False)
+        self.output_bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False)
+        self.folded = False
+
+    def selection_factor(self, factor: torch.Tensor | None) -> torch.Tensor:
+        """The criterion's per-channel factor times ``|scale|``: selection sees the scaled input."""
+        magnitude = self.scale.detach().abs()
+        return magnitude if factor is None else factor * magnitude
+
+    @torch.no_grad()
+    def fold(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, channel_factor: torch.Tensor | None
+    ) -> FoldedLayer:
+        """One weight ``diag(1 + a) W diag(scale)``, bias ``(1 + a)(b + W·shift) + output_bias``, the
+        row sums ``(1 + a) W.sum(1)`` for the per-token η, and the selection factor."""
+        gain = 1 + self.output_scale
+        base_bias = weight @ self.shift if bias is None else bias + weight @ self.shift
+        return FoldedLayer(
+            weight=(gain[:, None] * weight * self.scale).contiguous(),
+            bias=gain * base_bias + self.output_bias,
+            row_sum=gain * weight.sum(dim=1),
+            channel_factor=self.selection_factor(channel_factor).contiguous(),
+        )
+
+
+@CORRECTIONS.register
+@dataclass(frozen=True)
+class Learnable(Correction):
+    """Per-channel input shift and scale and output scale and bias, calibrated block by block
+    (``actsparse.calibrate``) and folded into the layer's weight, bias and selection factor."""
+
+    name: ClassVar[str] = "learnable"
+    description: ClassVar[str] = "calibrated per-channel input shift/scale and output scale/bias, folded"
+    stage: ClassVar[int] = 10
+    needs_calibration: ClassVar[bool] = True
+    learned: ClassVar[bool] = True
+
+    def check(self, config: SparsityConfig) -> None:
+        if any(c.rescales_kept for c in config.mitigation):
+            raise ActsparseError(
+                "Mitigation var+learnable is not supported: the learned per-channel scale already "
+                "restores the kept values' size; use learnable or shift+learnable."
+            )
+        if config.quant != "none":
+            raise ActsparseError(
+                "Learnable corrections are calibrated without quantisation and cannot be combined "
+                "with quant='w8a8' yet; use a training-free mitigation with W8A8."
+            )
+
+    def attach(self, layer: SparseLinear) -> None:
+        if layer.sparse:
+            layer.correction = LearnedCorrection(layer.in_features, layer.out_features, layer.weight.dtype)
+
+    @staticmethod
+    def _live(layer: SparseLinear) -> LearnedCorrection | None:
+        """The layer's correction while it is not folded yet (calibration's differentiable form)."""
+        correction = getattr(layer, "correction", None)
+        return None if correction is None or correction.folded else correction
+
+    def before_selection(self, layer: SparseLinear, call: SparseCall) -> None:
+        correction = getattr(layer, "correction", None)
+        if correction is None:
+            return
+        call.input = call.input - correction.shift
+        if not correction.folded:  # folded, the factor already holds |scale|
+            call.factor = correction.selection_factor(call.factor)
+
+    def rescales_kept_values(self, layer: SparseLinear) -> bool:
+        return self._live(layer) is not None
+
+    def kept_values(self, layer: SparseLinear, call: SparseCall, kept: torch.Tensor) -> torch.Tensor:
+        correction = self._live(layer)
+        return kept if correction is None else kept * correction.scale + correction.shift
+
+    def after_product(self, layer: SparseLinear, call: SparseCall, y: torch.Tensor) -> torch.Tensor:
+        correction = self._live(layer)
+        return y if correction is None else y * (1 + correction.output_scale) + correction.output_bias
+
+    def calibrate(
+        self, handle: SparsityHandle, windows: torch.Tensor | None, settings: CalibrationSettings
+    ) -> dict[str, Any]:
+        from actsparse.calibrate import learn_corrections
+
+        fits = learn_corrections(handle, windows, settings)
+        return {"settings": settings.to_dict(), "blocks": [fit.to_dict() for fit in fits]}
+
+    def fold(self, layer: SparseLinear) -> None:
+        correction = getattr(layer, "correction", None)
+        if correction is None:
+            return
+        folded = correction.fold(layer.weight, layer.bias, layer.channel_factor)
+        correction.folded = True
+        layer.set_sparse_operands(
+            folded.weight,
+            folded.bias,
+            folded.row_sum if layer.row_sum is not None else None,
+            folded.channel_factor,
+        )
+
+    def layer_tensors(self, layer: SparseLinear) -> dict[str, torch.Tensor]:
+        correction = getattr(layer, "correction", None)
+        if correction is None:
+            return {}
+        return {f"correction.{name}": p.detach() for name, p in correction.named_parameters()}
+
+    def load_tensors(self, layer: SparseLinear, tensors: dict[str, torch.Tensor]) -> None:
+        correction = getattr(layer, "correction", None)
+        if correction is None:
+            return
+        for name, parameter in correction.named_parameters():
+            parameter.copy_(tensors[f"correction.{name}"])
+        self.fold(layer)
+
+
+def parse_mitigation(text: str) -> tuple[type[Correction], ...]:
+    """The correction classes of a spelled mitigation such as ``"shift+var"`` (``"none"``: none)."""
+    parts = [part for part in text.split("+")]
+    if text == "none":
+        return ()
+    if not all(parts) or any(part not in CORRECTIONS for part in parts):
+        raise ActsparseError(
+            f"Unknown mitigation '{text}'; use none, one of {', '.join(CORRECTIONS)}, or several "
+            "joined with + such as shift+var or smoothquant+shift+learnable."
+        )
+    return tuple(CORRECTIONS.get(part) for part in parts)

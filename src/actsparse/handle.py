@@ -1,0 +1,98 @@
+"""``SparsityHandle``: what ``sparsify`` returns — the wrapped layers, and the means to take them
+out of the model and put them back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from actsparse.config import SparsityConfig
+from actsparse.layers import SparseLinear
+from actsparse.recipe import Recipe, model_fingerprint
+
+
+@dataclass
+class SparsityHandle:
+    """The wrapped layers of one sparsification, and what calibration measured or learned for it.
+
+    ``remove()`` puts every original ``nn.Linear`` object back, so the model is bit-for-bit what it
+    was; ``attach()`` re-inserts the same prepared layers (no factor is recomputed).
+    ``statistics`` holds the per-layer calibration statistics (smoothing maxima), ``sensitivity``
+    the per-layer sensitivities a policy measured, ``calibration`` the record of what was learned.
+    """
+
+    model: nn.Module
+    config: SparsityConfig
+    layers: dict[str, SparseLinear]
+    originals: dict[str, nn.Linear]
+    sensitivity: dict[str, float] | None = None
+    statistics: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    attached: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.config.label
+
+    def describe(self) -> dict[str, Any]:
+        """The configuration and, under a layer policy, the layers it skipped and why."""
+        description: dict[str, Any] = {"kind": "activations", **self.config.to_dict()}
+        if self.sensitivity is not None:
+            description["sensitivity"] = self.sensitivity
+            description["skipped_layers"] = [
+                name for name in self.sensitivity if not (name in self.layers and self.layers[name].sparse)
+            ]
+        if self.calibration is not None:
+            description["calibration"] = self.calibration
+        return description
+
+    def recipe(self) -> Recipe:
+        """This sparsification as a recipe: its config, sparse layers and calibrated tensors."""
+        tensors = {
+            f"{name}.{key}": value for name, values in self.statistics.items() for key, value in values.items()
+        }
+        for name, layer in self.layers.items():
+            for correction in layer.corrections:
+                for key, value in correction.layer_tensors(layer).items():
+                    tensors[f"{name}.{key}"] = value
+        return Recipe(
+            config=self.config,
+            model=model_fingerprint(self.model),
+            sparse_layers=[name for name, layer in self.layers.items() if layer.sparse],
+            tensors=tensors,
+            sensitivity=self.sensitivity,
+            calibration=self.calibration,
+        )
+
+    def _swap_in(self, modules: dict[str, nn.Module]) -> None:
+        for name, module in modules.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), child, module)
+
+    def attach(self) -> SparsityHandle:
+        """Put the sparse layers into the model (no-op when already attached)."""
+        if not self.attached:
+            self._swap_in(self.layers)
+            self.attached = True
+        return self
+
+    def remove(self) -> None:
+        """Restore the original dense layers (no-op when already removed)."""
+        if self.attached:
+            self._swap_in(self.originals)
+            self.attached = False
+
+    def measure_density(self, enabled: bool = True) -> None:
+        """Start (or stop) counting the non-zero inputs of every sparsified call, from zero."""
+        for layer in self.layers.values():
+            layer.measure_density = enabled
+            layer.reset_counters()
+
+    def __enter__(self) -> SparsityHandle:
+        return self.attach()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
