@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-from dataclasses import replace
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch.utils import mkldnn

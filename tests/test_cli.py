@@ -178,3 +178,130 @@ def test_eval_with_tasks_and_generation(monkeypatch, capsys, local_model, tmp_pa
     assert [r["tasks"]["lastword"]["n"] for r in rows] == [6, 6]
     assert rows[0]["generation"] is None and rows[1]["generation"]["prompts"] == 3
     assert "lastword acc (n=6)" in markdown.read_text()
+
+
+def _four_choice_task(folder):
+    """A 4-choice lm-eval task in a local YAML file over a local JSONL file."""
+    from conftest import WORDS
+
+    data = folder / "four.jsonl"
+    rows = [
+        {"q": " ".join(WORDS[i : i + 5]), "choices": WORDS[i + 5 : i + 9], "gold": i % 4} for i in range(8)
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (folder / "four.yaml").write_text(
+        "task: four_local\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n"
+    )
+
+
+def test_eval_passes_task_dir_on_to_lm_eval(monkeypatch, capsys, local_model, tmp_path):
+    model, text = local_model
+    tasks, out = tmp_path / "tasks", tmp_path / "eval.json"
+    tasks.mkdir()
+    _four_choice_task(tasks)
+    code, output = run(
+        monkeypatch, capsys, "eval", "--model", str(model), "--dataset", str(text), "--seqlen", "32",
+        "--windows", "2", "--pattern", "2:4", "--criterion", "magnitude", "--tasks", "four_local",
+        "--task-dir", str(tasks), "--out", str(out),
+    )  # fmt: skip
+    assert code in (0, None), output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tasks"]["four_local"]["n"] for r in rows] == [8, 8]
+
+
+def test_a_learnable_variant_is_calibrated_once_for_perplexity_tasks_and_generation(
+    monkeypatch, capsys, local_model, tmp_path
+):
+    import actsparse.calibrate
+
+    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    original = actsparse.calibrate.learn_corrections
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(actsparse.calibrate, "learn_corrections", counted)
+    model, text = local_model
+    out = tmp_path / "eval.json"
+    code, output = run(
+        monkeypatch, capsys, "eval", "--model", str(model), "--dataset", str(text), "--seqlen", "32",
+        "--windows", "2", "--pattern", "2:4", "--criterion", "magnitude", "--mitigation", "learnable",
+        "--calib-windows", "2", "--calib-steps", "1", "--tasks", "lastword", "--limit", "4",
+        "--generate", "2", "--prompt-tokens", "8", "--new-tokens", "2", "--out", str(out),
+    )  # fmt: skip
+    assert code in (0, None), output
+    assert len(calls) == 1
+    row = json.loads(out.read_text())["rows"][1]
+    assert row["tasks"]["lastword"]["n"] == 4 and row["generation"]["prompts"] == 2
+
+
+def test_sensitivities_are_measured_once_per_pattern_criterion_and_corrections(
+    monkeypatch, capsys, local_model, tmp_path
+):
+    phases = sys.modules["actsparse.sparsify"]  # the module; `actsparse.sparsify` is the function
+    calls = []
+    original = phases.layer_sensitivity
+
+    def counted(model, windows, layers, config, statistics=None):
+        calls.append((config.pattern, config.criterion))
+        return original(model, windows, layers, config, statistics)
+
+    monkeypatch.setattr(phases, "layer_sensitivity", counted)
+    model, text = local_model
+    code, output = run(
+        monkeypatch, capsys, "eval", "--model", str(model), "--dataset", str(text), "--seqlen", "32",
+        "--windows", "1", "--calib-windows", "2", "--pattern", "2:4", "--criterion", "magnitude,amber",
+        "--policy", "amber,budget", "--flop-share", "0.3", "--out", str(tmp_path / "eval.json"),
+    )  # fmt: skip
+    assert code in (0, None), output
+    assert sorted(calls) == [("2:4", "amber"), ("2:4", "magnitude")]
+
+
+def test_sweep_hands_the_calibration_settings_to_its_evaluations(monkeypatch, capsys, local_model, tmp_path):
+    model, text = local_model
+    out = tmp_path / "sweep"
+    code, output = run(
+        monkeypatch, capsys, "sweep", "--model", str(model), "--dataset", str(text), "--seqlen", "32",
+        "--windows", "1", "--calib-windows", "2", "--pattern", "2:4", "--criterion", "magnitude",
+        "--mitigation", "learnable", "--calib-steps", "1", "--lr", "0.0123", "--out", str(out),
+    )  # fmt: skip
+    assert code in (0, None), output
+    (record,) = [json.loads(p.read_text()) for p in (out / "configs").glob("*.json")]
+    assert record["config"]["calibration"]["settings"] == {**record["config"]["calibration"]["settings"],
+                                                           "steps": 1, "lr": 0.0123}  # fmt: skip
+    assert "first quarter" in record["calibration_text"]["part"]
+    assert json.loads((out / "sweep.json").read_text())["calibration"]["settings"]["lr"] == 0.0123
+
+
+def test_a_local_text_file_never_calibrates_on_its_evaluation_part(
+    monkeypatch, capsys, local_model, tmp_path
+):
+    import actsparse.cli
+
+    seen = {}
+    original = actsparse.cli.prepare_variants
+
+    def capture(model, variants, calibration, settings):
+        seen["calibration"] = calibration
+        return original(model, variants, calibration, settings)
+
+    monkeypatch.setattr(actsparse.cli, "prepare_variants", capture)
+    model, text = local_model
+    out = tmp_path / "eval.json"
+    code, output = run(
+        monkeypatch, capsys, "eval", "--model", str(model), "--dataset", str(text), "--seqlen", "32",
+        "--windows", "0", "--pattern", "2:4", "--mitigation", "smoothquant", "--calib-windows", "100",
+        "--out", str(out),
+    )  # fmt: skip
+    assert code in (0, None), output
+    document = json.loads(out.read_text())
+    calibration = document["text"]["calibration_text"]
+    assert calibration["source"] == str(text) and "first quarter" in calibration["part"]
+    evaluated, calibrated = document["text"]["tokens"], seen["calibration"].numel()
+    # The calibration windows come from the first quarter only (the text is 2,000 words, one token each).
+    assert calibrated <= 0.3 * 2000 < evaluated

@@ -56,7 +56,9 @@ def test_w8a8_alone_makes_nothing_sparse(llama, tokens):
 
 
 def test_w8a8_with_exclusion_and_label(llama, tokens):
-    config = SparsityConfig(pattern="8:16", mitigation="outstanding", quant="w8a8", quant_exclude=("down_proj",))
+    config = SparsityConfig(
+        pattern="8:16", mitigation="outstanding", quant="w8a8", quant_exclude=("down_proj",)
+    )
     handle = sparsify(llama, config, tokens)
     assert config.label == "8:16 amber outstanding w8a8" and config.mitigation[0].smooth_alpha == 0.1
     assert not handle.layers["model.layers.0.mlp.down_proj"].quantize

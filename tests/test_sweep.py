@@ -62,9 +62,7 @@ def test_ray_runs_the_configurations_on_workers(local_model, tmp_path):
     model, text = local_model
     data = SweepData(str(model), str(text), seqlen=32, windows=2, calib_windows=2)
     try:
-        records = run_sweep(
-            CONFIGS[:2], tmp_path, data, ray_evaluations("local", data), progress=False
-        )
+        records = run_sweep(CONFIGS[:2], tmp_path, data, ray_evaluations("local", data), progress=False)
     finally:
         ray.shutdown()
     assert [r["label"] for r in records] == [c.label for c in CONFIGS[:2]]

@@ -8,18 +8,27 @@ from actsparse.variants import parse_variant, read_variants
 
 def test_activation_variant_with_defaults():
     variants = parse_variant("pattern=8:16 criterion=amber policy=budget flop_share=0.6", {"phase": "all"})
-    assert variants == [SparsityConfig(pattern="8:16", criterion="amber", policy=Budget(flop_share=0.6), phase="all")]
+    assert variants == [
+        SparsityConfig(pattern="8:16", criterion="amber", policy=Budget(flop_share=0.6), phase="all")
+    ]
 
 
 def test_comma_separated_values_give_one_variant_each():
     variants = parse_variant("pattern=2:4,8:16 mitigation=none,shift+var")
-    assert [v.label for v in variants] == ["2:4 amber", "2:4 amber shift+var", "8:16 amber", "8:16 amber shift+var"]
+    assert [v.label for v in variants] == [
+        "2:4 amber",
+        "2:4 amber shift+var",
+        "8:16 amber",
+        "8:16 amber shift+var",
+    ]
 
 
 def test_an_inherited_piece_setting_only_reaches_pieces_that_have_it():
     (plain,) = parse_variant("pattern=8:16 policy=all", {"flop_share": "0.6"})
     assert plain.policy.name == "all"
-    with pytest.raises(ActsparseError, match="flop_share is a setting of the amber policy and the budget policy"):
+    with pytest.raises(
+        ActsparseError, match="flop_share is a setting of the amber policy and the budget policy"
+    ):
         parse_variant("pattern=8:16 policy=all flop_share=0.6")
 
 

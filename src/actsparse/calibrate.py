@@ -22,8 +22,8 @@ from transformers import get_cosine_schedule_with_warmup
 from actsparse.errors import ActsparseError
 
 if TYPE_CHECKING:
-    from actsparse.layers import SparseLinear
     from actsparse.handle import SparsityHandle
+    from actsparse.layers import SparseLinear
 
 
 @dataclass(frozen=True)

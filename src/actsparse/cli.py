@@ -6,9 +6,9 @@ import functools
 import inspect
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Annotated, Any
 
 import torch
@@ -23,14 +23,21 @@ from actsparse.calibration import Measurements
 from actsparse.config import SparsityConfig, config_settings, configs_from_settings
 from actsparse.data import TextPart, calibration_text, evaluation_text, token_windows
 from actsparse.errors import ActsparseError
-from actsparse.evaluate import EvalRow, evaluate, results_document, results_markdown
+from actsparse.evaluate import evaluate, quality_table, results_document
 from actsparse.flops import flop_report
 from actsparse.generate import evaluate_generation
 from actsparse.models import EMBEDDED_MODELS, converted_dir, load_model, resolve_model
 from actsparse.paths import write_json_atomic, write_text_atomic
 from actsparse.recipe import load_recipe
 from actsparse.sparsify import insert, measure_sensitivity, plan, sparsify
-from actsparse.sweep import SweepData, local_evaluations, ray_evaluations, read_sweep_file, run_sweep, sweep_cells, sweep_title
+from actsparse.sweep import (
+    SweepData,
+    local_evaluations,
+    ray_evaluations,
+    read_sweep_file,
+    run_sweep,
+    sweep_table,
+)
 from actsparse.targets import target_layers
 from actsparse.tasks import evaluate_tasks
 from actsparse.variants import Variant, parse_variant, prepare_variants, read_variants, weight_variants
@@ -70,7 +77,9 @@ CalibWindowsOpt = Annotated[
 ]
 CalibStepsOpt = Annotated[
     int | None,
-    typer.Option(help="Learnable corrections: optimiser steps per block (default: one pass over the windows)."),
+    typer.Option(
+        help="Learnable corrections: optimiser steps per block (default: one pass over the windows)."
+    ),
 ]
 LrOpt = Annotated[float, typer.Option(help="Learnable corrections: peak AdamW learning rate.")]
 
@@ -113,11 +122,16 @@ def config_options(**defaults: Any) -> Callable[[Callable[..., Any]], Callable[.
             help = setting.help
             if setting.owners:
                 help = f"{help.rstrip('.')} (setting of {' and '.join(setting.owners)})."
-            option = typer.Option(f"--{setting.name.replace('_', '-')}", help=f"{help} Default: {shown or 'none'}.")
+            option = typer.Option(
+                f"--{setting.name.replace('_', '-')}", help=f"{help} Default: {shown or 'none'}."
+            )
             kind = list[str] | None if setting.repeatable else str | None
             parameters.append(
                 inspect.Parameter(
-                    setting.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind, option]
+                    setting.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=None,
+                    annotation=Annotated[kind, option],
                 )
             )
 
@@ -125,7 +139,9 @@ def config_options(**defaults: Any) -> Callable[[Callable[..., Any]], Callable[.
         def wrapper(**kwargs: Any) -> Any:
             values = {s.name: kwargs.pop(s.name) for s in settings}
             given = {name: value for name, value in values.items() if value is not None}
-            return command(config=ConfigOptions(given, defaults, command.__name__.removesuffix("_command")), **kwargs)
+            return command(
+                config=ConfigOptions(given, defaults, command.__name__.removesuffix("_command")), **kwargs
+            )
 
         wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
         return wrapper
@@ -137,47 +153,18 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _calibration(
-    tokenizer: PreTrainedTokenizerBase, part: TextPart, seqlen: int, count: int
-) -> torch.Tensor:
+def _calibration(tokenizer: PreTrainedTokenizerBase, part: TextPart, seqlen: int, count: int) -> torch.Tensor:
     """Token windows of the calibration text (never the evaluation text)."""
     if count < 1:
-        raise ActsparseError(f"--calib-windows {count} asks for no calibration text; use 1 or more (16 is usual).")
+        raise ActsparseError(
+            f"--calib-windows {count} asks for no calibration text; use 1 or more (16 is usual)."
+        )
     return token_windows(tokenizer, part.text(), seqlen, count)
 
 
-def _quality_table(rows: list[EvalRow], title: str) -> Table:
-    table = Table(title=title)
-    table.add_column("config", no_wrap=True)
-    task_names = list(rows[0].tasks or {})
-    generation = any(row.generation for row in rows)
-    columns = ["ppl", "KL", "top-1", "sparse FLOPs", "density", "removed", *task_names]
-    for column in columns + (["gen. ROUGE-L", "gen. identical"] if generation else []):
-        table.add_column(column, justify="right", no_wrap=True)
-    for row in rows:
-        flops = row.flops
-        density = flops["measured_density"]
-        removed = flops["measured_removed_share"]
-        cells = [
-            row.label,
-            f"{row.perplexity:.2f}",
-            f"{row.kl_to_dense:.4f}",
-            f"{row.top1_agreement:.1%}",
-            f"{flops['sparse_share']:.1%}",
-            "—" if density is None else f"{density:.3f}",
-            "—" if removed is None else f"{removed:.1%}",
-        ]
-        cells += [f"{row.tasks[name]['acc']:.1%}" for name in task_names]
-        if generation:
-            gen = row.generation
-            cells += (
-                ["—", "—"] if gen is None else [f"{gen['mean_rouge_l']:.3f}", f"{gen['identical_share']:.0%}"]
-            )
-        table.add_row(*cells)
-    return table
-
-
-def _variants(config: ConfigOptions, variant: list[str], variants: Path | None, recipes: list[Path], weights: str) -> list[Variant]:
+def _variants(
+    config: ConfigOptions, variant: list[str], variants: Path | None, recipes: list[Path], weights: str
+) -> list[Variant]:
     """What `eval` compares with dense: --variant/--variants/--recipe, else the cross product of the
     settings, plus weight pruning at each of its N:M patterns."""
     found: list[Variant] = [v for spec in variant for v in parse_variant(spec, config.given)]
@@ -280,10 +267,12 @@ def eval_command(
         "calibration_text": calibrated_by,
     }
     write_json_atomic(out, results_document(rows, model, text_info))
-    title = f"{model}, {dataset} evaluation split, {len(tokens)} windows × {seqlen} tokens"
+    table = quality_table(
+        rows, f"{model}, {dataset} evaluation split, {len(tokens)} windows × {seqlen} tokens"
+    )
     if markdown is not None:
-        write_text_atomic(markdown, results_markdown(rows, title))
-    console.print(_quality_table(rows, title))
+        write_text_atomic(markdown, table.markdown())
+    console.print(table.rich())
     console.print(
         "ppl: perplexity; KL: mean KL(dense ‖ sparse) per token; top-1: agreement with the dense model's "
         "next token; sparse FLOPs: share of linear FLOPs (LM head excluded) with sparse inputs (or sparse "
@@ -382,13 +371,7 @@ def sweep(
         calibration_text(dataset, calib_dataset)  # refuses overlapping texts before any work
     evaluations = ray_evaluations(ray, data) if ray else local_evaluations(data)
     records = run_sweep(configs, out, data, evaluations)
-    titles, cells = sweep_cells(records)
-    table = Table(title=sweep_title(records, data.describe()))
-    for index, title in enumerate(titles):
-        table.add_column(title, justify="left" if index == 0 else "right", no_wrap=index == 0)
-    for row in cells:
-        table.add_row(*row)
-    console.print(table)
+    console.print(sweep_table(records, data.describe()).rich())
     console.print(
         "I/O: bytes of a compressed 512 × 4096 activation tile (values and index) over dense bytes."
     )
@@ -455,7 +438,9 @@ def info(
     if sparsity.needs_calibration:
         calibration = _calibration(tokenizer, calibration_text(dataset, calib_dataset), seqlen, calib_windows)
     candidates = target_layers(loaded, sparsity)
-    handle = insert(loaded, sparsity, candidates, plan(loaded, sparsity, candidates, Measurements(calibration)))
+    handle = insert(
+        loaded, sparsity, candidates, plan(loaded, sparsity, candidates, Measurements(calibration))
+    )
     report = flop_report(loaded, handle)
     table = Table(title=f"{model}: {sparsity.label}, phase {sparsity.phase}")
     table.add_column("layer", no_wrap=True)

@@ -34,8 +34,9 @@ REMAINDERS = ("error", "dense")
 QUANTS = ("none", "w8a8")
 
 
-def _option(default: Any, help: str, repeatable: bool = False) -> Any:
-    return field(default=default, metadata={"help": help, "repeatable": repeatable})
+def _about(help: str, repeatable: bool = False) -> dict[str, Any]:
+    """A setting's field metadata: its help text and whether it is given once per value."""
+    return {"help": help, "repeatable": repeatable}
 
 
 @dataclass(frozen=True)
@@ -62,23 +63,38 @@ class SparsityConfig:
             or ``"cpu-kernel"``.
     """
 
-    pattern: str = _option("8:16", "N:M (keep N of every M inputs), unstructured:<density>, or dense.")
-    criterion: str = _option("amber", "Score that chooses the kept inputs: {criteria}.")
-    phase: str = _option("prefill", "prefill: sparsify prompt processing only; all: every call.")
-    include: tuple[str, ...] = _option(
-        (DEFAULT_TARGETS,), "Regex on layer names to sparsify (repeatable).", repeatable=True
+    pattern: str = field(
+        default="8:16", metadata=_about("N:M (keep N of every M inputs), unstructured:<density>, or dense.")
     )
-    exclude: tuple[str, ...] = _option((), "Regex on layer names to keep dense (repeatable).", repeatable=True)
-    remainder: str = _option("error", "When in_features is not a multiple of M: error, or dense (tail dense).")
-    policy: Policy = _option("all", "Which target layers are sparsified: {policies}.")
-    mitigation: tuple[Correction, ...] = _option(
-        (), "Corrections, joined with + (shift+var): none, {corrections}."
+    criterion: str = field(
+        default="amber", metadata=_about("Score that chooses the kept inputs: {criteria}.")
     )
-    quant: str = _option("none", "none, or w8a8: int8 weights per channel and activations per token.")
-    quant_exclude: tuple[str, ...] = _option(
-        (), "Regex on layer names that W8A8 leaves unquantised (repeatable).", repeatable=True
+    phase: str = field(
+        default="prefill", metadata=_about("prefill: sparsify prompt processing only; all: every call.")
     )
-    backend: str = _option("emulated", "How products are computed: {backends}.")
+    include: tuple[str, ...] = field(
+        default=(DEFAULT_TARGETS,),
+        metadata=_about("Regex on layer names to sparsify (repeatable).", repeatable=True),
+    )
+    exclude: tuple[str, ...] = field(
+        default=(), metadata=_about("Regex on layer names to keep dense (repeatable).", repeatable=True)
+    )
+    remainder: str = field(
+        default="error",
+        metadata=_about("When in_features is not a multiple of M: error, or dense (tail dense)."),
+    )
+    policy: Policy = field(default="all", metadata=_about("Which target layers are sparsified: {policies}."))
+    mitigation: tuple[Correction, ...] = field(
+        default=(), metadata=_about("Corrections, joined with + (shift+var): none, {corrections}.")
+    )
+    quant: str = field(
+        default="none", metadata=_about("none, or w8a8: int8 weights per channel and activations per token.")
+    )
+    quant_exclude: tuple[str, ...] = field(
+        default=(),
+        metadata=_about("Regex on layer names that W8A8 leaves unquantised (repeatable).", repeatable=True),
+    )
+    backend: str = field(default="emulated", metadata=_about("How products are computed: {backends}."))
     parsed_pattern: Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -199,7 +215,9 @@ def _from_flat(data: dict[str, Any]) -> dict[str, Any]:
     data = dict(data)
     settings = {key: data.pop(key) for key in _FLAT_PIECE_SETTINGS if key in data}
     smooth, mitigation = data.pop("smooth", "none"), data.pop("mitigation", "none")
-    spelled = "+".join(([smooth] if smooth != "none" else []) + [p for p in mitigation.split("+") if p != "none"])
+    spelled = "+".join(
+        ([smooth] if smooth != "none" else []) + [p for p in mitigation.split("+") if p != "none"]
+    )
 
     def piece(cls: type[Piece]) -> Piece:
         own = {f.name for f in cls.settings()}
@@ -256,10 +274,14 @@ def config_settings() -> list[Setting]:
                 if f.name in pieces:
                     known = pieces[f.name]
                     defaults = known.default if known.default == f.default else "per piece"
-                    pieces[f.name] = dataclasses.replace(known, default=defaults, owners=(*known.owners, owner))
+                    pieces[f.name] = dataclasses.replace(
+                        known, default=defaults, owners=(*known.owners, owner)
+                    )
                 else:
                     parse = f.metadata.get("parse", type(f.default))
-                    pieces[f.name] = Setting(f.name, f.metadata.get("help", ""), f.default, parse, owners=(owner,))
+                    pieces[f.name] = Setting(
+                        f.name, f.metadata.get("help", ""), f.default, parse, owners=(owner,)
+                    )
     return settings + list(pieces.values())
 
 
@@ -313,7 +335,7 @@ def configs_from_settings(
         chosen = dict(zip(keys, combination))
         pieces = {k: v for k, v in chosen.items() if k not in top}
 
-        def build(cls: type[Piece]) -> Piece:
+        def build(cls: type[Piece], pieces: dict[str, Any] = pieces) -> Piece:
             own = {f.name for f in cls.settings()} & set(pieces)
             used.update(own)
             return build_piece(cls, {k: pieces[k] for k in own})

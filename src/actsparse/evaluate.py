@@ -26,6 +26,7 @@ from actsparse.flops import flop_report
 from actsparse.handle import SparsityHandle
 from actsparse.layers import SparseLinear
 from actsparse.paths import write_json_atomic
+from actsparse.tables import ResultTable
 from actsparse.variants import Prepared, Variant, prepare_variants
 
 
@@ -214,31 +215,31 @@ def results_document(rows: list[EvalRow], model: str, text: dict[str, Any]) -> d
     return {"model": model, "text": text, "versions": versions(), "rows": [row.to_dict() for row in rows]}
 
 
-def results_markdown(rows: list[EvalRow], title: str) -> str:
-    """The rows as a Markdown table (for docs), with the same columns as the terminal table."""
+def quality_table(rows: list[EvalRow], title: str) -> ResultTable:
+    """The rows of one evaluation as a table: quality, FLOPs, and task and generation columns when
+    they were measured."""
     task_names = list(rows[0].tasks or {})
     generation = any(row.generation for row in rows)
-    extra = [f"{name} acc (n={rows[0].tasks[name]['n']})" for name in task_names]
-    extra += ["generation ROUGE-L", "identical continuations"] if generation else []
-    lines = [
-        f"**{title}**",
-        "",
-        "| variant | perplexity | KL to dense | top-1 agreement | sparse share of linear FLOPs | FLOPs removed |"
-        + "".join(f" {column} |" for column in extra),
-        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(extra),
-    ]
+    columns = ["config", "ppl", "KL", "top-1", "sparse FLOPs", "density", "removed"]
+    columns += [f"{name} acc (n={rows[0].tasks[name]['n']})" for name in task_names]
+    columns += ["gen. ROUGE-L", "gen. identical"] if generation else []
+    cells = []
     for row in rows:
-        removed = row.flops["measured_removed_share"]
-        if removed is None:
-            removed = row.flops["removed_share"]
-        cells = [f"{row.tasks[name]['acc']:.1%}" for name in task_names]
+        density, removed = row.flops["measured_density"], row.flops["measured_removed_share"]
+        line = [
+            row.label,
+            f"{row.perplexity:.2f}",
+            f"{row.kl_to_dense:.4f}",
+            f"{row.top1_agreement:.1%}",
+            f"{row.flops['sparse_share']:.1%}",
+            "—" if density is None else f"{density:.3f}",
+            "—" if removed is None else f"{removed:.1%}",
+        ]
+        line += [f"{row.tasks[name]['acc']:.1%}" for name in task_names]
         if generation:
             gen = row.generation
-            cells += (
+            line += (
                 ["—", "—"] if gen is None else [f"{gen['mean_rouge_l']:.3f}", f"{gen['identical_share']:.0%}"]
             )
-        lines.append(
-            f"| {row.label} | {row.perplexity:.2f} | {row.kl_to_dense:.4f} | {row.top1_agreement:.1%} "
-            f"| {row.flops['sparse_share']:.1%} | {removed:.1%} |" + "".join(f" {cell} |" for cell in cells)
-        )
-    return "\n".join(lines) + "\n"
+        cells.append(line)
+    return ResultTable(title, columns, cells)

@@ -52,7 +52,9 @@ class SparsityHandle:
     def recipe(self) -> Recipe:
         """This sparsification as a recipe: its config, sparse layers and calibrated tensors."""
         tensors = {
-            f"{name}.{key}": value for name, values in self.statistics.items() for key, value in values.items()
+            f"{name}.{key}": value
+            for name, values in self.statistics.items()
+            for key, value in values.items()
         }
         for name, layer in self.layers.items():
             for correction in layer.corrections:

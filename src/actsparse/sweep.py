@@ -16,7 +16,7 @@ import io
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from actsparse.evaluate import evaluate
 from actsparse.hwcost import hardware_cost
 from actsparse.models import load_model
 from actsparse.paths import write_json_atomic, write_text_atomic
+from actsparse.tables import ResultTable
 
 MANIFEST = "sweep.json"
 
@@ -99,7 +100,7 @@ class SweepData:
     calib_windows: int
     dtype: str = "float32"
     calib_dataset: str | None = None
-    calibration_settings: CalibrationSettings = CalibrationSettings()
+    calibration_settings: CalibrationSettings = field(default_factory=CalibrationSettings)
 
     @property
     def text(self) -> str:
@@ -137,7 +138,9 @@ def load_sweep_inputs(
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
     """The model, evaluation windows and (if needed) calibration windows of ``data``, once per process."""
     model, tokenizer = load_model(data.model, data.dtype)
-    windows = token_windows(tokenizer, evaluation_text(data.dataset).text(), data.seqlen, data.windows or None)
+    windows = token_windows(
+        tokenizer, evaluation_text(data.dataset).text(), data.seqlen, data.windows or None
+    )
     calibration = None
     if calibration_needed:
         text = calibration_text(data.dataset, data.calib_dataset).text()
@@ -214,7 +217,7 @@ def run_sweep(
     bar.close()
     records = [json.loads((out / "configs" / f"{config_key(c)}.json").read_text()) for c in configs]
     write_text_atomic(out / "sweep.csv", sweep_csv(records))
-    write_text_atomic(out / "sweep.md", sweep_markdown(records, description))
+    write_text_atomic(out / "sweep.md", sweep_table(records, description).markdown())
     plot_sweep(records, out, sweep_title(records, description))
     return records
 
@@ -265,23 +268,11 @@ def sweep_title(records: list[dict[str, Any]], description: dict[str, Any]) -> s
     return f"{description.get('model')}, {description.get('text')} (dense perplexity {dense:.2f})"
 
 
-def sweep_cells(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Column titles and formatted cells of the sweep table."""
-    titles = [title for _, title, _ in COLUMNS]
-    return titles, [[fmt.format(_flat(r)[key]) for key, _, fmt in COLUMNS] for r in records]
-
-
-def sweep_markdown(records: list[dict[str, Any]], description: dict[str, Any]) -> str:
-    """The sweep as a Markdown table (I/O: compressed over dense bytes of an activation tile)."""
-    titles, cells = sweep_cells(records)
-    lines = [
-        f"**{sweep_title(records, description)}**",
-        "",
-        "| " + " | ".join(titles) + " |",
-        "|---|" + "---:|" * (len(titles) - 1),
-    ]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join(lines) + "\n"
+def sweep_table(records: list[dict[str, Any]], description: dict[str, Any]) -> ResultTable:
+    """The sweep as a table (I/O: compressed over dense bytes of an activation tile)."""
+    columns = [title for _, title, _ in COLUMNS]
+    cells = [[fmt.format(_flat(r)[key]) for key, _, fmt in COLUMNS] for r in records]
+    return ResultTable(sweep_title(records, description), columns, cells)
 
 
 def plot_sweep(records: list[dict[str, Any]], out: Path, subtitle: str = "") -> None:
