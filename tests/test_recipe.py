@@ -86,3 +86,41 @@ def test_recipe_and_a_different_config_are_refused(llama, saved):
 def test_recipe_file_is_plain_json(saved):
     description = json.loads((saved[0] / "recipe.json").read_text())
     assert description["model"]["model_type"] == "llama" and len(description["tensors_sha256"]) == 64
+
+
+FORMAT_1_CONFIG = {  # actsparse 0.1's flat config of CONFIG, as its recipes hold it
+    "pattern": "2:4",
+    "criterion": "amber",
+    "phase": "prefill",
+    "include": ["(q|k|v|o|gate|up|down)_proj$"],
+    "exclude": [],
+    "remainder": "error",
+    "policy": "amber",
+    "flop_share": 0.3,
+    "amber_skip": 5,
+    "smooth": "smoothquant",
+    "smooth_alpha": 0.5,
+    "quant": "none",
+    "quant_exclude": [],
+    "mitigation": "shift+learnable",
+    "shift_statistic": "median",
+    "backend": "emulated",
+}
+
+
+def test_a_format_1_recipe_still_loads_bit_for_bit(llama, tokens, saved):
+    folder, logits = saved
+    description = json.loads((folder / "recipe.json").read_text())
+    assert description["format"] == 2 and description["config"]["policy"]["name"] == "amber"
+    (folder / "recipe.json").write_text(json.dumps(description | {"format": 1, "config": FORMAT_1_CONFIG}))
+    recipe = load_recipe(folder)
+    assert recipe.config == CONFIG
+    with sparsify(llama, recipe=recipe), torch.no_grad():
+        assert torch.equal(llama(tokens, use_cache=False).logits, logits)
+
+
+def test_a_recipe_of_an_unknown_format_is_refused(saved):
+    description = json.loads((saved[0] / "recipe.json").read_text())
+    (saved[0] / "recipe.json").write_text(json.dumps(description | {"format": 7}))
+    with pytest.raises(ActsparseError, match="format 7.*reads formats 1 and 2"):
+        load_recipe(saved[0])

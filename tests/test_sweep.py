@@ -78,9 +78,10 @@ def test_sweep_file(tmp_path):
         "phase": "all",
         "flop_share": 0.6,
     }
-    path.write_text("pattern: [2:4, 8:16]\n")
-    with pytest.raises(ActsparseError, match="must be quoted"):
-        read_sweep_file(path)
+    for unquoted in ("pattern: [2:4, 8:16]\n", "pattern: 2:4\n"):
+        path.write_text(unquoted)
+        with pytest.raises(ActsparseError, match="must be quoted"):
+            read_sweep_file(path)
     path.write_text("colour: red\n")
     with pytest.raises(ActsparseError, match="Unknown key"):
         read_sweep_file(path)

@@ -372,9 +372,9 @@ class Learnable(Correction):
 
 def parse_mitigation(text: str) -> tuple[type[Correction], ...]:
     """The correction classes of a spelled mitigation such as ``"shift+var"`` (``"none"``: none)."""
-    parts = [part for part in text.split("+")]
     if text == "none":
         return ()
+    parts = text.split("+")
     if not all(parts) or any(part not in CORRECTIONS for part in parts):
         raise ActsparseError(
             f"Unknown mitigation '{text}'; use none, one of {', '.join(CORRECTIONS)}, or several "

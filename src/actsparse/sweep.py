@@ -49,14 +49,14 @@ def read_sweep_file(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as error:
         raise ActsparseError(f"Sweep file '{path}' is not valid YAML ({error}); fix it.") from None
     if not isinstance(data, dict):
-        raise ActsparseError(f"Sweep file '{path}' must be a mapping such as patterns: \"2:4,8:16\".")
+        raise ActsparseError(f"Sweep file '{path}' must be a mapping such as pattern: \"2:4,8:16\".")
     known = [setting.name for setting in config_settings()]
     if unknown := set(data) - set(known):
         raise ActsparseError(
             f"Unknown key(s) {', '.join(sorted(unknown))} in sweep file '{path}'; known: {', '.join(known)}."
         )
     patterns = data.get("pattern", [])
-    if not isinstance(patterns, str) and any(not isinstance(p, str) for p in patterns):
+    if not isinstance(patterns, (str, list)) or any(not isinstance(p, str) for p in patterns):
         raise ActsparseError(
             f"Patterns in '{path}' must be quoted (\"2:4\"): unquoted, YAML reads 2:4 as the number 124."
         )

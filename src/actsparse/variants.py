@@ -65,7 +65,10 @@ def prepare_variants(
     windows (never the evaluation text) serve all of them, each statistic measured once."""
     measurements = Measurements(calibration)
     prepared = []
-    for variant in tqdm(variants, desc="preparing", unit="variant", disable=not progress, leave=False):
+    pending = sum(not isinstance(v, (SparsityHandle, WeightPruningHandle)) for v in variants)
+    for variant in tqdm(
+        variants, desc="preparing", unit="variant", disable=not (progress and pending), leave=False
+    ):
         if isinstance(variant, (SparsityHandle, WeightPruningHandle)):
             prepared.append(variant)
             continue
