@@ -11,24 +11,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
-from transformers import PreTrainedTokenizerBase
+from typer import Abort
+from typer._click.exceptions import ClickException  # typer vendors click; its errors derive from this
 
 from actsparse.backends import get_backend
 from actsparse.calibrate import CalibrationSettings
 from actsparse.calibration import Measurements
 from actsparse.config import SparsityConfig, config_settings, configs_from_settings
-from actsparse.data import TextPart, calibration_text, evaluation_text, token_windows
+from actsparse.data import calibration_text, evaluation_text, token_windows
 from actsparse.errors import ActsparseError
 from actsparse.evaluate import evaluate, quality_table, results_document
 from actsparse.flops import flop_report
 from actsparse.generate import evaluate_generation
-from actsparse.models import EMBEDDED_MODELS, converted_dir, load_model, resolve_model
-from actsparse.paths import write_json_atomic, write_text_atomic
-from actsparse.recipe import load_recipe
+from actsparse.models import EMBEDDED_MODELS, check_context, converted_dir, load_model, resolve_model
+from actsparse.paths import output_lock, write_json_atomic, write_text_atomic
+from actsparse.recipe import check_recipe_target, load_recipe
 from actsparse.sparsify import insert, measure_sensitivity, plan, sparsify
 from actsparse.sweep import (
     SweepData,
@@ -39,7 +39,7 @@ from actsparse.sweep import (
     sweep_table,
 )
 from actsparse.targets import target_layers
-from actsparse.tasks import evaluate_tasks
+from actsparse.tasks import check_tasks, evaluate_tasks
 from actsparse.variants import Variant, parse_variant, prepare_variants, read_variants, weight_variants
 
 app = typer.Typer(
@@ -68,17 +68,17 @@ CalibDatasetOpt = Annotated[
     ),
 ]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
-SeqlenOpt = Annotated[int, typer.Option(help="Tokens per window, BOS included.")]
+SeqlenOpt = Annotated[int, typer.Option(min=2, help="Tokens per window, BOS included.")]
 CalibWindowsOpt = Annotated[
     int,
     typer.Option(
-        help="Calibration windows for policies, smoothing, learnable corrections, Wanda, SparseGPT."
+        min=1, help="Calibration windows for policies, smoothing, learnable corrections, Wanda, SparseGPT."
     ),
 ]
 CalibStepsOpt = Annotated[
     int | None,
     typer.Option(
-        help="Learnable corrections: optimiser steps per block (default: one pass over the windows)."
+        min=1, help="Learnable corrections: optimiser steps per block (default: one pass over the windows)."
     ),
 ]
 LrOpt = Annotated[float, typer.Option(help="Learnable corrections: peak AdamW learning rate.")]
@@ -153,13 +153,11 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _calibration(tokenizer: PreTrainedTokenizerBase, part: TextPart, seqlen: int, count: int) -> torch.Tensor:
-    """Token windows of the calibration text (never the evaluation text)."""
-    if count < 1:
-        raise ActsparseError(
-            f"--calib-windows {count} asks for no calibration text; use 1 or more (16 is usual)."
-        )
-    return token_windows(tokenizer, part.text(), seqlen, count)
+def _check_file_outputs(*paths: Path | None) -> None:
+    """Refuse, before any work, an output file path where a folder is."""
+    for path in paths:
+        if path is not None and path.is_dir():
+            raise ActsparseError(f"{path} is a folder; give the path of a file to write.")
 
 
 def _variants(
@@ -202,7 +200,9 @@ def eval_command(
     dataset: DatasetOpt = "sotu",
     calib_dataset: CalibDatasetOpt = None,
     seqlen: SeqlenOpt = 512,
-    windows: Annotated[int, typer.Option(help="Number of windows to evaluate; 0 for the whole split.")] = 32,
+    windows: Annotated[
+        int, typer.Option(min=0, help="Number of windows to evaluate; 0 for the whole split.")
+    ] = 32,
     calib_windows: CalibWindowsOpt = 16,
     calib_steps: CalibStepsOpt = None,
     lr: LrOpt = CalibrationSettings.lr,
@@ -217,15 +217,18 @@ def eval_command(
             help="Comma-separated lm-eval tasks: mmlu and lastword work offline, any other lm-eval name too."
         ),
     ] = "",
-    limit: Annotated[int | None, typer.Option(help="Examples per task (lm-eval --limit).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Examples per task (lm-eval --limit).")] = None,
     task_dir: Annotated[
         Path | None, typer.Option(help="Folder of lm-eval YAML task definitions, e.g. reading local files.")
     ] = None,
     generate: Annotated[
-        int, typer.Option(help="Prompts (cut from the evaluation text) for generation agreement; 0 skips it.")
+        int,
+        typer.Option(
+            min=0, help="Prompts (cut from the evaluation text) for generation agreement; 0 skips it."
+        ),
     ] = 0,
-    prompt_tokens: Annotated[int, typer.Option(help="Tokens per generation prompt.")] = 128,
-    new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per prompt.")] = 32,
+    prompt_tokens: Annotated[int, typer.Option(min=1, help="Tokens per generation prompt.")] = 128,
+    new_tokens: Annotated[int, typer.Option(min=1, help="Greedy tokens generated per prompt.")] = 32,
 ) -> None:
     """Perplexity, KL to dense and top-1 agreement of the dense model and every variant; with
     --tasks, zero-shot accuracy through lm-eval; with --generate, agreement of greedy continuations.
@@ -236,42 +239,45 @@ def eval_command(
     """
     settings = CalibrationSettings(steps=calib_steps, lr=lr)
     configs = _variants(config, variant, variants, recipe, weights)
-    if task_dir is not None and not task_dir.is_dir():
-        raise ActsparseError(f"Task folder '{task_dir}' does not exist; pass a folder of lm-eval YAML files.")
-    evaluation = evaluation_text(dataset)
-    text = evaluation.text()
-    loaded, tokenizer = load_model(model, dtype)
-    tokens = token_windows(tokenizer, text, seqlen, windows or None)
-    calibration, calibrated_by = None, None
-    if any(c.needs_calibration for c in configs):
-        part = calibration_text(dataset, calib_dataset)
-        calibration = _calibration(tokenizer, part, seqlen, calib_windows)
-        calibrated_by = part.describe() | {"windows": len(calibration), "seqlen": seqlen}
-    handles = prepare_variants(loaded, configs, calibration, settings)
-    # An interrupted run leaves its totals beside --out; the same command resumes from them.
-    rows = evaluate(loaded, tokens, handles, calibration, checkpoint=out.with_name(out.name + ".partial"),
-                    calibration_settings=settings)  # fmt: skip
-    if tasks:
-        results = evaluate_tasks(loaded, tokenizer, handles, _split(tasks), text, limit, task_dir)
-        for row, result in zip(rows, results):
-            row.tasks = result
-    if generate:
-        prompts = token_windows(tokenizer, text, prompt_tokens, generate)
-        for row, agreement in zip(rows[1:], evaluate_generation(loaded, handles, prompts, new_tokens)):
-            row.generation = agreement.to_dict()
-    text_info = evaluation.describe() | {
-        "seqlen": seqlen,
-        "windows": len(tokens),
-        "tokens": tokens.numel(),
-        "calibration_windows": 0 if calibration is None else len(calibration),
-        "calibration_text": calibrated_by,
-    }
-    write_json_atomic(out, results_document(rows, model, text_info))
-    table = quality_table(
-        rows, f"{model}, {dataset} evaluation split, {len(tokens)} windows × {seqlen} tokens"
-    )
-    if markdown is not None:
-        write_text_atomic(markdown, table.markdown())
+    task_names = _split(tasks)
+    if task_names or task_dir is not None:
+        check_tasks(task_names, task_dir)
+    _check_file_outputs(out, markdown)
+    evaluation, part = evaluation_text(dataset), calibration_text(dataset, calib_dataset)
+    with output_lock(out):
+        text = evaluation.text()
+        longest = max(seqlen, prompt_tokens + new_tokens if generate else 0)
+        loaded, tokenizer = load_model(model, dtype, max_tokens=longest)
+        tokens = token_windows(tokenizer, text, seqlen, windows or None)
+        calibration, calibrated_by = None, None
+        if any(c.needs_calibration for c in configs):
+            calibration = token_windows(tokenizer, part.text(), seqlen, calib_windows)
+            calibrated_by = part.describe() | {"windows": len(calibration), "seqlen": seqlen}
+        handles = prepare_variants(loaded, configs, calibration, settings)
+        # An interrupted run leaves its totals beside --out; the same command resumes from them.
+        rows = evaluate(loaded, tokens, handles, calibration, checkpoint=out.with_name(out.name + ".partial"),
+                        calibration_settings=settings)  # fmt: skip
+        if task_names:
+            results = evaluate_tasks(loaded, tokenizer, handles, task_names, text, limit, task_dir)
+            for row, result in zip(rows, results):
+                row.tasks = result
+        if generate:
+            prompts = token_windows(tokenizer, text, prompt_tokens, generate)
+            for row, agreement in zip(rows[1:], evaluate_generation(loaded, handles, prompts, new_tokens)):
+                row.generation = agreement.to_dict()
+        text_info = evaluation.describe() | {
+            "seqlen": seqlen,
+            "windows": len(tokens),
+            "tokens": tokens.numel(),
+            "calibration_windows": 0 if calibration is None else len(calibration),
+            "calibration_text": calibrated_by,
+        }
+        write_json_atomic(out, results_document(rows, model, text_info))
+        table = quality_table(
+            rows, f"{model}, {dataset} evaluation split, {len(tokens)} windows × {seqlen} tokens"
+        )
+        if markdown is not None:
+            write_text_atomic(markdown, table.markdown())
     console.print(table.rich())
     console.print(
         "ppl: perplexity; KL: mean KL(dense ‖ sparse) per token; top-1: agreement with the dense model's "
@@ -302,14 +308,16 @@ def calibrate(
     """
     sparsity = config.one()
     settings = CalibrationSettings(steps=calib_steps, lr=lr)
-    loaded, tokenizer = load_model(model, dtype)
+    check_recipe_target(out)
     part = calibration_text(dataset, calib_dataset)
-    calibration = _calibration(tokenizer, part, seqlen, calib_windows)
-    handle = sparsify(loaded, sparsity, calibration, calibration_settings=settings)
-    recipe = handle.recipe()
-    text = part.describe() | {"seqlen": seqlen, "windows": len(calibration)}
-    recipe.calibration = (recipe.calibration or {}) | {"text": text}
-    recipe.save(out)
+    with output_lock(out):
+        loaded, tokenizer = load_model(model, dtype, max_tokens=seqlen)
+        calibration = token_windows(tokenizer, part.text(), seqlen, calib_windows)
+        handle = sparsify(loaded, sparsity, calibration, calibration_settings=settings)
+        recipe = handle.recipe()
+        text = part.describe() | {"seqlen": seqlen, "windows": len(calibration)}
+        recipe.calibration = (recipe.calibration or {}) | {"text": text}
+        recipe.save(out)
     blocks = (handle.calibration or {}).get("blocks", [])
     if blocks:
         table = Table(title=f"{model}: {sparsity.label}, MSE of each block's output to the dense model")
@@ -340,7 +348,7 @@ def sweep(
     calib_dataset: CalibDatasetOpt = None,
     seqlen: SeqlenOpt = 512,
     windows: Annotated[
-        int, typer.Option(help="Evaluation windows per configuration; 0 for the whole split.")
+        int, typer.Option(min=0, help="Evaluation windows per configuration; 0 for the whole split.")
     ] = 16,
     calib_windows: CalibWindowsOpt = 16,
     calib_steps: CalibStepsOpt = None,
@@ -367,10 +375,14 @@ def sweep(
     configs = config.configs()
     settings = CalibrationSettings(steps=calib_steps, lr=lr)
     data = SweepData(model, dataset, seqlen, windows, calib_windows, dtype, calib_dataset, settings)
-    if any(c.needs_calibration for c in configs):
-        calibration_text(dataset, calib_dataset)  # refuses overlapping texts before any work
+    evaluation_text(dataset)
+    calibration_text(dataset, calib_dataset)  # refuses overlapping texts before any work
+    check_context(model, seqlen)
+    if out.is_file():
+        raise ActsparseError(f"{out} is a file; give a folder for the sweep's results.")
     evaluations = ray_evaluations(ray, data) if ray else local_evaluations(data)
-    records = run_sweep(configs, out, data, evaluations)
+    with output_lock(out):
+        records = run_sweep(configs, out, data, evaluations)
     console.print(sweep_table(records, data.describe()).rich())
     console.print(
         "I/O: bytes of a compressed 512 × 4096 activation tile (values and index) over dense bytes."
@@ -396,20 +408,22 @@ def sensitivity(
 ) -> None:
     """Relative output error ‖Y − Y'‖/‖Y‖ of every target layer sparsified alone, most sensitive first."""
     sparsity = config.one()
-    loaded, tokenizer = load_model(model, dtype)
+    _check_file_outputs(out)
     part = calibration_text(dataset, calib_dataset)
-    calibration = _calibration(tokenizer, part, seqlen, calib_windows)
-    ranked = sorted(measure_sensitivity(loaded, sparsity, calibration).items(), key=lambda kv: -kv[1])
-    write_json_atomic(
-        out,
-        {
-            "model": model,
-            "config": sparsity.to_dict(),
-            "calibration_text": part.describe() | {"windows": len(calibration), "seqlen": seqlen},
-            "calibration_windows": len(calibration),
-            "sensitivity": dict(ranked),
-        },
-    )
+    with output_lock(out):
+        loaded, tokenizer = load_model(model, dtype, max_tokens=seqlen)
+        calibration = token_windows(tokenizer, part.text(), seqlen, calib_windows)
+        ranked = sorted(measure_sensitivity(loaded, sparsity, calibration).items(), key=lambda kv: -kv[1])
+        write_json_atomic(
+            out,
+            {
+                "model": model,
+                "config": sparsity.to_dict(),
+                "calibration_text": part.describe() | {"windows": len(calibration), "seqlen": seqlen},
+                "calibration_windows": len(calibration),
+                "sensitivity": dict(ranked),
+            },
+        )
     table = Table(title=f"{model}: sensitivity to {sparsity.label} ({len(calibration)} calibration windows)")
     for column, justify in (("rank", "right"), ("layer", "left"), ("‖Y − Y'‖ / ‖Y‖", "right")):
         table.add_column(column, justify=justify, no_wrap=True)
@@ -433,10 +447,11 @@ def info(
     """The layers a configuration would sparsify, the share of linear FLOPs it makes sparse, and how
     the sparse calls are computed (planned and inserted; nothing is learned)."""
     sparsity = config.one()
-    loaded, tokenizer = load_model(model, dtype)
+    part = calibration_text(dataset, calib_dataset)
+    loaded, tokenizer = load_model(model, dtype, max_tokens=seqlen)
     calibration = None
     if sparsity.needs_calibration:
-        calibration = _calibration(tokenizer, calibration_text(dataset, calib_dataset), seqlen, calib_windows)
+        calibration = token_windows(tokenizer, part.text(), seqlen, calib_windows)
     candidates = target_layers(loaded, sparsity)
     handle = insert(
         loaded, sparsity, candidates, plan(loaded, sparsity, candidates, Measurements(calibration))
@@ -484,23 +499,34 @@ def prepare(
     dataset: Annotated[list[str], typer.Option(help="Text to fetch into the cache (repeatable).")] = ["sotu"],
 ) -> None:
     """Fetch texts and convert models into the cache now, so later runs start at once."""
-    for name in dataset:
-        evaluation_text(name).text()
+    texts = [evaluation_text(name) for name in dataset]  # every name checked before any fetch
+    for name, text in zip(dataset, texts):
+        text.text()
         console.print(f"text {name}: ready")
     for name in model:
         console.print(f"model {name}: ready in {resolve_model(name)}")
 
 
+INTERRUPTED = (
+    "interrupted; nothing half-written is left: run the same command again and eval and sweep resume "
+    "where they stopped (calibrate starts over)"
+)
+
+
 def main() -> None:
-    """Entry point of the console script."""
+    """Entry point of the console script: a user mistake, an option typer refuses included, is one
+    line on stderr and exit status 2; Ctrl-C says how to resume and exits 130."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        app()
+        code = app(standalone_mode=False)
     except ActsparseError as error:
-        errors.print(f"[bold red]error:[/] {error}", highlight=False)
+        errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        errors.print(
-            "interrupted; `actsparse eval` resumes from where it stopped when run again with the same options"
-        )
-        sys.exit(130)
+    except ClickException as error:  # a bad option value, an unknown option, a missing one
+        errors.print(f"[bold red]error:[/] {error.format_message()}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (KeyboardInterrupt, Abort):
+        code = 130
+    if code == 130:  # typer turns Ctrl-C into exit status 130
+        errors.print(INTERRUPTED, soft_wrap=True)
+    sys.exit(code or 0)

@@ -42,7 +42,7 @@ class Correction(Piece):
     calibration text), ``learned`` (fitted by ``calibrate``, so sensitivities are measured without
     it), ``rescales_kept`` (changes the kept values after selection, which fused kernels can't do),
     ``exclusive`` (at most one correction of this group per config), ``statistics`` (names of the
-    per-layer tensors ``measure`` returns, saved in recipes).
+    per-layer tensors ``measure`` returns, one value per input channel, saved in recipes).
     """
 
     stage: ClassVar[int] = 50

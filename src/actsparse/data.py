@@ -92,6 +92,20 @@ def _wikitext2(split: Split) -> str:
     return "\n\n".join(rows["text"])
 
 
+def _read_text_file(path: Path) -> str:
+    """A local text file's text; a file that is not UTF-8 text (a binary, say) is refused."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ActsparseError(
+            f"{path} is not a UTF-8 text file (byte {error.start} cannot be decoded); pass a plain text file."
+        ) from None
+    if "\x00" in text:
+        raise ActsparseError(f"{path} holds NUL bytes, so it is not a text file; pass a plain text file.")
+    return text
+
+
 def file_split_point(text: str) -> int:
     """Where a local file's calibration split ends: the first line break after
     ``FILE_CALIBRATION_SHARE`` of its characters (that share itself when no line break follows)."""
@@ -104,25 +118,30 @@ def _is_file(source: str) -> bool:
     return source not in DATASETS and Path(source).expanduser().is_file()
 
 
+def check_source(source: str) -> None:
+    """Refuse a text source that is neither a known dataset nor an existing file."""
+    if source not in DATASETS and not _is_file(source):
+        raise ActsparseError(
+            f"Text '{source}' is neither a known dataset ({', '.join(DATASETS)}) nor an existing file; "
+            "pass one of those names or the path of a text file."
+        )
+
+
 def load_text(source: str, split: Split = "evaluation") -> str:
     """The text of ``split`` from ``sotu``, ``wikitext2`` or a local text file (``"whole"``: a
     file used entirely, as a separate calibration text)."""
+    check_source(source)
     if source in DATASETS and split == "whole":
         raise ActsparseError(f"{source} has calibration and evaluation splits; it is never used whole.")
     if source == "sotu":
         return "\n\n".join(f.read_text(encoding="utf-8").strip() for f in sotu_addresses(split))
     if source == "wikitext2":
         return _wikitext2(split)
-    if _is_file(source):
-        text = Path(source).expanduser().read_text(encoding="utf-8", errors="replace")
-        if split == "whole":
-            return text
-        cut = file_split_point(text)
-        return text[:cut] if split == "calibration" else text[cut:]
-    raise ActsparseError(
-        f"Text '{source}' is neither a known dataset ({', '.join(DATASETS)}) nor an existing file; "
-        "pass one of those names or the path of a text file."
-    )
+    text = _read_text_file(Path(source).expanduser())
+    if split == "whole":
+        return text
+    cut = file_split_point(text)
+    return text[:cut] if split == "calibration" else text[cut:]
 
 
 @dataclass(frozen=True)
@@ -158,6 +177,7 @@ class TextPart:
 
 def evaluation_text(dataset: str) -> TextPart:
     """The evaluation split of ``dataset``."""
+    check_source(dataset)
     return TextPart(dataset, "evaluation")
 
 
@@ -166,6 +186,8 @@ def calibration_text(dataset: str, calib_dataset: str | None = None) -> TextPart
     ``calib_dataset`` (by default ``dataset`` itself), or, when ``calib_dataset`` is another file,
     that whole file — refused if its content is the evaluation text's."""
     calib_dataset = calib_dataset or dataset
+    check_source(dataset)
+    check_source(calib_dataset)
     if calib_dataset == dataset or not _is_file(calib_dataset):
         return TextPart(calib_dataset, "calibration")
     if _is_file(dataset) and load_text(calib_dataset, "whole") == load_text(dataset, "whole"):
@@ -186,6 +208,10 @@ def token_windows(
     """
     if seqlen < 2:
         raise ActsparseError(f"--seqlen {seqlen} is too short; use at least 2 tokens (512 is usual).")
+    if max_windows is not None and max_windows < 1:
+        raise ActsparseError(
+            f"{max_windows} windows is no text to run on; ask for 1 or more (0 in --windows means all)."
+        )
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     body = seqlen - 1 if bos is not None else seqlen
     ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False).input_ids, dtype=torch.long)

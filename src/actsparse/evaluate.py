@@ -95,10 +95,10 @@ def _load_checkpoint(checkpoint: Path | None, key: str) -> dict[str, Any] | None
     if checkpoint is None or not checkpoint.exists():
         return None
     try:
-        state = json.loads(checkpoint.read_text())
-    except json.JSONDecodeError:
+        state = json.loads(checkpoint.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON: a damaged file, start afresh
         return None
-    return state if state.get("key") == key else None
+    return state if isinstance(state, dict) and state.get("key") == key else None
 
 
 def evaluate(

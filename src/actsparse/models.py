@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from actsparse.errors import ActsparseError
 from actsparse.paths import atomic_directory, cache_dir
@@ -125,16 +131,21 @@ def resolve_model(name_or_path: str) -> str:
     )
 
 
-def load_model(name_or_path: str, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(
+    name_or_path: str, dtype: str = "float32", max_tokens: int | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer in eval mode on the CPU.
 
     ``name_or_path`` is an embedded name (``actsparse models``), a Hub id, a folder written by
-    ``save_pretrained`` or a ``.gguf`` file; ``dtype`` is float32, bfloat16 or float16.
+    ``save_pretrained`` or a ``.gguf`` file; ``dtype`` is float32, bfloat16 or float16. Sequences of
+    ``max_tokens`` longer than the model's context are refused before the weights are read.
     """
     if dtype not in DTYPES:
         raise ActsparseError(f"Unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}.")
     source = resolve_model(name_or_path)
     try:
+        if max_tokens is not None:
+            check_context(name_or_path, max_tokens)
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
     except OSError as error:
@@ -142,4 +153,30 @@ def load_model(name_or_path: str, dtype: str = "float32") -> tuple[PreTrainedMod
             f"Could not load model '{name_or_path}' ({str(error).splitlines()[0]}); check the name, "
             "your network for Hub ids, or use an embedded model (actsparse models)."
         ) from None
+    except ActsparseError:
+        raise
+    except (ValueError, KeyError, TypeError) as error:  # a broken config.json, tokenizer or weights
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ActsparseError(
+            f"Model '{name_or_path}' could not be read ({type(error).__name__}: {first_line[:200]}); "
+            "its config.json, tokenizer or weights are damaged: write the folder again with save_pretrained."
+        ) from None
     return model.eval(), tokenizer
+
+
+def check_context(name_or_path: str, tokens: int) -> None:
+    """Refuse sequences of ``tokens`` longer than the model's context (``max_position_embeddings``
+    of its config; the weights are not read)."""
+    source = resolve_model(name_or_path)
+    try:
+        limit = getattr(AutoConfig.from_pretrained(source), "max_position_embeddings", None)
+    except (OSError, ValueError) as error:
+        raise ActsparseError(
+            f"The config.json of model '{name_or_path}' could not be read ({type(error).__name__}); "
+            "write the folder again with save_pretrained, or check the Hub id."
+        ) from None
+    if isinstance(limit, int) and tokens > limit:
+        raise ActsparseError(
+            f"Sequences of {tokens} tokens are longer than the context of '{name_or_path}' ({limit} tokens); "
+            f"lower --seqlen (or --prompt-tokens plus --new-tokens) to {limit} or fewer."
+        )

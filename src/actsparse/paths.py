@@ -1,4 +1,13 @@
-"""Where actsparse keeps its cache, and how it writes files so nothing is ever half-written."""
+"""Where actsparse keeps its cache, and how it writes files so nothing is ever half-written, lost
+or shared by two runs.
+
+- ``write_text_atomic`` / ``write_json_atomic``: a temporary file beside the target, then an atomic
+  rename; the file gets the permissions the umask gives a new file (not ``mkstemp``'s 0600).
+- ``atomic_directory``: a scratch folder beside the target that becomes the target only on success;
+  an existing target is replaced only when ``replaceable`` says it may be.
+- ``output_lock``: one run at a time per output path (``<out>.lock``, with the owner's process id;
+  a lock whose process is gone is taken over).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +15,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from actsparse.errors import ActsparseError
 
 
 def cache_dir() -> Path:
@@ -19,13 +30,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "actsparse"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def scratch_prefix(target: Path) -> str:
+    """The name prefix of the temporary files and folders written beside ``target``."""
+    return f".{target.name}."
+
+
 @contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a fresh scratch directory beside ``target``; it becomes ``target`` only on success."""
+def atomic_directory(target: Path, replaceable: Callable[[Path], bool] = lambda path: True) -> Iterator[Path]:
+    """Yield a fresh scratch directory beside ``target``; it becomes ``target`` only on success.
+
+    An existing ``target`` is replaced only when ``replaceable(target)`` is true; otherwise (or
+    when it is a file) the write is refused before anything changes.
+    """
+    check_replaceable(target, replaceable)
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(target), dir=target.parent))
+    os.chmod(scratch, 0o777 & ~_umask())
     try:
         yield scratch
+        check_replaceable(target, replaceable)
         if target.exists():
             shutil.rmtree(target)
         scratch.rename(target)
@@ -33,15 +62,87 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def check_replaceable(target: Path, replaceable: Callable[[Path], bool] = lambda path: True) -> None:
+    """Refuse ``target`` as a folder to write when something that may not be replaced is there."""
+    if target.is_file() or target.is_symlink():
+        raise ActsparseError(
+            f"{target} is a file, not a folder; choose another path for the folder to write."
+        )
+    if target.is_dir() and any(target.iterdir()) and not replaceable(target):
+        raise ActsparseError(
+            f"{target} is a folder that actsparse did not write; choose a new or empty folder, "
+            "so that nothing of yours is replaced."
+        )
+
+
 def write_text_atomic(path: Path | str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+    if path.is_dir():
+        raise ActsparseError(f"{path} is a folder; give the path of a file to write.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            "w", dir=path.parent, prefix=scratch_prefix(path), delete=False, encoding="utf-8"
+        ) as tmp:
+            tmp.write(text)
+        os.chmod(tmp.name, 0o666 & ~_umask())
+        os.replace(tmp.name, path)
+    except OSError as error:
+        raise ActsparseError(
+            f"Could not write {path} ({error.strerror or error}); choose a path you can write to."
+        ) from None
 
 
 def write_json_atomic(path: Path | str, data: Any) -> None:
     """Write ``data`` as indented JSON to ``path``, atomically."""
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def output_lock(target: Path) -> Iterator[None]:
+    """Hold ``<target>.lock`` for the duration of a run that writes ``target``; a second run on the
+    same output is refused with one sentence while the first is alive."""
+    lock = target.with_name(target.name + ".lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ActsparseError(
+            f"Could not create {lock.parent} ({error.strerror}); choose another output path."
+        ) from None
+    for attempt in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if attempt or (owner and owner != os.getpid() and _alive(owner)):
+                raise ActsparseError(
+                    f"Another actsparse run (process {owner or 'unknown'}) is writing {target}; wait for it "
+                    f"to finish or choose another output path (delete {lock} if no run is left)."
+                ) from None
+            lock.unlink(missing_ok=True)  # its process is gone: a run that was killed
+            continue
+        except OSError as error:
+            raise ActsparseError(
+                f"Could not create {lock} ({error.strerror}); choose another output path."
+            ) from None
+        with os.fdopen(descriptor, "w") as file:
+            file.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from torch import nn
 
 from actsparse.config import SparsityConfig
 from actsparse.errors import ActsparseError
-from actsparse.paths import atomic_directory, write_json_atomic
+from actsparse.paths import atomic_directory, check_replaceable, write_json_atomic
 
 RECIPE_FILE = "recipe.json"
 TENSORS_FILE = "tensors.safetensors"
@@ -67,14 +67,21 @@ class Recipe:
     sensitivity: dict[str, float] | None = None
     calibration: dict[str, Any] | None = None
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The tensor ``name``; a recipe without it is refused as incomplete."""
+    def tensor(self, name: str, shape: torch.Size | tuple[int, ...] | None = None) -> torch.Tensor:
+        """The tensor ``name`` (of ``shape``, when given); a recipe without it, or with another
+        shape, is refused as incomplete or damaged."""
         if name not in self.tensors:
             raise ActsparseError(
                 f"The recipe lacks the tensor '{name}', so it is incomplete; calibrate it again with "
                 "`actsparse calibrate`."
             )
-        return self.tensors[name]
+        tensor = self.tensors[name]
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise ActsparseError(
+                f"The recipe's tensor '{name}' has shape {tuple(tensor.shape)} where the layer needs "
+                f"{tuple(shape)}, so the recipe is damaged; calibrate it again with `actsparse calibrate`."
+            )
+        return tensor
 
     def with_backend(self, backend: str) -> Recipe:
         """The same recipe computed by another backend (``"emulated"`` or ``"cpu-kernel"``)."""
@@ -107,12 +114,23 @@ class Recipe:
         }
 
     def save(self, directory: Path | str) -> None:
-        """Write the recipe folder atomically (an existing folder is replaced only on success)."""
-        with atomic_directory(Path(directory)) as scratch:
+        """Write the recipe folder atomically. An existing recipe folder is replaced only on success;
+        anything else at ``directory`` (a file, a folder with other files) is refused, untouched."""
+        with atomic_directory(Path(directory), is_recipe_folder) as scratch:
             tensors = {name: tensor.detach().contiguous() for name, tensor in self.tensors.items()}
             save_file(tensors, scratch / TENSORS_FILE)
             description = self.to_dict() | {"tensors_sha256": _sha256(scratch / TENSORS_FILE)}
             write_json_atomic(scratch / RECIPE_FILE, description)
+
+
+def is_recipe_folder(path: Path) -> bool:
+    """True when ``path`` is a folder that ``Recipe.save`` wrote (it holds ``recipe.json``)."""
+    return (path / RECIPE_FILE).is_file()
+
+
+def check_recipe_target(directory: Path | str) -> None:
+    """Refuse, before any work, a recipe path where saving would replace something not a recipe."""
+    check_replaceable(Path(directory), is_recipe_folder)
 
 
 def load_recipe(directory: Path | str) -> Recipe:
@@ -126,19 +144,23 @@ def load_recipe(directory: Path | str) -> Recipe:
                 "`actsparse calibrate --out DIR`."
             )
     try:
-        description = json.loads(description_path.read_text())
+        description = json.loads(description_path.read_text(encoding="utf-8"))
+        if not isinstance(description, dict):
+            raise TypeError("not a JSON object")
+        if description.get("format") not in READABLE_FORMATS:
+            raise ActsparseError(
+                f"{directory} is a recipe of format {description.get('format')}, this actsparse reads "
+                f"formats {' and '.join(map(str, READABLE_FORMATS))}; calibrate it again with this version."
+            )
         config = SparsityConfig.from_dict(description["config"])
         expected_sha256 = description["tensors_sha256"]
         model, sparse_layers = description["model"], list(description["sparse_layers"])
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except ActsparseError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSON, UTF-8, missing keys
         raise ActsparseError(
             f"{description_path} is corrupted ({type(error).__name__}: {error}); calibrate the recipe again."
         ) from None
-    if description.get("format") not in READABLE_FORMATS:
-        raise ActsparseError(
-            f"{directory} is a recipe of format {description.get('format')}, this actsparse reads "
-            f"formats {' and '.join(map(str, READABLE_FORMATS))}; calibrate it again with this version."
-        )
     if _sha256(tensors_path) != expected_sha256:
         raise ActsparseError(
             f"{tensors_path} is corrupted or truncated (its checksum differs from the one in "

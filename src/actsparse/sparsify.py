@@ -98,7 +98,10 @@ def plan(
 def _recipe_plan(recipe: Recipe, candidates: dict[str, nn.Linear]) -> Plan:
     """Phase 1 from a recipe: its layers and statistics as saved."""
     names = [key for correction in recipe.config.mitigation for key in correction.statistics]
-    statistics = {name: {key: recipe.tensor(f"{name}.{key}") for key in names} for name in candidates}
+    statistics = {
+        name: {key: recipe.tensor(f"{name}.{key}", (layer.in_features,)) for key in names}
+        for name, layer in candidates.items()
+    }
     return Plan(recipe.sparse_layers, statistics if names else {}, recipe.sensitivity)
 
 
@@ -147,7 +150,8 @@ def _load_tensors(handle: SparsityHandle, recipe: Recipe) -> None:
         for correction in layer.corrections:
             wanted = correction.layer_tensors(layer)
             if wanted:
-                correction.load_tensors(layer, {key: recipe.tensor(f"{name}.{key}") for key in wanted})
+                tensors = {key: recipe.tensor(f"{name}.{key}", value.shape) for key, value in wanted.items()}
+                correction.load_tensors(layer, tensors)
     handle.calibration = recipe.calibration
 
 

@@ -180,6 +180,25 @@ def ray_evaluations(address: str, data: SweepData) -> Evaluations:
     return run
 
 
+def _read_record(out: Path, config: SparsityConfig) -> dict[str, Any] | None:
+    """The finished record of ``config`` in ``out``, or None (missing or damaged: run it again)."""
+    try:
+        record = json.loads((out / "configs" / f"{config_key(config)}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("key") == config_key(config) else None
+
+
+def _read_manifest(manifest: Path) -> Any:
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ActsparseError(
+            f"{manifest} is damaged, so this sweep's settings are unknown; delete it to resume the finished "
+            "configurations in its folder under the settings given now, or choose another --out."
+        ) from None
+
+
 def run_sweep(
     configs: list[SparsityConfig],
     out: Path,
@@ -196,13 +215,13 @@ def run_sweep(
     """
     description = data.describe()
     manifest = out / MANIFEST
-    if manifest.exists() and json.loads(manifest.read_text()) != description:
+    if manifest.exists() and _read_manifest(manifest) != description:
         raise ActsparseError(
             f"{out} holds a sweep of another model, text or calibration ({manifest}); choose another --out "
             "or remove it."
         )
     write_json_atomic(manifest, description)
-    pending = [c for c in configs if not (out / "configs" / f"{config_key(c)}.json").exists()]
+    pending = [c for c in configs if _read_record(out, c) is None]
     bar = tqdm(
         total=len(configs),
         initial=len(configs) - len(pending),
@@ -215,7 +234,7 @@ def run_sweep(
         write_json_atomic(out / "configs" / f"{record['key']}.json", record)
         bar.update()
     bar.close()
-    records = [json.loads((out / "configs" / f"{config_key(c)}.json").read_text()) for c in configs]
+    records = [_read_record(out, c) for c in configs]
     write_text_atomic(out / "sweep.csv", sweep_csv(records))
     write_text_atomic(out / "sweep.md", sweep_table(records, description).markdown())
     plot_sweep(records, out, sweep_title(records, description))

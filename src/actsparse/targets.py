@@ -36,7 +36,12 @@ def target_layers(model: nn.Module, config: SparsityConfig) -> dict[str, nn.Line
     An include or exclude expression that matches no linear layer is refused, as is an empty result.
     """
     layers = linear_layers(model)
-    for kind, expressions in (("include", config.include), ("exclude", config.exclude)):
+    filters = (
+        ("include", config.include),
+        ("exclude", config.exclude),
+        ("quant_exclude", config.quant_exclude),
+    )
+    for kind, expressions in filters:
         for expression in expressions:
             if not any(re.search(expression, name) for name in layers):
                 raise ActsparseError(

@@ -14,6 +14,7 @@ Both are written once as JSON lines into the cache and handed to lm-eval as task
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -129,6 +130,33 @@ def task_config(name: str, text: str | None = None) -> dict[str, Any]:
     raise ActsparseError(f"'{name}' is not a local task; local tasks are {', '.join(LOCAL_TASKS)}.")
 
 
+@functools.cache
+def _task_manager(task_dir: str | None) -> Any:
+    """lm-eval's task index, with the YAML definitions in ``task_dir`` (built once per folder)."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ActsparseError(
+            "Zero-shot tasks need lm-evaluation-harness; install it with `pip install 'actsparse[tasks]'`."
+        ) from None
+    if task_dir is not None and not Path(task_dir).is_dir():
+        raise ActsparseError(f"Task folder '{task_dir}' does not exist; pass a folder of lm-eval YAML files.")
+    return TaskManager(include_path=task_dir)
+
+
+def check_tasks(tasks: list[str], task_dir: Path | None = None) -> None:
+    """Refuse, before any evaluation, a task name that is neither local nor known to lm-eval
+    (with the definitions in ``task_dir``)."""
+    manager = _task_manager(None if task_dir is None else str(task_dir))
+    known = set(manager.all_tasks)
+    for name in tasks:
+        if name not in LOCAL_TASKS and name not in known:
+            raise ActsparseError(
+                f"Unknown task '{name}': it is no local task ({', '.join(LOCAL_TASKS)}) and lm-eval knows no "
+                "task, group or tag of that name; check the spelling, or add its YAML with --task-dir."
+            )
+
+
 def run_tasks(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -144,19 +172,12 @@ def run_tasks(
     ``task_dir`` is a folder of lm-eval YAML task definitions (for instance reading local JSON
     files with ``dataset_path: json``); its tasks are found by name like the built-in ones.
     """
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise ActsparseError(
-            "Zero-shot tasks need lm-evaluation-harness; install it with `pip install 'actsparse[tasks]'`."
-        ) from None
+    manager = _task_manager(None if task_dir is None else str(task_dir))
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
     specs = [task_config(t, text) if t in LOCAL_TASKS else t for t in tasks]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
-    if task_dir is not None and not Path(task_dir).is_dir():
-        raise ActsparseError(f"Task folder '{task_dir}' does not exist; pass a folder of lm-eval YAML files.")
-    manager = TaskManager(include_path=str(task_dir)) if task_dir is not None else None
     with torch.inference_mode():
         output = simple_evaluate(
             model=lm,
