@@ -26,7 +26,15 @@ from actsparse.errors import ActsparseError
 from actsparse.evaluate import evaluate, quality_table, results_document
 from actsparse.flops import flop_report
 from actsparse.generate import evaluate_generation
-from actsparse.models import EMBEDDED_MODELS, check_context, converted_dir, load_model, resolve_model
+from actsparse.models import (
+    EMBEDDED_MODELS,
+    check_context,
+    check_dtype,
+    converted_dir,
+    load_model,
+    model_skeleton,
+    resolve_model,
+)
 from actsparse.paths import output_lock, write_json_atomic, write_text_atomic
 from actsparse.recipe import check_recipe_target, load_recipe
 from actsparse.sparsify import insert, measure_sensitivity, plan, sparsify
@@ -377,7 +385,11 @@ def sweep(
     data = SweepData(model, dataset, seqlen, windows, calib_windows, dtype, calib_dataset, settings)
     evaluation_text(dataset)
     calibration_text(dataset, calib_dataset)  # refuses overlapping texts before any work
+    check_dtype(dtype)
     check_context(model, seqlen)
+    skeleton = model_skeleton(model)
+    for sparsity in configs:  # the workers load the model; its layer filters are checked here
+        target_layers(skeleton, sparsity)
     if out.is_file():
         raise ActsparseError(f"{out} is a file; give a folder for the sweep's results.")
     evaluations = ray_evaluations(ray, data) if ray else local_evaluations(data)

@@ -131,6 +131,27 @@ def resolve_model(name_or_path: str) -> str:
     )
 
 
+def check_dtype(dtype: str) -> None:
+    """Refuse a dtype actsparse does not load models in."""
+    if dtype not in DTYPES:
+        raise ActsparseError(f"Unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}.")
+
+
+def model_skeleton(name_or_path: str) -> PreTrainedModel:
+    """The model's modules without weights (on the meta device): its layer names and shapes, for
+    checks before anything is loaded."""
+    source = resolve_model(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ActsparseError(
+            f"The config.json of model '{name_or_path}' could not be read ({type(error).__name__}); "
+            "write the folder again with save_pretrained, or check the Hub id."
+        ) from None
+
+
 def load_model(
     name_or_path: str, dtype: str = "float32", max_tokens: int | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -140,8 +161,7 @@ def load_model(
     ``save_pretrained`` or a ``.gguf`` file; ``dtype`` is float32, bfloat16 or float16. Sequences of
     ``max_tokens`` longer than the model's context are refused before the weights are read.
     """
-    if dtype not in DTYPES:
-        raise ActsparseError(f"Unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}.")
+    check_dtype(dtype)
     source = resolve_model(name_or_path)
     try:
         if max_tokens is not None:

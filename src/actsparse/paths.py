@@ -6,11 +6,12 @@ or shared by two runs.
 - ``atomic_directory``: a scratch folder beside the target that becomes the target only on success;
   an existing target is replaced only when ``replaceable`` says it may be.
 - ``output_lock``: one run at a time per output path (``<out>.lock``, with the owner's process id;
-  a lock whose process is gone is taken over).
+  a lock whose process is gone is taken over, and the scratch files a killed run left are removed).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -36,6 +37,12 @@ def _umask() -> int:
     return mask
 
 
+def honour_umask(path: Path | str) -> None:
+    """Give ``path`` the permissions the umask gives a new file or folder (temporary files and
+    some writers, safetensors' included, create them readable by their owner alone)."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_umask())
+
+
 def scratch_prefix(target: Path) -> str:
     """The name prefix of the temporary files and folders written beside ``target``."""
     return f".{target.name}."
@@ -51,7 +58,7 @@ def atomic_directory(target: Path, replaceable: Callable[[Path], bool] = lambda 
     check_replaceable(target, replaceable)
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(target), dir=target.parent))
-    os.chmod(scratch, 0o777 & ~_umask())
+    honour_umask(scratch)
     try:
         yield scratch
         check_replaceable(target, replaceable)
@@ -86,7 +93,7 @@ def write_text_atomic(path: Path | str, text: str) -> None:
             "w", dir=path.parent, prefix=scratch_prefix(path), delete=False, encoding="utf-8"
         ) as tmp:
             tmp.write(text)
-        os.chmod(tmp.name, 0o666 & ~_umask())
+        honour_umask(tmp.name)
         os.replace(tmp.name, path)
     except OSError as error:
         raise ActsparseError(
@@ -143,6 +150,12 @@ def output_lock(target: Path) -> Iterator[None]:
             file.write(str(os.getpid()))
         break
     try:
+        # Holding the lock, no other run writes beside target: scratch files left there are a killed run's.
+        for stale in target.parent.glob(f"{glob.escape(scratch_prefix(target))}*"):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
         yield
     finally:
         lock.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from torch import nn
 
 from actsparse.config import SparsityConfig
 from actsparse.errors import ActsparseError
-from actsparse.paths import atomic_directory, check_replaceable, write_json_atomic
+from actsparse.paths import atomic_directory, check_replaceable, honour_umask, write_json_atomic
 
 RECIPE_FILE = "recipe.json"
 TENSORS_FILE = "tensors.safetensors"
@@ -119,6 +119,7 @@ class Recipe:
         with atomic_directory(Path(directory), is_recipe_folder) as scratch:
             tensors = {name: tensor.detach().contiguous() for name, tensor in self.tensors.items()}
             save_file(tensors, scratch / TENSORS_FILE)
+            honour_umask(scratch / TENSORS_FILE)
             description = self.to_dict() | {"tensors_sha256": _sha256(scratch / TENSORS_FILE)}
             write_json_atomic(scratch / RECIPE_FILE, description)
 
