@@ -35,7 +35,13 @@ from actsparse.models import (
     model_skeleton,
     resolve_model,
 )
-from actsparse.paths import output_lock, write_json_atomic, write_text_atomic
+from actsparse.paths import (
+    check_file_target,
+    check_replaceable,
+    output_lock,
+    write_json_atomic,
+    write_text_atomic,
+)
 from actsparse.recipe import check_recipe_target, load_recipe
 from actsparse.sparsify import insert, measure_sensitivity, plan, sparsify
 from actsparse.sweep import (
@@ -164,8 +170,8 @@ def _split(text: str) -> list[str]:
 def _check_file_outputs(*paths: Path | None) -> None:
     """Refuse, before any work, an output file path where a folder is."""
     for path in paths:
-        if path is not None and path.is_dir():
-            raise ActsparseError(f"{path} is a folder; give the path of a file to write.")
+        if path is not None:
+            check_file_target(path)
 
 
 def _variants(
@@ -390,8 +396,7 @@ def sweep(
     skeleton = model_skeleton(model)
     for sparsity in configs:  # the workers load the model; its layer filters are checked here
         target_layers(skeleton, sparsity)
-    if out.is_file():
-        raise ActsparseError(f"{out} is a file; give a folder for the sweep's results.")
+    check_replaceable(out)  # a file where the sweep's folder would be
     evaluations = ray_evaluations(ray, data) if ray else local_evaluations(data)
     with output_lock(out):
         records = run_sweep(configs, out, data, evaluations)

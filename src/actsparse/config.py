@@ -24,7 +24,7 @@ from actsparse.criteria import CRITERIA, get_criterion
 from actsparse.errors import ActsparseError
 from actsparse.patterns import Pattern, parse_pattern
 from actsparse.policy import POLICIES, Policy
-from actsparse.registry import Piece, Registry, build_piece, piece_from_dict
+from actsparse.registry import Piece, Registry, build_piece, own_settings, piece_from_dict
 
 DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_proj$"
 """The decoder's attention and MLP projections in Llama, Gemma, Qwen2, Mistral and their kin."""
@@ -220,8 +220,7 @@ def _from_flat(data: dict[str, Any]) -> dict[str, Any]:
     )
 
     def piece(cls: type[Piece]) -> Piece:
-        own = {f.name for f in cls.settings()}
-        return build_piece(cls, {k: v for k, v in settings.items() if k in own and v is not None})
+        return build_piece(cls, {k: v for k, v in own_settings(cls, settings).items() if v is not None})
 
     data["policy"] = piece(POLICIES.get(data.get("policy", "all")))
     data["mitigation"] = tuple(piece(cls) for cls in parse_mitigation(spelled or "none"))
@@ -336,9 +335,9 @@ def configs_from_settings(
         pieces = {k: v for k, v in chosen.items() if k not in top}
 
         def build(cls: type[Piece], pieces: dict[str, Any] = pieces) -> Piece:
-            own = {f.name for f in cls.settings()} & set(pieces)
+            own = own_settings(cls, pieces)
             used.update(own)
-            return build_piece(cls, {k: pieces[k] for k in own})
+            return build_piece(cls, own)
 
         arguments = {k: v for k, v in chosen.items() if k in top}
         arguments["policy"] = build(POLICIES.get(arguments.get("policy", "all")))

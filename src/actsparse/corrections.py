@@ -312,11 +312,11 @@ class Learnable(Correction):
     @staticmethod
     def _live(layer: SparseLinear) -> LearnedCorrection | None:
         """The layer's correction while it is not folded yet (calibration's differentiable form)."""
-        correction = getattr(layer, "correction", None)
+        correction = layer.correction
         return None if correction is None or correction.folded else correction
 
     def before_selection(self, layer: SparseLinear, call: SparseCall) -> None:
-        correction = getattr(layer, "correction", None)
+        correction = layer.correction
         if correction is None:
             return
         call.input = call.input - correction.shift
@@ -343,7 +343,7 @@ class Learnable(Correction):
         return {"settings": settings.to_dict(), "blocks": [fit.to_dict() for fit in fits]}
 
     def fold(self, layer: SparseLinear) -> None:
-        correction = getattr(layer, "correction", None)
+        correction = layer.correction
         if correction is None:
             return
         folded = correction.fold(layer.weight, layer.bias, layer.channel_factor)
@@ -356,13 +356,13 @@ class Learnable(Correction):
         )
 
     def layer_tensors(self, layer: SparseLinear) -> dict[str, torch.Tensor]:
-        correction = getattr(layer, "correction", None)
+        correction = layer.correction
         if correction is None:
             return {}
         return {f"correction.{name}": p.detach() for name, p in correction.named_parameters()}
 
     def load_tensors(self, layer: SparseLinear, tensors: dict[str, torch.Tensor]) -> None:
-        correction = getattr(layer, "correction", None)
+        correction = layer.correction
         if correction is None:
             return
         for name, parameter in correction.named_parameters():

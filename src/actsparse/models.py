@@ -17,6 +17,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -137,19 +138,23 @@ def check_dtype(dtype: str) -> None:
         raise ActsparseError(f"Unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}.")
 
 
-def model_skeleton(name_or_path: str) -> PreTrainedModel:
-    """The model's modules without weights (on the meta device): its layer names and shapes, for
-    checks before anything is loaded."""
-    source = resolve_model(name_or_path)
+def _model_config(name_or_path: str) -> PretrainedConfig:
+    """The model's config alone (no weights); a missing or broken one is refused with a sentence."""
     try:
-        config = AutoConfig.from_pretrained(source)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+        return AutoConfig.from_pretrained(resolve_model(name_or_path))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ActsparseError(
             f"The config.json of model '{name_or_path}' could not be read ({type(error).__name__}); "
             "write the folder again with save_pretrained, or check the Hub id."
         ) from None
+
+
+def model_skeleton(name_or_path: str) -> PreTrainedModel:
+    """The model's modules without weights (on the meta device): its layer names and shapes, for
+    checks before anything is loaded."""
+    config = _model_config(name_or_path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def load_model(
@@ -187,14 +192,7 @@ def load_model(
 def check_context(name_or_path: str, tokens: int) -> None:
     """Refuse sequences of ``tokens`` longer than the model's context (``max_position_embeddings``
     of its config; the weights are not read)."""
-    source = resolve_model(name_or_path)
-    try:
-        limit = getattr(AutoConfig.from_pretrained(source), "max_position_embeddings", None)
-    except (OSError, ValueError) as error:
-        raise ActsparseError(
-            f"The config.json of model '{name_or_path}' could not be read ({type(error).__name__}); "
-            "write the folder again with save_pretrained, or check the Hub id."
-        ) from None
+    limit = getattr(_model_config(name_or_path), "max_position_embeddings", None)
     if isinstance(limit, int) and tokens > limit:
         raise ActsparseError(
             f"Sequences of {tokens} tokens are longer than the context of '{name_or_path}' ({limit} tokens); "

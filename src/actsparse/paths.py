@@ -82,11 +82,16 @@ def check_replaceable(target: Path, replaceable: Callable[[Path], bool] = lambda
         )
 
 
+def check_file_target(path: Path) -> None:
+    """Refuse a path to write a file to where a folder is."""
+    if path.is_dir():
+        raise ActsparseError(f"{path} is a folder; give the path of a file to write.")
+
+
 def write_text_atomic(path: Path | str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
     path = Path(path)
-    if path.is_dir():
-        raise ActsparseError(f"{path} is a folder; give the path of a file to write.")
+    check_file_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(

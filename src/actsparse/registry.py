@@ -86,6 +86,12 @@ def piece_from_dict(registry: Registry[type[P]], data: dict[str, Any]) -> P:
     return build_piece(cls, data)
 
 
+def own_settings(cls: type[Piece], settings: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``settings`` that names settings of ``cls`` (the rest belongs to other pieces)."""
+    names = {f.name for f in cls.settings()}
+    return {key: value for key, value in settings.items() if key in names}
+
+
 def build_piece(cls: type[P], settings: dict[str, Any]) -> P:
     """``cls(**settings)``; a setting the piece does not have is refused with one sentence."""
     known = {f.name for f in cls.settings()}
@@ -95,11 +101,6 @@ def build_piece(cls: type[P], settings: dict[str, Any]) -> P:
             f"its settings are {', '.join(sorted(known)) or 'none'}."
         )
     return cls(**settings)
-
-
-def setting_help(field: dataclasses.Field) -> str:
-    """The help text of a setting, from its field metadata."""
-    return field.metadata.get("help", "")
 
 
 def setting(default: Any, help: str, parse: Callable[[str], Any] | None = None) -> Any:
