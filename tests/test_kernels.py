@@ -32,7 +32,7 @@ def emulated(x, weight, bias, pattern, factor=None, eta=None):
 @needs_kernel
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("pattern", ["1:2", "2:4", "4:8", "8:16", "16:32", "3:6", "8:64"])
-@pytest.mark.parametrize("tokens", [1, 7, 13])
+@pytest.mark.parametrize("tokens", [1, 3, 7, 13])  # 1, 3 and 7 take the GEMV, 13 the GEMM
 @pytest.mark.parametrize("bias", [True, False])
 def test_sparse_linear_matches_the_emulated_product(isa, pattern, tokens, bias):
     torch.manual_seed(0)
@@ -59,6 +59,38 @@ def test_a_dense_tail_and_the_shift_term_are_fused(isa):
     y, compressed = kernels.sparse_linear(x - eta, packed, 8, 16, eta=eta, isa=isa)
     torch.testing.assert_close(y, emulated(x - eta, weight, bias, "8:16", eta=eta), rtol=1e-4, atol=1e-4)
     assert y.shape == (2, 5, 70) and compressed.values.shape == (10, 12 * 8 + 8)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("pattern", ["2:4", "8:16", "16:32", "8:64"])
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_bfloat16_weights_take_the_gemv_with_the_emulated_selection(isa, pattern, tokens):
+    torch.manual_seed(2)
+    p = parse_pattern(pattern)
+    x, weight, bias = torch.randn(tokens, 448).bfloat16(), torch.randn(200, 448).bfloat16(), torch.randn(200)
+    factor = (torch.rand(448) + 0.5).bfloat16()
+    scores = x.abs() * factor  # rounded to bfloat16, as the emulated path rounds them
+    eta = x.float().median(-1, keepdim=True).values.bfloat16()
+    packed = kernels.pack_linear(weight, bias.bfloat16(), weight.float().sum(1))
+    y, compressed = kernels.sparse_linear(x, packed, p.n, p.m, eta=eta, isa=isa, scores=scores)
+    kept = apply_pattern(x, scores, p)
+    expected = F.linear(
+        kept.float(), weight.float(), bias.bfloat16().float()
+    ) + eta.float() * weight.float().sum(1)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)
+    rebuilt = torch.zeros_like(x).scatter_(1, compressed.channels.long(), compressed.values.bfloat16())
+    assert torch.equal(rebuilt, kept)
+
+
+@needs_kernel
+def test_the_stored_weight_is_one_transposed_copy_seen_as_the_weight():
+    weight = torch.randn(70, 48)
+    packed = kernels.pack_linear(weight)
+    assert torch.equal(packed.weight, weight) and packed.weight.stride() == (1, packed.ld)
+    assert packed.weight.untyped_storage().data_ptr() == packed.storage.untyped_storage().data_ptr()
+    assert packed.ld >= packed.padded_out == 128 and not packed.storage[:, 70:].any()
 
 
 @needs_kernel
@@ -148,10 +180,119 @@ def test_measured_density_is_counted_by_the_kernel(llama, tokens):
     assert densities[0] == densities[1] == pytest.approx(0.5)
 
 
-def test_bfloat16_calls_fall_back_to_the_emulated_path(llama, tokens):
+def decode_logits(model, tokens, steps=3):
+    """Logits of a prefill of ``tokens`` and then ``steps`` one-token decode steps with the cache."""
+    with torch.no_grad():
+        out = model(tokens, use_cache=True)
+        cache, step_logits = out.past_key_values, [out.logits]
+        for step in range(steps):
+            out = model(tokens[:, step : step + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            step_logits.append(out.logits)
+    return torch.cat(step_logits, dim=1)
+
+
+def count_gemv_calls(monkeypatch):
+    calls = []
+    gemv = kernels._LIBRARY.actsparse_nm_gemv
+
+    def counted(*args):
+        calls.append(args[1])  # the call's tokens
+        return gemv(*args)
+
+    monkeypatch.setattr(kernels._LIBRARY, "actsparse_nm_gemv", counted)
+    return calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("mitigation", ["none", "shift"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+def test_decode_steps_give_the_emulated_logits_through_the_gemv(
+    model, mitigation, batch, request, monkeypatch
+):
+    model = request.getfixturevalue(model)
+    tokens = torch.randint(0, 128, (batch, 16), generator=torch.Generator().manual_seed(5))
+    config = SparsityConfig(pattern="8:16", criterion="amber", mitigation=mitigation, phase="all")
+    with sparsify(model, config):
+        expected = decode_logits(model, tokens)
+    calls = count_gemv_calls(monkeypatch)
+    with sparsify(model, replace(config, backend="cpu-kernel")):
+        torch.testing.assert_close(decode_logits(model, tokens), expected, rtol=1e-4, atol=1e-4)
+    assert calls and set(calls) == {batch}  # every decode step of every layer, prefill on the GEMM
+
+
+@needs_kernel
+def test_decode_with_folded_learned_corrections_runs_through_the_gemv(llama, monkeypatch):
+    calibration = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
+    settings = CalibrationSettings(steps=3, lr=1e-3)
+    config = SparsityConfig(pattern="2:4", mitigation="shift+learnable", phase="all")
+    handle = sparsify(llama, config, calibration, calibration_settings=settings)
+    tokens = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(6))
+    expected = decode_logits(llama, tokens)
+    recipe = handle.recipe()
+    handle.remove()
+    calls = count_gemv_calls(monkeypatch)
+    with sparsify(llama, recipe=recipe.with_backend("cpu-kernel")):
+        torch.testing.assert_close(decode_logits(llama, tokens), expected, rtol=1e-4, atol=1e-4)
+    assert calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("phase", ["prefill", "all"])
+def test_one_weight_copy_while_attached_and_the_original_bit_for_bit_after_remove(llama, phase):
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
+    dense = decode_logits(llama, tokens)
+    weights = {name: m.weight for name, m in llama.named_modules() if name.endswith("_proj")}
+    originals = {name: w.detach().clone() for name, w in weights.items()}
+    config = SparsityConfig(pattern="8:16", phase=phase)
+    with sparsify(llama, config):
+        emulated = decode_logits(llama, tokens)
+    handle = sparsify(llama, replace(config, backend="cpu-kernel"))
+    for name, layer in handle.layers.items():
+        assert layer.weight is weights[name]  # the same Parameter, its data now the packed storage
+        storage = layer.prepared.storage.untyped_storage()
+        assert layer.weight.untyped_storage().data_ptr() == storage.data_ptr()
+        assert torch.equal(layer.weight, originals[name])
+    # under the prefill phase, decode steps are dense products computed from the packed storage
+    torch.testing.assert_close(decode_logits(llama, tokens), emulated, rtol=1e-4, atol=1e-4)
+    handle.remove()
+    for name, weight in weights.items():
+        assert weight.is_contiguous() and torch.equal(weight, originals[name])
+    assert torch.equal(decode_logits(llama, tokens), dense)
+    handle.attach()  # back to one copy
+    assert all(
+        layer.weight.untyped_storage().data_ptr() == layer.prepared.storage.untyped_storage().data_ptr()
+        for layer in handle.layers.values()
+    )
+    handle.remove()
+
+
+@needs_kernel
+def test_a_failed_insert_leaves_the_original_weights_as_they_were(llama):
+    llama.model.layers[1].mlp.down_proj = torch.nn.Linear(120, 64, bias=False)  # 120 is not a multiple of 16
+    weights = {name: m.weight for name, m in llama.named_modules() if name.endswith("_proj")}
+    with pytest.raises(ActsparseError, match="not a multiple"):
+        sparsify(llama, SparsityConfig(pattern="8:16", backend="cpu-kernel"))
+    assert all(weight.is_contiguous() for weight in weights.values())
+
+
+@needs_kernel
+def test_bfloat16_decode_runs_through_the_gemv_and_keeps_the_emulated_inputs(llama, monkeypatch):
     llama = llama.to(torch.bfloat16)
-    with sparsify(llama, SparsityConfig(pattern="8:16", backend="cpu-kernel")):
-        assert torch.isfinite(logits(llama, tokens).float()).all()
+    tokens = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(8))
+    config = SparsityConfig(pattern="8:16", criterion="amber", phase="all")
+    with sparsify(llama, config) as handle:
+        handle.measure_density(True)
+        expected = decode_logits(llama, tokens)
+        emulated_density = flop_report(llama, handle).measured_density
+    calls = count_gemv_calls(monkeypatch)
+    with sparsify(llama, replace(config, backend="cpu-kernel")) as handle:
+        handle.measure_density(True)
+        got = decode_logits(llama, tokens)
+        assert flop_report(llama, handle).measured_density == emulated_density
+    assert calls  # prefill (12 tokens) is emulated in bfloat16; decode steps take the GEMV
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)
 
 
 @needs_kernel

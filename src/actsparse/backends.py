@@ -1,10 +1,11 @@
 """Backends: how a ``SparseLinear`` computes its products, each one registered piece.
 
 A backend says what it refuses for a config (``refusal``), prepares a layer's weights once
-(``prepare``, again after learned corrections are folded), runs the dense product of calls that
-stay dense and the sparse product of sparsified calls, and describes in one sentence how a set of
-layers runs (``actsparse info``). Add one with a ``Backend`` subclass and
-``BACKENDS.register(MyBackend())``.
+(``prepare``, again after learned corrections are folded), lets the layer compute from what it
+prepared while the layer is in the model (``attach``; ``detach`` gives the weights their own layout
+back when it leaves), runs the dense product of calls that stay dense and the sparse product of
+sparsified calls, and describes in one sentence how a set of layers runs (``actsparse info``). Add
+one with a ``Backend`` subclass and ``BACKENDS.register(MyBackend())``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ class Backend:
     def prepare(self, layer: SparseLinear) -> Any:
         """What this backend keeps for ``layer`` (e.g. packed weights), stored as ``layer.prepared``."""
         return None
+
+    def attach(self, layer: SparseLinear) -> None:
+        """``layer`` goes into the model (after ``prepare``, and at every ``handle.attach()``)."""
+
+    def detach(self, layer: SparseLinear) -> None:
+        """``layer`` leaves the model (``handle.remove()``): the original module gets its weight
+        back exactly as it was."""
 
     def dense(self, layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
         """A call that stays dense: the layer's own (smoothed, quantised) weight and bias."""
@@ -72,14 +80,20 @@ class Emulated(Backend):
 
 
 class CpuKernel(Backend):
-    """actsparse's compiled sparse GEMM: a fused select-and-compress pass, then a product over the
-    kept inputs only, with bias and ``η · W.sum(1)`` inside (float32 N:M, M ≤ 64, on the CPU).
-    Other calls (other dtypes or devices, calls needing gradients, unfolded learned corrections)
-    are emulated."""
+    """actsparse's compiled products over the kept inputs only: a fused select-and-compress pass,
+    then a sparse GEMM (prefill, float32) or a sparse GEMV that reads only the kept inputs' weight
+    rows (decode: at most ``kernels.GEMV_MAX_TOKENS`` tokens, float32 or bfloat16), with bias and
+    ``η · W.sum(1)`` inside (N:M, M ≤ 64, on the CPU).
+
+    The weight is stored once: while the layer is in the model, its sparse-call weight is a view of
+    the kernels' transposed storage, so dense calls (decode under ``phase="prefill"``) multiply the
+    same bytes and no second copy is held; ``detach`` gives the original module a contiguous weight
+    again, value for value. Other calls (float16, bfloat16 prefill, calls needing gradients,
+    unfolded learned corrections) are emulated on the same view."""
 
     name: ClassVar[str] = "cpu-kernel"
     description: ClassVar[str] = (
-        "multiply only the kept inputs (compiled sparse GEMM, float32 N:M on the CPU)"
+        "multiply only the kept inputs (compiled sparse GEMM and GEMV, N:M on the CPU)"
     )
 
     def refusal(self, config: SparsityConfig) -> str | None:
@@ -96,21 +110,42 @@ class CpuKernel(Backend):
         return None
 
     def prepare(self, layer: SparseLinear) -> kernels.PackedLinear | None:
-        if not (layer.sparse and kernels.AVAILABLE):
-            return None
         operands = layer.operands()
+        if not (layer.sparse and kernels.packs(operands.weight)):
+            return None
         return kernels.pack_linear(operands.weight, operands.bias, operands.row_sum)
+
+    def attach(self, layer: SparseLinear) -> None:
+        if layer.prepared is None:
+            return
+        view = layer.prepared.weight
+        if layer.sparse_weight is not None:
+            layer.sparse_weight = view
+        elif layer.weight.data_ptr() != view.data_ptr():
+            layer.weight.data = view
+            layer.weight_is_view = True
+
+    def detach(self, layer: SparseLinear) -> None:
+        if layer.weight_is_view:
+            layer.weight.data = layer.weight.data.contiguous()
+            layer.weight_is_view = False
 
     def sparse(self, layer: SparseLinear, call: SparseCall) -> torch.Tensor:
         n, m = layer.pattern.keep_count(layer.in_features)
         if (
             layer.prepared is None
-            or not kernels.supports(call.input, m)
+            or not kernels.runs(call.input, m, layer.prepared)
             or any(c.rescales_kept_values(layer) for c in layer.corrections)
         ):
             return super().sparse(layer, call)
-        factor = layer.criterion.channel_factor(call.input, call.factor)
-        y, compressed = kernels.sparse_linear(call.input, layer.prepared, n, m, factor, call.eta)
+        if call.input.dtype == torch.float32:
+            factor = layer.criterion.channel_factor(call.input, call.factor)
+            y, compressed = kernels.sparse_linear(call.input, layer.prepared, n, m, factor, call.eta)
+        else:  # scores rounded as the emulated path rounds them, so that the same inputs are kept
+            scores = layer.criterion.score(call.input, call.factor)
+            y, compressed = kernels.sparse_linear(
+                call.input, layer.prepared, n, m, eta=call.eta, scores=scores
+            )
         if compressed.has_nan:
             raise layer.nan_error()
         layer.count_kept(compressed.nonzero, call.input.numel())
@@ -121,12 +156,15 @@ class CpuKernel(Backend):
         if packed:
             return (
                 f"cpu-kernel: {packed} layers multiply only the kept inputs (sparse GEMM "
-                f"{kernels.gemm_isa()}, selection {kernels.select_isa()}) in float32 calls on the CPU; "
-                "other calls are emulated."
+                f"{kernels.gemm_isa()} for float32 prefill, sparse GEMV for calls of up to "
+                f"{kernels.GEMV_MAX_TOKENS} tokens in float32 or bfloat16, selection "
+                f"{kernels.select_isa()}) on the CPU, from one stored copy of each weight; other "
+                "calls are emulated."
             )
         return (
             "emulated, although cpu-kernel was asked for: the compiled extension was not built "
-            "(reinstall actsparse where a C compiler is present)."
+            "(reinstall actsparse where a C compiler is present) or the weights are neither "
+            "float32 nor bfloat16 on the CPU."
         )
 
 

@@ -78,12 +78,16 @@ class SparsityHandle:
         """Put the sparse layers into the model (no-op when already attached)."""
         if not self.attached:
             self._swap_in(self.layers)
+            for layer in self.layers.values():
+                layer.backend.attach(layer)
             self.attached = True
         return self
 
     def remove(self) -> None:
         """Restore the original dense layers (no-op when already removed)."""
         if self.attached:
+            for layer in self.layers.values():
+                layer.backend.detach(layer)
             self._swap_in(self.originals)
             self.attached = False
 

@@ -107,7 +107,11 @@ class SparseLinear(nn.Linear):
         self.correction: nn.Module | None = None
         for correction in self.corrections:
             correction.attach(self)
+        # True while the weight Parameter is a view of what the backend prepared (one stored copy);
+        # the backend gives it its own layout back when the layer leaves the model.
+        self.weight_is_view = False
         self.prepared = self.backend.prepare(self)
+        self.backend.attach(self)  # layer by layer, so that at most one extra weight copy exists at once
         self.measure_density = False
         self.kept_inputs = 0
         self.seen_inputs = 0
@@ -129,6 +133,7 @@ class SparseLinear(nn.Linear):
         self.sparse_weight, self.sparse_bias = weight, bias
         self.row_sum, self.channel_factor = row_sum, factor
         self.prepared = self.backend.prepare(self)
+        self.backend.attach(self)
 
     @property
     def folded(self) -> bool:

@@ -112,10 +112,16 @@ def insert(
     attach them."""
     chosen = set(planned.sparse_layers)
     wrapped = candidates if config.quant != "none" else {n: l for n, l in candidates.items() if n in chosen}
-    layers = {
-        name: SparseLinear(linear, name, config, planned.statistics.get(name), sparse=name in chosen)
-        for name, linear in wrapped.items()
-    }
+    layers: dict[str, SparseLinear] = {}
+    try:
+        for name, linear in wrapped.items():
+            layers[name] = SparseLinear(
+                linear, name, config, planned.statistics.get(name), sparse=name in chosen
+            )
+    except BaseException:
+        for layer in layers.values():  # the originals get their weights back as they were
+            layer.backend.detach(layer)
+        raise
     handle = SparsityHandle(
         model, config, layers, dict(wrapped), planned.sensitivity, statistics=planned.statistics
     )

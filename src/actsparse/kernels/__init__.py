@@ -2,8 +2,9 @@
 
 - ``nm_select``: the fused select-and-zero pass for float32 N:M patterns (the emulated backend).
 - ``pack_linear`` and ``sparse_linear``: the ``cpu-kernel`` backend, a linear layer that multiplies
-  only the kept activations: a fused select-and-compress pass, then a sparse GEMM over weights
-  packed once per layer (``nm_gemm.c``).
+  only the kept activations: a fused select-and-compress pass, then a sparse GEMM (many tokens,
+  float32) or a sparse GEMV that reads only the kept inputs' weight rows (a few tokens, float32 or
+  bfloat16), both over the weight stored once, transposed (``nm_gemm.c``).
 
 When the extension was not built (no compiler at install time), ``AVAILABLE`` is False and actsparse
 uses its PyTorch path.
@@ -28,9 +29,16 @@ _SIGNATURES = {
     "actsparse_output_unit": (_INT, []),
     "actsparse_gemm_isa": (_INT, [_INT]),
     "actsparse_select_isa": (_INT, []),
-    "actsparse_pack_weight": (None, [_POINTER] * 2 + [_INT] * 2),
+    "actsparse_gemv_max_tokens": (_INT, []),
     "actsparse_nm_compress": (_INT, [_POINTER] * 3 + [_INT] * 5 + [ctypes.POINTER(ctypes.c_int32), _INT]),
-    "actsparse_nm_gemm": (None, [_POINTER] + [_INT] * 5 + [_POINTER, _INT] + [_POINTER] * 4 + [_INT] * 2),
+    "actsparse_nm_gemm": (
+        None,
+        [_POINTER] + [_INT] * 5 + [_POINTER] + [_INT] * 2 + [_POINTER] * 4 + [_INT] * 2,
+    ),
+    "actsparse_nm_gemv": (
+        None,
+        [_POINTER] + [_INT] * 3 + [_POINTER] + [_INT] * 3 + [_POINTER] * 5 + [_INT] * 2,
+    ),
 }
 
 
@@ -49,6 +57,10 @@ _LIBRARY = _load()
 AVAILABLE = _LIBRARY is not None
 OUTPUT_UNIT = _LIBRARY.actsparse_output_unit() if AVAILABLE else 0
 """The packed weight's output width is a multiple of this (panels of 128 outputs, the last maybe 64)."""
+GEMV_MAX_TOKENS = _LIBRARY.actsparse_gemv_max_tokens() if AVAILABLE else 0
+"""Calls of at most this many tokens take the sparse GEMV (decode); longer ones the sparse GEMM."""
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+"""Weights the kernels multiply with: the GEMV takes both, the GEMM float32."""
 
 
 def gemm_isa(limit: str = "avx512") -> str | None:
@@ -64,7 +76,7 @@ def select_isa(limit: str = "avx512") -> str | None:
 
 
 def supports(x: torch.Tensor, m: int) -> bool:
-    """True when the compiled passes can take ``x`` with group size ``m`` (and no gradient is needed)."""
+    """True when the compiled selection can take ``x`` with group size ``m`` (and no gradient is needed)."""
     return (
         AVAILABLE
         and x.dtype == torch.float32
@@ -179,10 +191,13 @@ def nm_compress(
 
 @dataclass(frozen=True)
 class PackedLinear:
-    """A linear layer's weight in the sparse GEMM's panel layout, with bias and row sums padded to
-    ``padded_out`` outputs (None where the layer has none)."""
+    """A linear layer's weight stored once for the compiled products: transposed, ``storage[k, o]
+    = W[o, k]``, in rows of ``ld`` values (the output width padded to a multiple of
+    ``OUTPUT_UNIT``, plus a skew that spreads a block's rows over the cache's sets), zero past the
+    last output; bias and row sums padded the same way, in float32 (None where the layer has none).
+    ``weight`` is the same storage seen as the ``(out, in)`` weight."""
 
-    panels: torch.Tensor
+    storage: torch.Tensor
     out_features: int
     in_features: int
     bias: torch.Tensor | None
@@ -192,28 +207,60 @@ class PackedLinear:
     def padded_out(self) -> int:
         return _padded_width(self.out_features)
 
+    @property
+    def ld(self) -> int:
+        return self.storage.shape[1]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The ``(out, in)`` weight as a view of the storage (strides ``(1, ld)``)."""
+        return self.storage[:, : self.out_features].t()
+
+
+_SKEW = 16
+"""Extra floats per stored row, so that rows a power of two apart do not share cache sets."""
+
 
 def _padded_width(out_features: int) -> int:
     return -(-out_features // OUTPUT_UNIT) * OUTPUT_UNIT
 
 
+def packs(weight: torch.Tensor) -> bool:
+    """True when ``pack_linear`` takes ``weight`` (float32 or bfloat16 on the CPU)."""
+    return AVAILABLE and weight.dtype in WEIGHT_DTYPES and weight.device.type == "cpu"
+
+
 def pack_linear(
     weight: torch.Tensor, bias: torch.Tensor | None = None, row_sum: torch.Tensor | None = None
 ) -> PackedLinear:
-    """Pack ``weight`` (``out × in``) once, for ``sparse_linear``; ``row_sum`` is ``W.sum(1)`` of
-    the shift correction (its ``η · W.sum(1)`` term is added inside the GEMM)."""
+    """Store ``weight`` (``out × in``, float32 or bfloat16) once for ``sparse_linear``, keeping its
+    dtype; ``row_sum`` is ``W.sum(1)`` of the shift correction (its ``η · W.sum(1)`` term is added
+    inside the product). The result's ``weight`` equals ``weight`` value for value."""
     out_features, in_features = weight.shape
     padded_out = _padded_width(out_features)
-    panels = torch.empty(padded_out, in_features, dtype=torch.float32)  # holds the panels, not rows
-    source = weight.detach().to(torch.float32).contiguous()
-    _LIBRARY.actsparse_pack_weight(source.data_ptr(), panels.data_ptr(), out_features, in_features)
+    storage = torch.zeros(in_features, padded_out + _SKEW, dtype=weight.dtype)
+    storage[:, :out_features].copy_(weight.detach().t())
 
     def padded(vector: torch.Tensor | None) -> torch.Tensor | None:
         if vector is None:
             return None
         return torch.nn.functional.pad(vector.detach().to(torch.float32), (0, padded_out - out_features))
 
-    return PackedLinear(panels, out_features, in_features, padded(bias), padded(row_sum))
+    return PackedLinear(storage, out_features, in_features, padded(bias), padded(row_sum))
+
+
+def runs(x: torch.Tensor, m: int, packed: PackedLinear) -> bool:
+    """True when ``sparse_linear`` takes ``x`` with group size ``m`` on ``packed``: inputs of the
+    weight's dtype, no gradient needed, and bfloat16 only for calls of at most
+    ``GEMV_MAX_TOKENS`` tokens (longer bfloat16 calls have no compiled product)."""
+    return (
+        AVAILABLE
+        and x.dtype == packed.storage.dtype
+        and x.device.type == "cpu"
+        and m <= MAX_GROUP
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and (x.dtype == torch.float32 or _rows(x) <= GEMV_MAX_TOKENS)
+    )
 
 
 def sparse_linear(
@@ -224,35 +271,54 @@ def sparse_linear(
     factor: torch.Tensor | None = None,
     eta: torch.Tensor | None = None,
     isa: str = "avx512",
+    scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, CompressedRows]:
     """``F.linear(x_sparse, W, bias) (+ eta · W.sum(1))`` multiplying only the kept activations,
-    where ``x_sparse`` keeps the top ``n`` of every ``m`` scores ``|x| * factor`` of each token.
+    where ``x_sparse`` keeps the top ``n`` of every ``m`` scores ``|x| * factor`` of each token
+    (or of ``scores``, given in full, e.g. computed in bfloat16 as the emulated path does).
 
-    ``x`` is float32 ``(..., in)``; ``eta`` (``(..., 1)``) needs ``packed`` built with ``row_sum``;
-    ``isa`` caps the instruction set (for tests). Returns the output and the compressed input
-    (its non-zero count and NaN flag; its entries live in a scratch buffer the next call reuses).
+    ``x`` is ``(..., in)`` of the packed weight's dtype (see ``runs``); calls of at most
+    ``GEMV_MAX_TOKENS`` tokens read only the weight rows of their kept inputs (the sparse GEMV),
+    longer ones take the sparse GEMM. ``eta`` (``(..., 1)``) needs ``packed`` built with
+    ``row_sum``; ``isa`` caps the instruction set (for tests). Returns the output (``x``'s dtype)
+    and the compressed input (its non-zero count and NaN flag; its entries live in a scratch
+    buffer the next call reuses).
     """
-    compressed = nm_compress(x, factor, n, m, scratch=True, isa=isa)
-    rows, kept = compressed.entries.shape[:2]
+    rows = _rows(x)
+    values = x.reshape(rows, x.shape[-1]).to(torch.float32)
+    if scores is None:
+        compressed = nm_compress(values, factor, n, m, scratch=True, isa=isa)
+    else:
+        compressed = nm_compress(
+            scores.reshape(values.shape).to(torch.float32), None, n, m, scratch=True, isa=isa
+        )
+        channels = compressed.channels.long()
+        compressed.entries[..., 0] = values.gather(1, channels)
+        nonzero = int(torch.count_nonzero(compressed.values))
+        compressed = CompressedRows(compressed.entries, nonzero, compressed.has_nan)
+    kept = compressed.entries.shape[1]
     y = torch.empty(rows, packed.padded_out, dtype=torch.float32)
     if eta is not None:
         eta = eta.reshape(rows).to(torch.float32).contiguous()
-    _LIBRARY.actsparse_nm_gemm(
-        compressed.entries.data_ptr(),
-        rows,
-        kept,
-        packed.in_features,
-        n,
-        m,
-        packed.panels.data_ptr(),
-        packed.padded_out // OUTPUT_UNIT,
-        None if packed.bias is None else packed.bias.data_ptr(),
-        None if eta is None else eta.data_ptr(),
-        None if eta is None else packed.row_sum.data_ptr(),
-        y.data_ptr(),
-        torch.get_num_threads(),
-        ISAS.index(isa),
-    )
+    bias = None if packed.bias is None else packed.bias.data_ptr()
+    eta_pointer = None if eta is None else eta.data_ptr()
+    row_sum = None if eta is None else packed.row_sum.data_ptr()
+    threads, units = torch.get_num_threads(), packed.padded_out // OUTPUT_UNIT
+    if rows <= GEMV_MAX_TOKENS:
+        work = torch.empty(packed.in_features * (rows + 1) if rows > 1 else 0, dtype=torch.float32)
+        _LIBRARY.actsparse_nm_gemv(
+            compressed.entries.data_ptr(), rows, kept, packed.in_features,
+            packed.storage.data_ptr(), int(packed.storage.dtype == torch.bfloat16), packed.ld, units,
+            bias, eta_pointer, row_sum, y.data_ptr(), work.data_ptr(), threads, ISAS.index(isa),
+        )  # fmt: skip
+    else:
+        if packed.storage.dtype != torch.float32:
+            raise ValueError("the sparse GEMM multiplies float32 weights only")
+        _LIBRARY.actsparse_nm_gemm(
+            compressed.entries.data_ptr(), rows, kept, packed.in_features, n, m,
+            packed.storage.data_ptr(), packed.ld, units,
+            bias, eta_pointer, row_sum, y.data_ptr(), threads, ISAS.index(isa),
+        )  # fmt: skip
     if packed.padded_out != packed.out_features:
-        y = y[:, : packed.out_features].contiguous()
-    return y.reshape(*x.shape[:-1], packed.out_features), compressed
+        y = y[:, : packed.out_features]
+    return y.to(x.dtype).reshape(*x.shape[:-1], packed.out_features), compressed

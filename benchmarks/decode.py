@@ -1,0 +1,304 @@
+"""Decode speed of the cpu-kernel backend: one-token products that read only the kept inputs' weights.
+
+    .venv/bin/python benchmarks/decode.py layers [--shape 4096x4096] [--stack-gib 1] [--threads 1,2]
+    .venv/bin/python benchmarks/decode.py generate [--models smollm2-135m,llama-3.2-1b-shape]
+
+``layers``: one decode step (a single token) through a stack of distinct layers whose weights
+together are many times the last-level cache, so that every product streams its weights from
+memory, in float32 and bfloat16, at each pattern and thread count, interleaved round by round:
+PyTorch's ``F.linear`` (MKL), the same product through oneDNN (``torch.utils.mkldnn``), actsparse's
+GEMV keeping every input (the same code reading every row: its own dense bandwidth), and the sparse
+layer (selection with the amber criterion's factor, then the GEMV over the kept rows). Beside each
+time, the GB/s of weights read (a sparse call reads the kept rows only), and the bandwidth a plain
+copy reaches with the same threads (bytes read plus bytes written). Ratios are best dense time
+(F.linear or oneDNN) over sparse time.
+
+``generate``: greedy decoding through ``model.generate`` (``--new-tokens`` after a
+``--prompt-tokens`` prompt; decode time is generate(1 + K) − generate(1), so the prompt does not
+count), dense against ``phase="all"`` with every decoder projection at the pattern and with the
+amber layer policy, both on the cpu-kernel backend, interleaved round by round; and the peak
+resident memory of a process that builds the model and decodes, dense and with each
+configuration attached (each its own process, ``ru_maxrss``). ``llama-3.2-1b-shape`` is a
+``LlamaConfig`` of Llama-3.2-1B's shape with random weights (speed does not depend on their values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils import mkldnn
+
+from actsparse import SparsityConfig, kernels, load_model, parse_pattern, sparsify
+
+LLAMA_32_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    tie_word_embeddings=True,
+)
+"""Llama-3.2-1B's shape (its config on the Hub), for a model with random weights."""
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the vector and matrix extensions that matter here."""
+    name, flags = "unknown CPU", set()
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    extensions = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+    return f"{name} ({', '.join(extensions) or 'no AVX2'})"
+
+
+def interleaved(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds of each run, the runs taking turns round by round (after one warm-up each)."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def copy_bandwidth(gib: float, rounds: int) -> float:
+    """GB/s of a plain copy of ``gib`` GiB with the current threads (bytes read + bytes written)."""
+    source = torch.ones(int(gib * 2**30) // 4)
+    target = torch.empty_like(source)
+    seconds = interleaved({"copy": lambda: target.copy_(source)}, rounds)["copy"]
+    return 2 * source.numel() * 4 / seconds / 1e9
+
+
+def layers(args: argparse.Namespace) -> None:
+    width, out = (int(v) for v in args.shape.split("x"))
+    patterns = [parse_pattern(p) for p in args.patterns.split(",")]
+    print(
+        f"{cpu_description()}, torch {torch.__version__}, GEMV {kernels.gemm_isa()}, selection {kernels.select_isa()}"
+    )
+    print(f"one token through a stack of {width} → {out} layers, {args.stack_gib} GiB of weights per dtype")
+    print(
+        "| dtype | threads | pattern | F.linear ms | oneDNN ms | GEMV all rows ms | sparse ms "
+        "| × best dense | dense GB/s | sparse GB/s | copy GB/s |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    generator = torch.Generator().manual_seed(0)
+    for dtype_name in args.dtypes.split(","):
+        dtype = DTYPES[dtype_name]
+        layer_bytes = width * out * dtype.itemsize
+        count = max(2, math.ceil(args.stack_gib * 2**30 / layer_bytes))
+        weights = [
+            (torch.randn(out, width, generator=generator) / width**0.5).to(dtype) for _ in range(count)
+        ]
+        onednn = []
+        for weight in weights:
+            linear = torch.nn.Linear(width, out, bias=False, dtype=dtype)
+            linear.weight.data = weight
+            onednn.append(mkldnn.to_mkldnn(linear, dtype))
+        packed = [kernels.pack_linear(weight) for weight in weights]
+        factor = (torch.rand(width, generator=generator) + 0.5).to(dtype)
+        x = torch.randn(1, width, generator=generator).to(dtype)
+
+        def through(product: Callable[[int], object]) -> Callable[[], None]:
+            def run() -> None:
+                for index in range(count):
+                    product(index)
+
+            return run
+
+        def sparse(n: int, m: int) -> Callable[[int], object]:
+            if dtype == torch.float32:
+                return lambda i: kernels.sparse_linear(x, packed[i], n, m, factor)
+            return lambda i: kernels.sparse_linear(x, packed[i], n, m, scores=x.abs() * factor)
+
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            copy = copy_bandwidth(args.stack_gib / 2, args.rounds)
+            runs = {
+                "F.linear": through(lambda i: F.linear(x, weights[i])),
+                "oneDNN": through(lambda i: onednn[i](x)),
+                "all rows": through(sparse(16, 16)),
+            }
+            runs |= {str(p): through(sparse(p.n, p.m)) for p in patterns}
+            with torch.inference_mode():
+                seconds = {name: value / count for name, value in interleaved(runs, args.rounds).items()}
+            best = min(seconds["F.linear"], seconds["oneDNN"])
+            for p in patterns:
+                sparse_s = seconds[str(p)]
+                print(
+                    f"| {dtype_name} | {threads} | {p} | {seconds['F.linear'] * 1e3:.3f} "
+                    f"| {seconds['oneDNN'] * 1e3:.3f} | {seconds['all rows'] * 1e3:.3f} | {sparse_s * 1e3:.3f} "
+                    f"| {best / sparse_s:.2f} | {layer_bytes / best / 1e9:.1f} "
+                    f"| {layer_bytes * p.n / p.m / sparse_s / 1e9:.1f} | {copy:.1f} |",
+                    flush=True,
+                )
+        del weights, onednn, packed
+
+
+def build_model(name: str, dtype_name: str) -> torch.nn.Module:
+    if name == "llama-3.2-1b-shape":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(DTYPES[dtype_name])
+        try:
+            return LlamaForCausalLM(LlamaConfig(**LLAMA_32_1B)).eval()
+        finally:
+            torch.set_default_dtype(default)
+    model, _ = load_model(name, dtype=dtype_name)
+    return model.eval()
+
+
+def configurations(pattern: str) -> dict[str, SparsityConfig]:
+    common = dict(pattern=pattern, criterion="amber", phase="all", backend="cpu-kernel")
+    return {
+        f"{pattern} every projection": SparsityConfig(**common),
+        f"{pattern} amber policy": SparsityConfig(**common, policy="amber"),
+    }
+
+
+def calibration_windows(model: torch.nn.Module) -> torch.Tensor:
+    """Token windows for the amber policy's sensitivities (random tokens: only speed is measured)."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, model.config.vocab_size, (2, 128), generator=generator)
+
+
+def prompt(model: torch.nn.Module, tokens: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(2)
+    return torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator)
+
+
+def greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+
+def peak_rss(args: argparse.Namespace) -> None:
+    """In its own process: build the model, attach the configuration, decode; print the peak RSS."""
+    model = build_model(args.model, args.dtype)
+    if args.config != "dense":
+        config = configurations(args.pattern)[args.config]
+        sparsify(model, config, calibration_windows(model))
+    greedy(model, prompt(model, args.prompt_tokens), 4)
+    print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+
+
+def measured_rss(args: argparse.Namespace, model: str, dtype: str, config: str) -> float:
+    command = [sys.executable, __file__, "rss", "--model", model, "--dtype", dtype, "--config", config]
+    command += ["--pattern", args.pattern, "--prompt-tokens", str(args.prompt_tokens)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_gib"]
+
+
+def generate(args: argparse.Namespace) -> None:
+    print(f"{cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"greedy decode through model.generate: {args.new_tokens} new tokens after a "
+        f"{args.prompt_tokens}-token prompt, phase='all', amber criterion, cpu-kernel backend"
+    )
+    print("| model | dtype | configuration | decode tokens/s | × dense | peak RSS GiB | × dense RSS |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for model_name in args.models.split(","):
+        for dtype_name in args.dtypes.split(","):
+            model = build_model(model_name, dtype_name)
+            ids = prompt(model, args.prompt_tokens)
+            handles = {
+                label: sparsify(model, config, calibration_windows(model))
+                for label, config in configurations(args.pattern).items()
+            }
+            for handle in handles.values():
+                handle.remove()
+
+            # generate(1) and generate(1 + K) of each configuration, timed without the attach and
+            # remove around them: each round attaches once and times both.
+            times: dict[str, list[float]] = {"dense": []} | {label: [] for label in handles}
+            for round_ in range(args.rounds + 1):
+                for label in times:
+                    handle = handles.get(label)
+                    if handle is not None:
+                        handle.attach()
+                    try:
+                        start = time.perf_counter()
+                        greedy(model, ids, 1)
+                        middle = time.perf_counter()
+                        greedy(model, ids, 1 + args.new_tokens)
+                        end = time.perf_counter()
+                    finally:
+                        if handle is not None:
+                            handle.remove()
+                    if round_:  # the first round warms up
+                        times[label].append((end - middle) - (middle - start))
+            dense_rss = measured_rss(args, model_name, dtype_name, "dense")
+            dense_rate = args.new_tokens / statistics.median(times["dense"])
+            for label, values in times.items():
+                rate = args.new_tokens / statistics.median(values)
+                rss = dense_rss if label == "dense" else measured_rss(args, model_name, dtype_name, label)
+                print(
+                    f"| {model_name} | {dtype_name} | {label} | {rate:.2f} | {rate / dense_rate:.2f} "
+                    f"| {rss:.2f} | {rss / dense_rss:.2f} |",
+                    flush=True,
+                )
+            del model, handles
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    stack = commands.add_parser("layers", help="one token through a stack of layers from memory")
+    stack.add_argument("--shape", default="4096x4096", help="in x out of every layer")
+    stack.add_argument("--stack-gib", type=float, default=1.0)
+    stack.add_argument("--patterns", default="2:4,8:16,16:32")
+    stack.add_argument("--dtypes", default="float32,bfloat16")
+    stack.add_argument("--threads", default="1,2")
+    stack.add_argument("--rounds", type=int, default=7)
+    decoding = commands.add_parser("generate", help="greedy decode tokens/s and peak RSS")
+    decoding.add_argument("--models", default="smollm2-135m,llama-3.2-1b-shape")
+    decoding.add_argument("--dtypes", default="float32,bfloat16")
+    decoding.add_argument("--pattern", default="8:16")
+    decoding.add_argument("--prompt-tokens", type=int, default=16)
+    decoding.add_argument("--new-tokens", type=int, default=32)
+    decoding.add_argument("--rounds", type=int, default=3)
+    rss = commands.add_parser("rss", help=argparse.SUPPRESS)
+    rss.add_argument("--model", required=True)
+    rss.add_argument("--dtype", required=True)
+    rss.add_argument("--config", required=True)
+    rss.add_argument("--pattern", required=True)
+    rss.add_argument("--prompt-tokens", type=int, required=True)
+    args = parser.parse_args()
+    if not kernels.AVAILABLE:
+        raise SystemExit(
+            "The compiled extension is not built; reinstall actsparse where a C compiler is present."
+        )
+    {"layers": layers, "generate": generate, "rss": peak_rss}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
