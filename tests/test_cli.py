@@ -242,7 +242,7 @@ def test_a_learnable_variant_is_calibrated_once_for_perplexity_tasks_and_generat
 
 def test_sensitivities_are_measured_once_per_pattern_criterion_and_corrections(
     monkeypatch, capsys, local_model, tmp_path
-):
+):  # not per policy or phase: calibration windows are sparsified alike under both phases
     phases = sys.modules["actsparse.sparsify"]  # the module; `actsparse.sparsify` is the function
     calls = []
     original = phases.layer_sensitivity
@@ -256,7 +256,8 @@ def test_sensitivities_are_measured_once_per_pattern_criterion_and_corrections(
     code, output = run(
         monkeypatch, capsys, "eval", "--model", str(model), "--dataset", str(text), "--seqlen", "32",
         "--windows", "1", "--calib-windows", "2", "--pattern", "2:4", "--criterion", "magnitude,amber",
-        "--policy", "amber,budget", "--flop-share", "0.3", "--out", str(tmp_path / "eval.json"),
+        "--policy", "amber,budget", "--flop-share", "0.3", "--phase", "prefill,all",
+        "--out", str(tmp_path / "eval.json"),
     )  # fmt: skip
     assert code in (0, None), output
     assert sorted(calls) == [("2:4", "amber"), ("2:4", "magnitude")]

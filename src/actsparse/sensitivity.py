@@ -19,9 +19,13 @@ _EPS = 1e-12
 
 def sensitivity_config(config: SparsityConfig) -> SparsityConfig:
     """What a sensitivity measures under ``config``: its pattern, criterion and training-free
-    corrections (smoothing included), emulated, without quantisation and before anything is learned."""
+    corrections (smoothing included), emulated, without quantisation and before anything is learned.
+    Calibration windows have many tokens, so every call is sparsified under either phase: one
+    measurement serves both."""
     mitigation = tuple(c for c in config.mitigation if not c.learned)
-    return replace(config, quant="none", policy="all", backend="emulated", mitigation=mitigation)
+    return replace(
+        config, quant="none", policy="all", backend="emulated", mitigation=mitigation, phase="prefill"
+    )
 
 
 def layer_sensitivity(
