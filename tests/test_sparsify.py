@@ -154,7 +154,7 @@ def test_bfloat16_model(llama, tokens):
 def test_config_round_trips_through_json():
     config = SparsityConfig(pattern="unstructured:0.5", criterion="clact", phase="all", exclude=("down",))
     assert SparsityConfig.from_dict(config.to_dict()) == config
-    assert config.label == "unstructured:0.5 clact"
+    assert config.label == "unstructured:0.5 clact phase=all"  # a phase other than prefill is named
 
 
 def test_linear_without_model_helpers_is_supported():

@@ -142,6 +142,8 @@ class SparsityConfig:
             parts += [f"{key}={value}" for key, value in piece.changed_settings().items()]
         if self.quant != "none":
             parts.append(self.quant)
+        if self.phase != "prefill":
+            parts.append(f"phase={self.phase}")
         if self.backend != "emulated":
             parts.append(self.backend)
         return " ".join(parts)
