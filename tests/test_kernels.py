@@ -32,7 +32,7 @@ def emulated(x, weight, bias, pattern, factor=None, eta=None):
 @needs_kernel
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("pattern", ["1:2", "2:4", "4:8", "8:16", "16:32", "3:6", "8:64"])
-@pytest.mark.parametrize("tokens", [1, 3, 7, 13])  # 1, 3 and 7 take the GEMV, 13 the GEMM
+@pytest.mark.parametrize("tokens", [1, 3, 7, 13])  # 1 and 3 take the GEMV, 7 and 13 the GEMM
 @pytest.mark.parametrize("bias", [True, False])
 def test_sparse_linear_matches_the_emulated_product(isa, pattern, tokens, bias):
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def test_a_dense_tail_and_the_shift_term_are_fused(isa):
 @needs_kernel
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("pattern", ["2:4", "8:16", "16:32", "8:64"])
-@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("tokens", [1, 2, 4])
 def test_bfloat16_weights_take_the_gemv_with_the_emulated_selection(isa, pattern, tokens):
     torch.manual_seed(2)
     p = parse_pattern(pattern)
