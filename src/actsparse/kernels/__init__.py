@@ -30,6 +30,7 @@ _SIGNATURES = {
     "actsparse_gemm_isa": (_INT, [_INT]),
     "actsparse_select_isa": (_INT, []),
     "actsparse_gemv_max_tokens": (_INT, []),
+    "actsparse_take_values": (_INT, [_POINTER] + [_INT] * 2 + [_POINTER, _INT]),
     "actsparse_nm_compress": (_INT, [_POINTER] * 3 + [_INT] * 5 + [ctypes.POINTER(ctypes.c_int32), _INT]),
     "actsparse_nm_gemm": (
         None,
@@ -93,11 +94,12 @@ def _rows(x: torch.Tensor) -> int:
 _THREAD = threading.local()
 
 
-def _scratch(size: int) -> torch.Tensor:
-    """``size`` floats of this thread's scratch buffer, grown as needed and kept between calls."""
-    buffer = getattr(_THREAD, "scratch", None)
+def _scratch(size: int, name: str = "scratch") -> torch.Tensor:
+    """``size`` floats of this thread's scratch buffer ``name``, grown as needed and kept between calls."""
+    buffer = getattr(_THREAD, name, None)
     if buffer is None or buffer.numel() < size:
-        buffer = _THREAD.scratch = torch.empty(size, dtype=torch.float32)
+        buffer = torch.empty(size, dtype=torch.float32)
+        setattr(_THREAD, name, buffer)
     return buffer[:size]
 
 
@@ -292,10 +294,12 @@ def sparse_linear(
         compressed = nm_compress(
             scores.reshape(values.shape).to(torch.float32), None, n, m, scratch=True, isa=isa
         )
-        channels = compressed.channels.long()
-        compressed.entries[..., 0] = values.gather(1, channels)
-        nonzero = int(torch.count_nonzero(compressed.values))
-        compressed = CompressedRows(compressed.entries, nonzero, compressed.has_nan)
+        values = values.contiguous()
+        entries, in_width = compressed.entries, values.shape[-1]
+        nonzero = _LIBRARY.actsparse_take_values(
+            entries.data_ptr(), rows, entries.shape[1], values.data_ptr(), in_width
+        )
+        compressed = CompressedRows(entries, nonzero, compressed.has_nan)
     kept = compressed.entries.shape[1]
     y = torch.empty(rows, packed.padded_out, dtype=torch.float32)
     if eta is not None:
@@ -305,11 +309,13 @@ def sparse_linear(
     row_sum = None if eta is None else packed.row_sum.data_ptr()
     threads, units = torch.get_num_threads(), packed.padded_out // OUTPUT_UNIT
     if rows <= GEMV_MAX_TOKENS:
-        work = torch.empty(packed.in_features * (rows + 1) if rows > 1 else 0, dtype=torch.float32)
+        # working space for the union of several tokens' kept inputs
+        work = _scratch(packed.in_features * (rows + 1), "work") if rows > 1 else None
         _LIBRARY.actsparse_nm_gemv(
             compressed.entries.data_ptr(), rows, kept, packed.in_features,
             packed.storage.data_ptr(), int(packed.storage.dtype == torch.bfloat16), packed.ld, units,
-            bias, eta_pointer, row_sum, y.data_ptr(), work.data_ptr(), threads, ISAS.index(isa),
+            bias, eta_pointer, row_sum, y.data_ptr(), None if work is None else work.data_ptr(),
+            threads, ISAS.index(isa),
         )  # fmt: skip
     else:
         if packed.storage.dtype != torch.float32:

@@ -223,6 +223,20 @@ void actsparse_nm_gemm(const kept_entry *entries, int64_t rows, int64_t kept_per
     }
 }
 
+/* Replaces every kept entry's value by the input it stands for, inputs[r · in_width + channel]
+ * (for entries selected on separate scores), and returns how many of them are non-zero. */
+int64_t actsparse_take_values(kept_entry *entries, int64_t rows, int64_t kept_per_row, const float *inputs,
+                              int64_t in_width) {
+    int64_t nonzero = 0;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < kept_per_row; i++) {
+            kept_entry *e = entries + r * kept_per_row + i;
+            e->value = inputs[r * in_width + e->channel];
+            nonzero += e->value != 0.0f;
+        }
+    return nonzero;
+}
+
 /* ---- sparse GEMV ---------------------------------------------------------------------------- */
 
 /* y[r][o0, o1) += Σ_i values[i · vstride + r] · W[channels[i · cstride]][o0, o1) for `tokens`
