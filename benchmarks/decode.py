@@ -17,17 +17,18 @@ copy reaches with the same threads (bytes read plus bytes written). Ratios are b
 ``--prompt-tokens`` prompt; decode time is generate(1 + K) − generate(1), so the prompt does not
 count), dense against ``phase="all"`` with every decoder projection at the pattern and with the
 amber layer policy, both on the cpu-kernel backend, interleaved round by round; and the peak
-resident memory of a process that builds the model and decodes, dense and with each
-configuration attached (each its own process, ``ru_maxrss``). ``llama-3.2-1b-shape`` is a
+resident memory while a process attaches each configuration (none for dense) and decodes, each in
+its own process, measured from after the model is built (``VmHWM`` reset through
+``/proc/self/clear_refs``; Linux only). ``llama-3.2-1b-shape`` is a
 ``LlamaConfig`` of Llama-3.2-1B's shape with random weights (speed does not depend on their values).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,9 +93,9 @@ def copy_bandwidth(gib: float, rounds: int) -> float:
 
 def layers(args: argparse.Namespace) -> None:
     width, out = (int(v) for v in args.shape.split("x"))
-    patterns = [parse_pattern(p) for p in args.patterns.split(",")]
     print(
-        f"{cpu_description()}, torch {torch.__version__}, GEMV {kernels.gemm_isa()}, selection {kernels.select_isa()}"
+        f"{cpu_description()}, torch {torch.__version__}, GEMV {kernels.gemm_isa()}, "
+        f"selection {kernels.select_isa()}"
     )
     print(f"one token through a stack of {width} → {out} layers, {args.stack_gib} GiB of weights per dtype")
     print(
@@ -102,57 +103,61 @@ def layers(args: argparse.Namespace) -> None:
         "| × best dense | dense GB/s | sparse GB/s | copy GB/s |"
     )
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    generator = torch.Generator().manual_seed(0)
     for dtype_name in args.dtypes.split(","):
-        dtype = DTYPES[dtype_name]
-        layer_bytes = width * out * dtype.itemsize
-        count = max(2, math.ceil(args.stack_gib * 2**30 / layer_bytes))
-        weights = [
-            (torch.randn(out, width, generator=generator) / width**0.5).to(dtype) for _ in range(count)
-        ]
-        onednn = []
-        for weight in weights:
-            linear = torch.nn.Linear(width, out, bias=False, dtype=dtype)
-            linear.weight.data = weight
-            onednn.append(mkldnn.to_mkldnn(linear, dtype))
-        packed = [kernels.pack_linear(weight) for weight in weights]
-        factor = (torch.rand(width, generator=generator) + 0.5).to(dtype)
-        x = torch.randn(1, width, generator=generator).to(dtype)
+        stack_rows(args, dtype_name, width, out)
 
-        def through(product: Callable[[int], object]) -> Callable[[], None]:
-            def run() -> None:
-                for index in range(count):
-                    product(index)
 
-            return run
+def stack_rows(args: argparse.Namespace, dtype_name: str, width: int, out: int) -> None:
+    """The table's rows of one dtype: its stack of layers is freed when they are printed."""
+    generator = torch.Generator().manual_seed(0)
+    dtype = DTYPES[dtype_name]
+    layer_bytes = width * out * dtype.itemsize
+    count = max(2, math.ceil(args.stack_gib * 2**30 / layer_bytes))
+    weights = [(torch.randn(out, width, generator=generator) / width**0.5).to(dtype) for _ in range(count)]
+    onednn = []
+    for weight in weights:
+        linear = torch.nn.Linear(width, out, bias=False, dtype=dtype)
+        linear.weight.data = weight
+        onednn.append(mkldnn.to_mkldnn(linear, dtype))
+    packed = [kernels.pack_linear(weight) for weight in weights]
+    factor = (torch.rand(width, generator=generator) + 0.5).to(dtype)
+    x = torch.randn(1, width, generator=generator).to(dtype)
 
-        def sparse(n: int, m: int) -> Callable[[int], object]:
-            if dtype == torch.float32:
-                return lambda i: kernels.sparse_linear(x, packed[i], n, m, factor)
-            return lambda i: kernels.sparse_linear(x, packed[i], n, m, scores=x.abs() * factor)
+    def through(product: Callable[[int], object]) -> Callable[[], None]:
+        def run() -> None:
+            for index in range(count):
+                product(index)
 
-        for threads in (int(t) for t in args.threads.split(",")):
-            torch.set_num_threads(threads)
-            copy = copy_bandwidth(args.stack_gib / 2, args.rounds)
-            runs = {
-                "F.linear": through(lambda i: F.linear(x, weights[i])),
-                "oneDNN": through(lambda i: onednn[i](x)),
-                "all rows": through(sparse(16, 16)),
-            }
-            runs |= {str(p): through(sparse(p.n, p.m)) for p in patterns}
-            with torch.inference_mode():
-                seconds = {name: value / count for name, value in interleaved(runs, args.rounds).items()}
-            best = min(seconds["F.linear"], seconds["oneDNN"])
-            for p in patterns:
-                sparse_s = seconds[str(p)]
-                print(
-                    f"| {dtype_name} | {threads} | {p} | {seconds['F.linear'] * 1e3:.3f} "
-                    f"| {seconds['oneDNN'] * 1e3:.3f} | {seconds['all rows'] * 1e3:.3f} | {sparse_s * 1e3:.3f} "
-                    f"| {best / sparse_s:.2f} | {layer_bytes / best / 1e9:.1f} "
-                    f"| {layer_bytes * p.n / p.m / sparse_s / 1e9:.1f} | {copy:.1f} |",
-                    flush=True,
-                )
-        del weights, onednn, packed
+        return run
+
+    def sparse(n: int, m: int) -> Callable[[int], object]:
+        if dtype == torch.float32:
+            return lambda i: kernels.sparse_linear(x, packed[i], n, m, factor)
+        # scores in bfloat16 as the cpu-kernel backend computes them, selection included
+        return lambda i: kernels.sparse_linear(x, packed[i], n, m, scores=x.abs() * factor)
+
+    patterns = [parse_pattern(p) for p in args.patterns.split(",")]
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        copy = copy_bandwidth(args.stack_gib / 2, args.rounds)
+        runs = {
+            "F.linear": through(lambda i: F.linear(x, weights[i])),
+            "oneDNN": through(lambda i: onednn[i](x)),
+            "all rows": through(sparse(16, 16)),
+        }
+        runs |= {str(p): through(sparse(p.n, p.m)) for p in patterns}
+        with torch.inference_mode():
+            seconds = {name: value / count for name, value in interleaved(runs, args.rounds).items()}
+        best = min(seconds["F.linear"], seconds["oneDNN"])
+        for p in patterns:
+            sparse_s = seconds[str(p)]
+            print(
+                f"| {dtype_name} | {threads} | {p} | {seconds['F.linear'] * 1e3:.3f} "
+                f"| {seconds['oneDNN'] * 1e3:.3f} | {seconds['all rows'] * 1e3:.3f} | {sparse_s * 1e3:.3f} "
+                f"| {best / sparse_s:.2f} | {layer_bytes / best / 1e9:.1f} "
+                f"| {layer_bytes * p.n / p.m / sparse_s / 1e9:.1f} | {copy:.1f} |",
+                flush=True,
+            )
 
 
 def build_model(name: str, dtype_name: str) -> torch.nn.Module:
@@ -202,20 +207,28 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.
 
 
 def peak_rss(args: argparse.Namespace) -> None:
-    """In its own process: build the model, attach the configuration, decode; print the peak RSS."""
+    """In its own process: build the model, then attach the configuration and decode; print the
+    peak resident memory of that second part (the kernel's high-water mark, reset after building,
+    so that converting or initialising the model does not count)."""
     model = build_model(args.model, args.dtype)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w", encoding="utf-8") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM, the peak resident set size
     if args.config != "dense":
         config = configurations(args.pattern)[args.config]
         sparsify(model, config, calibration_windows(model))
     greedy(model, prompt(model, args.prompt_tokens), 4)
-    print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+    with open("/proc/self/status", encoding="utf-8") as status:
+        kib = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith("Vm")}
+    print(json.dumps({"peak_rss_gib": kib["VmHWM"] / 2**20, "rss_gib": kib["VmRSS"] / 2**20}))
 
 
-def measured_rss(args: argparse.Namespace, model: str, dtype: str, config: str) -> float:
+def measured_rss(args: argparse.Namespace, model: str, dtype: str, config: str) -> dict[str, float]:
+    """``peak_rss``'s figures, from a process of its own."""
     command = [sys.executable, __file__, "rss", "--model", model, "--dtype", dtype, "--config", config]
     command += ["--pattern", args.pattern, "--prompt-tokens", str(args.prompt_tokens)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_gib"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -224,49 +237,57 @@ def generate(args: argparse.Namespace) -> None:
         f"greedy decode through model.generate: {args.new_tokens} new tokens after a "
         f"{args.prompt_tokens}-token prompt, phase='all', amber criterion, cpu-kernel backend"
     )
-    print("| model | dtype | configuration | decode tokens/s | × dense | peak RSS GiB | × dense RSS |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print(
+        "| model | dtype | configuration | decode tokens/s | × dense | peak RSS GiB | × dense "
+        "| RSS after GiB | × dense |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for model_name in args.models.split(","):
         for dtype_name in args.dtypes.split(","):
-            model = build_model(model_name, dtype_name)
-            ids = prompt(model, args.prompt_tokens)
-            handles = {
-                label: sparsify(model, config, calibration_windows(model))
-                for label, config in configurations(args.pattern).items()
-            }
-            for handle in handles.values():
-                handle.remove()
+            decode_rows(args, model_name, dtype_name)
 
-            # generate(1) and generate(1 + K) of each configuration, timed without the attach and
-            # remove around them: each round attaches once and times both.
-            times: dict[str, list[float]] = {"dense": []} | {label: [] for label in handles}
-            for round_ in range(args.rounds + 1):
-                for label in times:
-                    handle = handles.get(label)
-                    if handle is not None:
-                        handle.attach()
-                    try:
-                        start = time.perf_counter()
-                        greedy(model, ids, 1)
-                        middle = time.perf_counter()
-                        greedy(model, ids, 1 + args.new_tokens)
-                        end = time.perf_counter()
-                    finally:
-                        if handle is not None:
-                            handle.remove()
-                    if round_:  # the first round warms up
-                        times[label].append((end - middle) - (middle - start))
-            dense_rss = measured_rss(args, model_name, dtype_name, "dense")
-            dense_rate = args.new_tokens / statistics.median(times["dense"])
-            for label, values in times.items():
-                rate = args.new_tokens / statistics.median(values)
-                rss = dense_rss if label == "dense" else measured_rss(args, model_name, dtype_name, label)
-                print(
-                    f"| {model_name} | {dtype_name} | {label} | {rate:.2f} | {rate / dense_rate:.2f} "
-                    f"| {rss:.2f} | {rss / dense_rss:.2f} |",
-                    flush=True,
-                )
-            del model, handles
+
+def decode_rows(args: argparse.Namespace, model_name: str, dtype_name: str) -> None:
+    """The table's rows of one model in one dtype (the model is freed when they are printed)."""
+    model = build_model(model_name, dtype_name)
+    ids = prompt(model, args.prompt_tokens)
+    handles = {
+        label: sparsify(model, config, calibration_windows(model))
+        for label, config in configurations(args.pattern).items()
+    }
+    for handle in handles.values():
+        handle.remove()
+
+    # generate(1) and generate(1 + K) of each configuration, timed without the attach and
+    # remove around them: each round attaches once and times both.
+    times: dict[str, list[float]] = {"dense": []} | {label: [] for label in handles}
+    for round_ in range(args.rounds + 1):
+        for label in times:
+            handle = handles.get(label)
+            if handle is not None:
+                handle.attach()
+            try:
+                start = time.perf_counter()
+                greedy(model, ids, 1)
+                middle = time.perf_counter()
+                greedy(model, ids, 1 + args.new_tokens)
+                end = time.perf_counter()
+            finally:
+                if handle is not None:
+                    handle.remove()
+            if round_:  # the first round warms up
+                times[label].append((end - middle) - (middle - start))
+    dense_rss = measured_rss(args, model_name, dtype_name, "dense")
+    dense_rate = args.new_tokens / statistics.median(times["dense"])
+    for label, values in times.items():
+        rate = args.new_tokens / statistics.median(values)
+        rss = dense_rss if label == "dense" else measured_rss(args, model_name, dtype_name, label)
+        print(
+            f"| {model_name} | {dtype_name} | {label} | {rate:.2f} | {rate / dense_rate:.2f} "
+            f"| {rss['peak_rss_gib']:.2f} | {rss['peak_rss_gib'] / dense_rss['peak_rss_gib']:.2f} "
+            f"| {rss['rss_gib']:.2f} | {rss['rss_gib'] / dense_rss['rss_gib']:.2f} |",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -285,7 +306,7 @@ def main() -> None:
     decoding.add_argument("--pattern", default="8:16")
     decoding.add_argument("--prompt-tokens", type=int, default=16)
     decoding.add_argument("--new-tokens", type=int, default=32)
-    decoding.add_argument("--rounds", type=int, default=3)
+    decoding.add_argument("--rounds", type=int, default=5)
     rss = commands.add_parser("rss", help=argparse.SUPPRESS)
     rss.add_argument("--model", required=True)
     rss.add_argument("--dtype", required=True)

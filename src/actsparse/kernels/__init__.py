@@ -116,15 +116,16 @@ def nm_select(
     factor = None if factor is None else factor.to(torch.float32).contiguous()
     out = torch.empty_like(x)
     has_nan = ctypes.c_int32(0)
+    rows = _rows(x)
     kept = _LIBRARY.actsparse_nm_select_f32(
         x.data_ptr(),
         None if factor is None else factor.data_ptr(),
         out.data_ptr(),
-        _rows(x),
+        rows,
         x.shape[-1],
         n,
         m,
-        torch.get_num_threads(),
+        min(torch.get_num_threads(), rows),  # threads share out the rows
         ctypes.byref(has_nan),
         ISAS.index(isa),
     )
@@ -182,7 +183,7 @@ def nm_compress(
         width,
         n,
         m,
-        torch.get_num_threads(),
+        min(torch.get_num_threads(), rows),  # threads share out the rows
         ctypes.byref(has_nan),
         ISAS.index(isa),
     )
