@@ -64,8 +64,8 @@ def test_a_dense_tail_and_the_shift_term_are_fused(isa):
 @needs_kernel
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("pattern", ["2:4", "8:16", "16:32", "8:64"])
-@pytest.mark.parametrize("tokens", [1, 2, 4])
-def test_bfloat16_weights_take_the_gemv_with_the_emulated_selection(isa, pattern, tokens):
+@pytest.mark.parametrize("tokens", [1, 2, 4, 9, 40])  # up to 4 the GEMV, beyond the GEMM
+def test_bfloat16_weights_take_the_compiled_products_with_the_emulated_selection(isa, pattern, tokens):
     torch.manual_seed(2)
     p = parse_pattern(pattern)
     x, weight, bias = torch.randn(tokens, 448).bfloat16(), torch.randn(200, 448).bfloat16(), torch.randn(200)
@@ -192,15 +192,15 @@ def decode_logits(model, tokens, steps=3):
     return torch.cat(step_logits, dim=1)
 
 
-def count_gemv_calls(monkeypatch):
+def count_product_calls(monkeypatch, product="actsparse_nm_gemv"):
     calls = []
-    gemv = kernels._LIBRARY.actsparse_nm_gemv
+    compiled = getattr(kernels._LIBRARY, product)
 
     def counted(*args):
         calls.append(args[1])  # the call's tokens
-        return gemv(*args)
+        return compiled(*args)
 
-    monkeypatch.setattr(kernels._LIBRARY, "actsparse_nm_gemv", counted)
+    monkeypatch.setattr(kernels._LIBRARY, product, counted)
     return calls
 
 
@@ -216,7 +216,7 @@ def test_decode_steps_give_the_emulated_logits_through_the_gemv(
     config = SparsityConfig(pattern="8:16", criterion="amber", mitigation=mitigation, phase="all")
     with sparsify(model, config):
         expected = decode_logits(model, tokens)
-    calls = count_gemv_calls(monkeypatch)
+    calls = count_product_calls(monkeypatch)
     with sparsify(model, replace(config, backend="cpu-kernel")):
         torch.testing.assert_close(decode_logits(model, tokens), expected, rtol=1e-4, atol=1e-4)
     assert calls and set(calls) == {batch}  # every decode step of every layer, prefill on the GEMM
@@ -232,7 +232,7 @@ def test_decode_with_folded_learned_corrections_runs_through_the_gemv(llama, mon
     expected = decode_logits(llama, tokens)
     recipe = handle.recipe()
     handle.remove()
-    calls = count_gemv_calls(monkeypatch)
+    calls = count_product_calls(monkeypatch)
     with sparsify(llama, recipe=recipe.with_backend("cpu-kernel")):
         torch.testing.assert_close(decode_logits(llama, tokens), expected, rtol=1e-4, atol=1e-4)
     assert calls
@@ -278,7 +278,7 @@ def test_a_failed_insert_leaves_the_original_weights_as_they_were(llama):
 
 
 @needs_kernel
-def test_bfloat16_decode_runs_through_the_gemv_and_keeps_the_emulated_inputs(llama, monkeypatch):
+def test_bfloat16_prefill_and_decode_run_compiled_and_keep_the_emulated_inputs(llama, monkeypatch):
     llama = llama.to(torch.bfloat16)
     tokens = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(8))
     config = SparsityConfig(pattern="8:16", criterion="amber", phase="all")
@@ -286,12 +286,13 @@ def test_bfloat16_decode_runs_through_the_gemv_and_keeps_the_emulated_inputs(lla
         handle.measure_density(True)
         expected = decode_logits(llama, tokens)
         emulated_density = flop_report(llama, handle).measured_density
-    calls = count_gemv_calls(monkeypatch)
+    calls = count_product_calls(monkeypatch)
+    gemm_calls = count_product_calls(monkeypatch, "actsparse_nm_gemm")
     with sparsify(llama, replace(config, backend="cpu-kernel")) as handle:
         handle.measure_density(True)
         got = decode_logits(llama, tokens)
         assert flop_report(llama, handle).measured_density == emulated_density
-    assert calls  # prefill (12 tokens) is emulated in bfloat16; decode steps take the GEMV
+    assert calls and gemm_calls  # prefill (12 tokens) takes the GEMM, decode steps the GEMV
     torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)
 
 

@@ -81,15 +81,15 @@ class Emulated(Backend):
 
 class CpuKernel(Backend):
     """actsparse's compiled products over the kept inputs only: a fused select-and-compress pass,
-    then a sparse GEMM (prefill, float32) or a sparse GEMV that reads only the kept inputs' weight
-    rows (decode: at most ``kernels.GEMV_MAX_TOKENS`` tokens, float32 or bfloat16), with bias and
-    ``η · W.sum(1)`` inside (N:M, M ≤ 64, on the CPU).
+    then a sparse GEMM (prefill) or a sparse GEMV that reads only the kept inputs' weight rows
+    (decode: at most ``kernels.GEMV_MAX_TOKENS`` tokens), float32 or bfloat16 (summed in float32),
+    with bias and ``η · W.sum(1)`` inside (N:M, M ≤ 64, on the CPU).
 
     The weight is stored once: while the layer is in the model, its sparse-call weight is a view of
     the kernels' transposed storage, so dense calls (decode under ``phase="prefill"``) multiply the
     same bytes and no second copy is held; ``detach`` gives the original module a contiguous weight
-    again, value for value. Other calls (float16, bfloat16 prefill, calls needing gradients,
-    unfolded learned corrections) are emulated on the same view."""
+    again, value for value. Other calls (float16, calls needing gradients, unfolded learned
+    corrections) are emulated on the same view."""
 
     name: ClassVar[str] = "cpu-kernel"
     description: ClassVar[str] = (
@@ -156,8 +156,8 @@ class CpuKernel(Backend):
         if packed:
             return (
                 f"cpu-kernel: {packed} layers multiply only the kept inputs (sparse GEMM "
-                f"{kernels.gemm_isa()} for float32 prefill, sparse GEMV for calls of up to "
-                f"{kernels.GEMV_MAX_TOKENS} tokens in float32 or bfloat16, selection "
+                f"{kernels.gemm_isa()} for prefill, sparse GEMV for calls of up to "
+                f"{kernels.GEMV_MAX_TOKENS} tokens, float32 or bfloat16, selection "
                 f"{kernels.select_isa()}) on the CPU, from one stored copy of each weight; other "
                 "calls are emulated."
             )

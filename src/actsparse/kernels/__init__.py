@@ -2,9 +2,9 @@
 
 - ``nm_select``: the fused select-and-zero pass for float32 N:M patterns (the emulated backend).
 - ``pack_linear`` and ``sparse_linear``: the ``cpu-kernel`` backend, a linear layer that multiplies
-  only the kept activations: a fused select-and-compress pass, then a sparse GEMM (many tokens,
-  float32) or a sparse GEMV that reads only the kept inputs' weight rows (a few tokens, float32 or
-  bfloat16), both over the weight stored once, transposed (``nm_gemm.c``).
+  only the kept activations: a fused select-and-compress pass, then a sparse GEMM (many tokens) or a
+  sparse GEMV that reads only the kept inputs' weight rows (a few tokens), both in float32 or
+  bfloat16 (summing in float32) over the weight stored once, transposed (``nm_gemm.c``).
 
 When the extension was not built (no compiler at install time), ``AVAILABLE`` is False and actsparse
 uses its PyTorch path.
@@ -32,9 +32,10 @@ _SIGNATURES = {
     "actsparse_gemv_max_tokens": (_INT, []),
     "actsparse_take_values": (_INT, [_POINTER] + [_INT] * 2 + [_POINTER, _INT]),
     "actsparse_nm_compress": (_INT, [_POINTER] * 3 + [_INT] * 5 + [ctypes.POINTER(ctypes.c_int32), _INT]),
+    "actsparse_gemm_work_size": (_INT, [_INT] * 4),
     "actsparse_nm_gemm": (
         None,
-        [_POINTER] + [_INT] * 5 + [_POINTER] + [_INT] * 2 + [_POINTER] * 4 + [_INT] * 2,
+        [_POINTER] + [_INT] * 5 + [_POINTER] + [_INT] * 3 + [_POINTER] * 5 + [_INT] * 2,
     ),
     "actsparse_nm_gemv": (
         None,
@@ -61,7 +62,7 @@ OUTPUT_UNIT = _LIBRARY.actsparse_output_unit() if AVAILABLE else 0
 GEMV_MAX_TOKENS = _LIBRARY.actsparse_gemv_max_tokens() if AVAILABLE else 0
 """Calls of at most this many tokens take the sparse GEMV (decode); longer ones the sparse GEMM."""
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
-"""Weights the kernels multiply with: the GEMV takes both, the GEMM float32."""
+"""Weights the kernels multiply with (both products sum in float32)."""
 
 
 def gemm_isa(limit: str = "avx512") -> str | None:
@@ -254,15 +255,13 @@ def pack_linear(
 
 def runs(x: torch.Tensor, m: int, packed: PackedLinear) -> bool:
     """True when ``sparse_linear`` takes ``x`` with group size ``m`` on ``packed``: inputs of the
-    weight's dtype, no gradient needed, and bfloat16 only for calls of at most
-    ``GEMV_MAX_TOKENS`` tokens (longer bfloat16 calls have no compiled product)."""
+    weight's dtype on the CPU, no gradient needed."""
     return (
         AVAILABLE
         and x.dtype == packed.storage.dtype
         and x.device.type == "cpu"
         and m <= MAX_GROUP
         and not (x.requires_grad and torch.is_grad_enabled())
-        and (x.dtype == torch.float32 or _rows(x) <= GEMV_MAX_TOKENS)
     )
 
 
@@ -319,12 +318,11 @@ def sparse_linear(
             threads, ISAS.index(isa),
         )  # fmt: skip
     else:
-        if packed.storage.dtype != torch.float32:
-            raise ValueError("the sparse GEMM multiplies float32 weights only")
+        work = _scratch(_LIBRARY.actsparse_gemm_work_size(rows, kept, units, threads), "work")
         _LIBRARY.actsparse_nm_gemm(
             compressed.entries.data_ptr(), rows, kept, packed.in_features, n, m,
-            packed.storage.data_ptr(), packed.ld, units,
-            bias, eta_pointer, row_sum, y.data_ptr(), threads, ISAS.index(isa),
+            packed.storage.data_ptr(), int(packed.storage.dtype == torch.bfloat16), packed.ld, units,
+            bias, eta_pointer, row_sum, y.data_ptr(), work.data_ptr(), threads, ISAS.index(isa),
         )  # fmt: skip
     if packed.padded_out != packed.out_features:
         y = y[:, : packed.out_features]
