@@ -18,6 +18,7 @@ from typer import Abort
 from typer._click.exceptions import ClickException  # typer vendors click; its errors derive from this
 
 from actsparse.backends import get_backend
+from actsparse.cpu import measure_verdict
 from actsparse.calibrate import CalibrationSettings
 from actsparse.calibration import Measurements
 from actsparse.config import SparsityConfig, config_settings, configs_from_settings
@@ -494,6 +495,16 @@ def info(
         f"FLOPs removed at this density: {report.removed_share:.1%}."
     )
     console.print(f"Execution: {get_backend(sparsity.backend).execution(list(handle.layers.values()))}")
+    packed = [layer for layer in handle.layers.values() if layer.prepared is not None]
+    if sparsity.backend == "cpu-kernel" and packed:
+        # The verdict is timed on the largest sparse layer's shape, in the model's dtype.
+        largest = max(packed, key=lambda layer: layer.in_features * layer.out_features)
+        n, m = largest.pattern.keep_count(largest.in_features)
+        with console.status("Timing the cpu-kernel layer against the dense products on this CPU"):
+            verdict = measure_verdict(
+                largest.in_features, largest.out_features, n, m, largest.prepared.storage.dtype
+            )
+        console.print(f"Speed: {verdict.sentence()}")
 
 
 @app.command()

@@ -1,0 +1,204 @@
+"""This CPU: its name and instruction sets, and whether the cpu-kernel backend is faster on it than
+the best dense product, measured in a second or two on a layer of the model's shape.
+
+Whether N:M activation sparsity pays on a CPU depends on the CPU: the sparse GEMM runs on vector
+units, one weight load per multiply-add, while a dense product reuses every loaded weight across
+tokens. Where the dense product runs near the FMA limit (MKL on Intel Xeons) the sparse layer is at
+best a little faster; on CPUs with AMX, dense bfloat16 runs on matrix tiles several times faster than
+any vector kernel, and per-token masks do not fit a tile shared by many tokens.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from actsparse import kernels
+
+EXTENSIONS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
+"""The vector and matrix extensions that decide the speed of dense and sparse products."""
+PAYS_ABOVE = 1.05
+"""The sparse layer pays when the best dense product takes this many times as long (below, a run's
+noise could turn the verdict)."""
+CHECK_TOKENS = 256
+"""Tokens of the prefill call the verdict times."""
+
+
+@dataclass(frozen=True)
+class Cpu:
+    """A CPU's model name and ``/proc/cpuinfo`` flags."""
+
+    name: str
+    flags: frozenset[str]
+
+    @property
+    def has_amx(self) -> bool:
+        return "amx_bf16" in self.flags
+
+    @property
+    def computes_bfloat16(self) -> bool:
+        """True when dense bfloat16 products have hardware of their own here (AMX or AVX512-BF16)."""
+        return self.has_amx or "avx512_bf16" in self.flags
+
+    def describe(self) -> str:
+        extensions = [flag for flag in EXTENSIONS if flag in self.flags]
+        return f"{self.name} ({', '.join(extensions) or 'no AVX2'})"
+
+
+def this_cpu() -> Cpu:
+    """The CPU this process runs on (from ``/proc/cpuinfo`` where there is one)."""
+    name, flags = platform.processor() or "unknown CPU", frozenset[str]()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return Cpu(name, flags)
+
+
+@dataclass(frozen=True)
+class CallTiming:
+    """Median ms of one call shape: the sparse layer and each dense product in the model's dtype."""
+
+    tokens: int
+    sparse_ms: float
+    dense_ms: dict[str, float]
+
+    @property
+    def best_dense(self) -> tuple[str, float]:
+        return min(self.dense_ms.items(), key=lambda item: item[1])
+
+    @property
+    def speedup(self) -> float:
+        """The best dense product's time over the sparse layer's: above 1, the sparse layer is faster."""
+        return self.best_dense[1] / self.sparse_ms
+
+    @property
+    def pays(self) -> bool:
+        return self.speedup >= PAYS_ABOVE
+
+    def describe(self) -> str:
+        name, best = self.best_dense
+        phase = "decode" if self.tokens <= kernels.GEMV_MAX_TOKENS else "prefill"
+        return (
+            f"{phase} ({self.tokens} token{'s' if self.tokens > 1 else ''}) {self.sparse_ms:.3g} ms "
+            f"against {best:.3g} ms for the best dense product ({name}), {self.speedup:.2f}×"
+        )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether the cpu-kernel layer beats the dense products on this CPU, for one layer shape."""
+
+    cpu: Cpu
+    dtype: torch.dtype
+    in_features: int
+    out_features: int
+    pattern: str
+    prefill: CallTiming
+    decode: CallTiming
+    bfloat16_ms: float | None = None
+    """The dense prefill product in bfloat16, for a float32 model on a CPU that computes bfloat16
+    itself (else None)."""
+
+    def sentence(self) -> str:
+        """The verdict in plain words, with the figures behind it and what to use instead."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        if self.prefill.pays and self.decode.pays:
+            text = "cpu-kernel pays on this CPU, in prefill and in decode"
+        elif self.decode.pays:
+            text = (
+                "cpu-kernel pays on this CPU in decode only (phase=all); prefill is faster with the "
+                "dense model"
+            )
+        elif self.prefill.pays:
+            text = "cpu-kernel pays on this CPU in prefill only; decode is faster dense (phase=prefill)"
+        else:
+            text = (
+                "cpu-kernel does not pay on this CPU: for speed, run the dense model (cpu-kernel still "
+                "computes what emulated computes, for measuring quality)"
+            )
+        text += (
+            f". Layer {self.in_features} → {self.out_features} at {self.pattern} in {dtype}: "
+            f"{self.prefill.describe()}; {self.decode.describe()}."
+        )
+        best_prefill = min(self.prefill.sparse_ms, self.prefill.best_dense[1])
+        if self.bfloat16_ms is not None and self.bfloat16_ms * PAYS_ABOVE < best_prefill:
+            engine = "AMX" if self.cpu.has_amx else "AVX512-BF16"
+            text += (
+                f" Dense bfloat16 prefill ({engine}) took {self.bfloat16_ms:.3g} ms, "
+                f"{self.prefill.sparse_ms / self.bfloat16_ms:.1f}× faster than the sparse layer: for "
+                "speed, load the model with --dtype bfloat16."
+            )
+        if self.cpu.has_amx and not self.prefill.pays:
+            text += (
+                " On matrix engines like AMX a dense product of many tokens shares each tile of "
+                "weights, which per-token N:M masks cannot; N:M activation sparsity pays in prefill "
+                "there only with hardware that skips the dropped inputs (sparse tensor cores, the "
+                "papers' target)."
+            )
+        return f"{text} ({self.cpu.describe()})"
+
+
+def _median_ms(run: Callable[[], object], repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def time_products(
+    in_features: int, out_features: int, n: int, m: int, dtype: torch.dtype, tokens: int, repeats: int
+) -> tuple[CallTiming, float | None]:
+    """Median ms of the sparse layer (select, compress and sparse product) and of each dense product
+    in ``dtype`` (F.linear; for float32 also oneDNN) on random inputs of the given shape; and of
+    dense bfloat16 when ``dtype`` is float32, the call is a prefill and the CPU computes bfloat16
+    itself (else None)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+    factor = torch.rand(in_features, generator=generator) + 0.5
+    x, weight = x.to(dtype), weight.to(dtype)
+    packed = kernels.pack_linear(weight)
+    bfloat16 = None
+    with torch.inference_mode():
+        if dtype == torch.float32:
+            sparse = _median_ms(lambda: kernels.sparse_linear(x, packed, n, m, factor), repeats)
+        else:
+            scores = x.abs() * factor.to(dtype)
+            sparse = _median_ms(lambda: kernels.sparse_linear(x, packed, n, m, scores=scores), repeats)
+        dense = {"F.linear": _median_ms(lambda: F.linear(x, weight), repeats)}
+        if dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            from torch.utils import mkldnn
+
+            linear = torch.nn.Linear(in_features, out_features, bias=False)
+            linear.weight.data = weight
+            onednn = mkldnn.to_mkldnn(linear)
+            dense["oneDNN"] = _median_ms(lambda: onednn(x), repeats)
+        if dtype == torch.float32 and tokens > kernels.GEMV_MAX_TOKENS and this_cpu().computes_bfloat16:
+            x16, weight16 = x.bfloat16(), weight.bfloat16()
+            bfloat16 = _median_ms(lambda: F.linear(x16, weight16), repeats)
+    return CallTiming(tokens, sparse, dense), bfloat16
+
+
+def measure_verdict(
+    in_features: int, out_features: int, n: int, m: int, dtype: torch.dtype = torch.float32, repeats: int = 5
+) -> Verdict:
+    """Time the cpu-kernel layer against the dense products on this CPU for one layer shape, in a
+    prefill of ``CHECK_TOKENS`` tokens and a one-token decode step."""
+    prefill, bfloat16 = time_products(in_features, out_features, n, m, dtype, CHECK_TOKENS, repeats)
+    decode, _ = time_products(in_features, out_features, n, m, dtype, 1, repeats * 4)
+    return Verdict(this_cpu(), dtype, in_features, out_features, f"{n}:{m}", prefill, decode, bfloat16)

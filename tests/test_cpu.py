@@ -1,0 +1,110 @@
+"""The cpu-kernel verdict: whether multiplying only the kept inputs beats the best dense product here."""
+
+import sys
+
+import pytest
+import torch
+
+from actsparse import cpu, kernels
+from actsparse.cli import main
+
+XEON = cpu.Cpu("Test Xeon", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
+EPYC = cpu.Cpu("Test EPYC", frozenset({"avx2", "avx512f", "avx512_bf16"}))
+
+
+def forced(prefill_sparse, decode_sparse, dense=10.0, bfloat16=None, machine=EPYC, dtype=torch.float32):
+    """A verdict from given times (ms), as if measured: the dense products take ``dense`` in prefill
+    and a tenth of it in decode."""
+    return cpu.Verdict(
+        machine,
+        dtype,
+        4096,
+        4096,
+        "8:16",
+        cpu.CallTiming(256, prefill_sparse, {"F.linear": dense * 1.3, "oneDNN": dense}),
+        cpu.CallTiming(1, decode_sparse, {"F.linear": dense / 10}),
+        bfloat16,
+    )
+
+
+def test_the_verdict_says_the_kernel_pays_when_it_beats_the_best_dense_product():
+    verdict = forced(prefill_sparse=8.0, decode_sparse=0.5)
+    assert verdict.prefill.best_dense == ("oneDNN", 10.0) and verdict.prefill.speedup == pytest.approx(1.25)
+    text = verdict.sentence()
+    assert text.startswith("cpu-kernel pays on this CPU, in prefill and in decode")
+    assert "1.25×" in text and "Test EPYC (avx2, avx512f, avx512_bf16)" in text
+    assert "bfloat16" not in text.split("(")[0]
+
+
+def test_the_verdict_says_when_dense_wins_and_what_to_use_instead():
+    text = forced(prefill_sparse=12.0, decode_sparse=2.0, bfloat16=2.0, machine=XEON).sentence()
+    assert text.startswith("cpu-kernel does not pay on this CPU: for speed, run the dense model")
+    assert "Dense bfloat16 prefill (AMX) took 2 ms, 6.0× faster" in text and "--dtype bfloat16" in text
+    assert "sparse tensor cores" in text
+    # beaten by less than the noise margin: still "does not pay"
+    assert not forced(prefill_sparse=9.8, decode_sparse=2.0).prefill.pays
+
+
+def test_the_verdict_names_the_phase_that_pays():
+    text = forced(prefill_sparse=12.0, decode_sparse=0.6).sentence()
+    assert text.startswith("cpu-kernel pays on this CPU in decode only (phase=all)")
+    assert "decode (1 token) 0.6 ms against 1 ms" in text
+
+
+def test_this_cpu_reads_the_model_name_and_flags():
+    here = cpu.this_cpu()
+    assert here.name and here.describe().startswith(here.name)
+    listed = here.describe().removeprefix(here.name)
+    assert all(flag in here.flags for flag in cpu.EXTENSIONS if flag in listed)
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="the compiled extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_verdict_is_measured_for_both_phases_and_dtypes(dtype):
+    verdict = cpu.measure_verdict(64, 128, 8, 16, dtype, repeats=1)
+    assert verdict.prefill.tokens == cpu.CHECK_TOKENS and verdict.decode.tokens == 1
+    assert verdict.prefill.sparse_ms > 0 and all(ms > 0 for ms in verdict.prefill.dense_ms.values())
+    assert ("oneDNN" in verdict.prefill.dense_ms) == (
+        dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    )
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="the compiled extension is not built")
+@pytest.mark.parametrize("pays", [True, False])
+def test_info_prints_the_verdict_of_the_largest_sparse_layer(monkeypatch, capsys, local_model, pays):
+    model, text = local_model
+    shapes = []
+
+    def timed(in_features, out_features, n, m, dtype, tokens, repeats):
+        shapes.append((in_features, out_features, n, m, dtype))
+        sparse = 5.0 if pays else 20.0
+        return cpu.CallTiming(tokens, sparse, {"F.linear": 10.0}), None
+
+    monkeypatch.setattr(cpu, "time_products", timed)
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "actsparse",
+            "info",
+            "--model",
+            str(model),
+            "--dataset",
+            str(text),
+            "--seqlen",
+            "32",
+            "--pattern",
+            "2:4",
+            "--backend",
+            "cpu-kernel",
+        ],
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    output = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code in (0, None), output
+    expected = "cpu-kernel pays on this CPU, in prefill and in decode" if pays else "cpu-kernel does not pay"
+    assert f"Speed: {expected}" in output
+    in_features, out_features, n, m, dtype = shapes[0]
+    assert (n, m, dtype) == (2, 4, torch.float32)
+    assert in_features * out_features == 64 * 128  # the tiny model's largest projection
