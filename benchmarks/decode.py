@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.utils import mkldnn
 
 from actsparse import SparsityConfig, kernels, load_model, parse_pattern, sparsify
+from actsparse.cpu import this_cpu
 
 LLAMA_32_1B = dict(
     vocab_size=128256,
@@ -55,19 +56,6 @@ LLAMA_32_1B = dict(
 """Llama-3.2-1B's shape (its config on the Hub), for a model with random weights."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def cpu_description() -> str:
-    """The CPU's model name and the vector and matrix extensions that matter here."""
-    name, flags = "unknown CPU", set()
-    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    extensions = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
-    return f"{name} ({', '.join(extensions) or 'no AVX2'})"
 
 
 def interleaved(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -94,7 +82,7 @@ def copy_bandwidth(gib: float, rounds: int) -> float:
 def layers(args: argparse.Namespace) -> None:
     width, out = (int(v) for v in args.shape.split("x"))
     print(
-        f"{cpu_description()}, torch {torch.__version__}, GEMV {kernels.gemm_isa()}, "
+        f"{this_cpu().describe()}, torch {torch.__version__}, GEMV {kernels.gemm_isa()}, "
         f"selection {kernels.select_isa()}"
     )
     print(f"one token through a stack of {width} → {out} layers, {args.stack_gib} GiB of weights per dtype")
@@ -232,7 +220,7 @@ def measured_rss(args: argparse.Namespace, model: str, dtype: str, config: str) 
 
 
 def generate(args: argparse.Namespace) -> None:
-    print(f"{cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{this_cpu().describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
         f"greedy decode through model.generate: {args.new_tokens} new tokens after a "
         f"{args.prompt_tokens}-token prompt, phase='all', amber criterion, cpu-kernel backend"

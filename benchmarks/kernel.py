@@ -1,20 +1,20 @@
-"""Speed of the cpu-kernel backend's sparse linear layer against dense products on the same inputs.
+"""Speed of the cpu-kernel backend's sparse linear layer against the best dense products on the same inputs.
 
     .venv/bin/python benchmarks/kernel.py [--tokens 512] [--repeats 7] [--threads 1,2] [--out FILE]
 
 For each layer shape (in → out) of the embedded models and of Llama-3-8B, each pattern and each
-thread count, in one run: PyTorch's dense ``F.linear`` (MKL here), the same product through oneDNN
-(``torch.utils.mkldnn``, PyTorch's other CPU backend: the fastest dense float32 product this
-PyTorch has), the fused select-and-compress pass alone, the whole sparse layer (select, compress
-and sparse GEMM, with the amber criterion's per-channel factor) on the best instruction set, and
-the same held to AVX2 (what an AVX2-only CPU runs; MKL's own code path on AMD CPUs). Times are
-medians; the ratios are dense time over sparse time, so above 1 means faster than dense.
+thread count, in one run: PyTorch's dense ``F.linear`` (MKL), the same product through oneDNN
+(``torch.utils.mkldnn``), the fused select-and-compress pass alone, the whole sparse layer (select,
+compress and sparse GEMM, with the amber criterion's per-channel factor) on the best instruction
+set and held to AVX2; then in bfloat16 the dense ``F.linear`` (oneDNN, on AMX where the CPU has
+it) and the sparse layer on bfloat16 weights and inputs. Times are medians; ratios are the best
+dense time of the same dtype over the sparse time (above 1: the sparse layer is faster). The CPU
+and its vector and matrix extensions head the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils import mkldnn
 
 from actsparse import kernels, parse_pattern
+from actsparse.cpu import this_cpu
 from actsparse.paths import write_json_atomic
 
 SHAPES = {
@@ -49,14 +50,6 @@ def median_ms(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def cpu_name() -> str:
-    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=512)
@@ -72,13 +65,14 @@ def main() -> None:
         )
 
     print(
-        f"{cpu_name()}, torch {torch.__version__}, sparse GEMM {kernels.gemm_isa()}, selection {kernels.select_isa()}, {args.tokens} tokens"
+        f"{this_cpu().describe()}, torch {torch.__version__}, sparse GEMM {kernels.gemm_isa()}, "
+        f"selection {kernels.select_isa()}, {args.tokens} tokens"
     )
     print(
         "| layer | in → out | threads | pattern | F.linear ms | oneDNN ms | select ms | sparse ms "
-        "| × F.linear | × oneDNN | AVX2 sparse ms | AVX2 × F.linear |"
+        "| × best fp32 | AVX2 sparse ms | AVX2 × best fp32 | bf16 dense ms | bf16 sparse ms | bf16 × dense |"
     )
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     generator = torch.Generator().manual_seed(0)
     for threads in (int(t) for t in args.threads.split(",")):
@@ -92,9 +86,14 @@ def main() -> None:
             linear.weight.data = weight
             onednn = mkldnn.to_mkldnn(linear)
             packed = kernels.pack_linear(weight)
+            x16, weight16 = x.bfloat16(), weight.bfloat16()
+            scores16 = x16.abs() * factor.bfloat16()  # the bfloat16 scores the emulated path ranks
+            packed16 = kernels.pack_linear(weight16)
             with torch.inference_mode():
                 dense_ms = median_ms(lambda: F.linear(x, weight), args.repeats)
                 onednn_ms = median_ms(lambda: onednn(x), args.repeats)
+                dense16_ms = median_ms(lambda: F.linear(x16, weight16), args.repeats)
+                best = min(dense_ms, onednn_ms)
                 for text in args.patterns.split(","):
                     p = parse_pattern(text)
                     select_ms = median_ms(
@@ -105,6 +104,9 @@ def main() -> None:
                     )
                     avx2_ms = median_ms(
                         lambda: kernels.sparse_linear(x, packed, p.n, p.m, factor, isa="avx2"), args.repeats
+                    )
+                    sparse16_ms = median_ms(
+                        lambda: kernels.sparse_linear(x16, packed16, p.n, p.m, scores=scores16), args.repeats
                     )
                     row = {
                         "layer": name,
@@ -117,16 +119,21 @@ def main() -> None:
                         "select_ms": select_ms,
                         "sparse_ms": sparse_ms,
                         "avx2_sparse_ms": avx2_ms,
+                        "bf16_dense_ms": dense16_ms,
+                        "bf16_sparse_ms": sparse16_ms,
                     }
                     rows.append(row)
                     print(
                         f"| {name} | {width} → {out} | {threads} | {p} | {dense_ms:.2f} | {onednn_ms:.2f} "
-                        f"| {select_ms:.2f} | {sparse_ms:.2f} | {dense_ms / sparse_ms:.2f} "
-                        f"| {onednn_ms / sparse_ms:.2f} | {avx2_ms:.2f} | {dense_ms / avx2_ms:.2f} |",
+                        f"| {select_ms:.2f} | {sparse_ms:.2f} | {best / sparse_ms:.2f} | {avx2_ms:.2f} "
+                        f"| {best / avx2_ms:.2f} | {dense16_ms:.2f} | {sparse16_ms:.2f} "
+                        f"| {dense16_ms / sparse16_ms:.2f} |",
                         flush=True,
                     )
     if args.out:
-        write_json_atomic(Path(args.out), {"cpu": cpu_name(), "torch": torch.__version__, "rows": rows})
+        write_json_atomic(
+            Path(args.out), {"cpu": this_cpu().describe(), "torch": torch.__version__, "rows": rows}
+        )
 
 
 if __name__ == "__main__":
