@@ -239,12 +239,10 @@ def decode_rows(args: argparse.Namespace, model_name: str, dtype_name: str) -> N
     """The table's rows of one model in one dtype (the model is freed when they are printed)."""
     model = build_model(model_name, dtype_name)
     ids = prompt(model, args.prompt_tokens)
-    handles = {
-        label: sparsify(model, config, calibration_windows(model))
-        for label, config in configurations(args.pattern).items()
-    }
-    for handle in handles.values():
-        handle.remove()
+    handles = {}
+    for label, config in configurations(args.pattern).items():  # one attached at a time
+        handles[label] = sparsify(model, config, calibration_windows(model))
+        handles[label].remove()
 
     # generate(1) and generate(1 + K) of each configuration, timed without the attach and
     # remove around them: each round attaches once and times both.

@@ -62,6 +62,24 @@ def test_a_dense_tail_and_the_shift_term_are_fused(isa):
 
 
 @needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("pattern", ["8:16", "3:6"])
+def test_wide_inputs_and_many_tokens_pass_every_stretch_and_chunk_of_the_gemm(threads, pattern):
+    """Inputs wider than one stretch of blocks (2048 channels), a dense tail, and enough tokens for
+    several chunks per panel: every regrouped block and every chunk's output rows are summed."""
+    torch.manual_seed(3)
+    p = parse_pattern(pattern)
+    x, weight, bias = torch.randn(70, 4500), torch.randn(180, 4500) / 60, torch.randn(180)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, _ = kernels.sparse_linear(x, kernels.pack_linear(weight, bias), p.n, p.m)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(y, emulated(x, weight, bias, pattern), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("pattern", ["2:4", "8:16", "16:32", "8:64"])
 @pytest.mark.parametrize("tokens", [1, 2, 4, 9, 40])  # up to 4 the GEMV, beyond the GEMM

@@ -162,3 +162,18 @@ def test_linear_without_model_helpers_is_supported():
     model.add_module("up_proj", nn.Linear(16, 8))
     handle = sparsify(model, SparsityConfig(pattern="2:4", criterion="magnitude"))
     assert list(handle.layers) == ["up_proj"]
+
+
+def test_a_second_handle_on_the_same_layers_is_refused_until_the_first_is_removed(llama, tokens):
+    dense = logits(llama, tokens)
+    first = sparsify(llama, SparsityConfig(pattern="2:4"))
+    with pytest.raises(ActsparseError, match="already has sparse layers attached"):
+        sparsify(llama, SparsityConfig(pattern="8:16"))
+    first.remove()
+    second = sparsify(llama, SparsityConfig(pattern="8:16"))
+    with pytest.raises(ActsparseError, match="Another handle's sparse layers are attached"):
+        first.attach()
+    second.remove()
+    with first:
+        pass
+    assert torch.equal(logits(llama, tokens), dense)  # every original layer is back

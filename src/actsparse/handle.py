@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from actsparse.config import SparsityConfig
+from actsparse.errors import ActsparseError
 from actsparse.layers import SparseLinear
 from actsparse.recipe import Recipe, model_fingerprint
 
@@ -75,8 +76,15 @@ class SparsityHandle:
             setattr(self.model.get_submodule(parent_name), child, module)
 
     def attach(self) -> SparsityHandle:
-        """Put the sparse layers into the model (no-op when already attached)."""
+        """Put the sparse layers into the model (no-op when already attached). Refused while another
+        handle's sparse layers hold any of the same places."""
         if not self.attached:
+            for name, original in self.originals.items():
+                if self.model.get_submodule(name) is not original:
+                    raise ActsparseError(
+                        f"Another handle's sparse layers are attached at {name}; call remove() on "
+                        "that handle before attaching this one (one handle at a time per layer)."
+                    )
             self._swap_in(self.layers)
             for layer in self.layers.values():
                 layer.backend.attach(layer)

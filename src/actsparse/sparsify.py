@@ -205,6 +205,11 @@ def sparsify(
         recipe.check_model(model)
         config = recipe.config
     config = config or SparsityConfig()
+    if any(isinstance(module, SparseLinear) for module in model.modules()):
+        raise ActsparseError(
+            "This model already has sparse layers attached by an earlier sparsify(); call remove() "
+            "on that handle before sparsifying it again (handles attach and remove independently)."
+        )
     candidates = target_layers(model, config)
     if recipe is not None:
         handle = insert(model, config, candidates, _recipe_plan(recipe, candidates))
