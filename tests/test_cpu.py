@@ -48,7 +48,7 @@ def test_the_verdict_says_when_dense_wins_and_what_to_use_instead():
 def test_the_verdict_names_the_phase_that_pays():
     text = forced(prefill_sparse=12.0, decode_sparse=0.6).sentence()
     assert text.startswith("cpu-kernel pays on this CPU in decode only (phase=all)")
-    assert "decode (1 token) 0.6 ms against 1 ms" in text
+    assert "decode (1 token) 0.6 ms against 1 ms" in text and "benchmarks/decode.py generate" in text
 
 
 def test_this_cpu_reads_the_model_name_and_flags():
@@ -60,7 +60,8 @@ def test_this_cpu_reads_the_model_name_and_flags():
 
 @pytest.mark.skipif(not kernels.AVAILABLE, reason="the compiled extension is not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_verdict_is_measured_for_both_phases_and_dtypes(dtype):
+def test_the_verdict_is_measured_for_both_phases_and_dtypes(monkeypatch, dtype):
+    monkeypatch.setattr(cpu, "decode_stack_bytes", lambda: 2**20)  # 32 copies of the layer
     verdict = cpu.measure_verdict(64, 128, 8, 16, dtype, repeats=1)
     assert verdict.prefill.tokens == cpu.CHECK_TOKENS and verdict.decode.tokens == 1
     assert verdict.prefill.sparse_ms > 0 and all(ms > 0 for ms in verdict.prefill.dense_ms.values())
@@ -108,3 +109,7 @@ def test_info_prints_the_verdict_of_the_largest_sparse_layer(monkeypatch, capsys
     in_features, out_features, n, m, dtype = shapes[0]
     assert (n, m, dtype) == (2, 4, torch.float32)
     assert in_features * out_features == 64 * 128  # the tiny model's largest projection
+
+
+def test_decode_timings_stream_more_weights_than_the_caches_hold():
+    assert 64 * 2**20 <= cpu.decode_stack_bytes() <= 2**30

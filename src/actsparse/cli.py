@@ -18,10 +18,10 @@ from typer import Abort
 from typer._click.exceptions import ClickException  # typer vendors click; its errors derive from this
 
 from actsparse.backends import get_backend
-from actsparse.cpu import measure_verdict
 from actsparse.calibrate import CalibrationSettings
 from actsparse.calibration import Measurements
 from actsparse.config import SparsityConfig, config_settings, configs_from_settings
+from actsparse.cpu import measure_verdict
 from actsparse.data import calibration_text, evaluation_text, token_windows
 from actsparse.errors import ActsparseError
 from actsparse.evaluate import evaluate, quality_table, results_document

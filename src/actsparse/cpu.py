@@ -14,7 +14,8 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ PAYS_ABOVE = 1.05
 noise could turn the verdict)."""
 CHECK_TOKENS = 256
 """Tokens of the prefill call the verdict times."""
+MAX_COPIES = 2048
+"""Most copies of a layer a decode timing passes through (tiny layers would need many more to fill
+the caches, each call costing Python time)."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,9 @@ class Verdict:
             )
         text += (
             f". Layer {self.in_features} → {self.out_features} at {self.pattern} in {dtype}: "
-            f"{self.prefill.describe()}; {self.decode.describe()}."
+            f"{self.prefill.describe()}; {self.decode.describe()} (per layer, weights read from "
+            "memory; in a whole model each layer's call also costs Python time, which on small "
+            "models takes much of the decode gain: benchmarks/decode.py generate measures it)."
         )
         best_prefill = min(self.prefill.sparse_ms, self.prefill.best_dense[1])
         if self.bfloat16_ms is not None and self.bfloat16_ms * PAYS_ABOVE < best_prefill:
@@ -160,37 +166,58 @@ def _median_ms(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def decode_stack_bytes() -> int:
+    """Bytes of weights a decode timing streams through: twice the largest cache, so that they come
+    from memory as a model's weights do, within 64 MiB and 1 GiB."""
+    largest = 0
+    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = size_file.read_text().strip()
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        largest = max(largest, int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return min(max(2 * largest, 64 * 2**20), 2**30)
+
+
 def time_products(
     in_features: int, out_features: int, n: int, m: int, dtype: torch.dtype, tokens: int, repeats: int
 ) -> tuple[CallTiming, float | None]:
     """Median ms of the sparse layer (select, compress and sparse product) and of each dense product
-    in ``dtype`` (F.linear; for float32 also oneDNN) on random inputs of the given shape; and of
-    dense bfloat16 when ``dtype`` is float32, the call is a prefill and the CPU computes bfloat16
-    itself (else None)."""
+    in ``dtype`` (F.linear; for a float32 prefill also oneDNN) on random inputs of the given shape;
+    and of dense bfloat16 when ``dtype`` is float32, the call is a prefill and the CPU computes
+    bfloat16 itself (else None). A decode call (at most ``kernels.GEMV_MAX_TOKENS`` tokens) passes
+    through copies of the layer that fill ``decode_stack_bytes`` (at most ``MAX_COPIES``), so that
+    its weights stream from memory; its times are per layer."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, in_features, generator=generator)
-    weight = torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+    x = torch.randn(tokens, in_features, generator=generator).to(dtype)
+    weight = (torch.randn(out_features, in_features, generator=generator) / in_features**0.5).to(dtype)
     factor = torch.rand(in_features, generator=generator) + 0.5
-    x, weight = x.to(dtype), weight.to(dtype)
+    decode = tokens <= kernels.GEMV_MAX_TOKENS
+    copies = min(-(-decode_stack_bytes() // (weight.numel() * weight.element_size())), MAX_COPIES)
+    copies = copies if decode else 1
     packed = kernels.pack_linear(weight)
+    weights = [weight] + [weight.clone() for _ in range(copies - 1)]
+    stored = [packed] + [replace(packed, storage=packed.storage.clone()) for _ in range(copies - 1)]
+
+    def per_layer_ms(run: Callable[[], object]) -> float:
+        return _median_ms(run, repeats) / copies
+
     bfloat16 = None
     with torch.inference_mode():
         if dtype == torch.float32:
-            sparse = _median_ms(lambda: kernels.sparse_linear(x, packed, n, m, factor), repeats)
+            sparse = per_layer_ms(lambda: [kernels.sparse_linear(x, p, n, m, factor) for p in stored])
         else:
             scores = x.abs() * factor.to(dtype)
-            sparse = _median_ms(lambda: kernels.sparse_linear(x, packed, n, m, scores=scores), repeats)
-        dense = {"F.linear": _median_ms(lambda: F.linear(x, weight), repeats)}
-        if dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            sparse = per_layer_ms(lambda: [kernels.sparse_linear(x, p, n, m, scores=scores) for p in stored])
+        dense = {"F.linear": per_layer_ms(lambda: [F.linear(x, w) for w in weights])}
+        if dtype == torch.float32 and not decode and torch.backends.mkldnn.is_available():
             from torch.utils import mkldnn
 
             linear = torch.nn.Linear(in_features, out_features, bias=False)
             linear.weight.data = weight
             onednn = mkldnn.to_mkldnn(linear)
-            dense["oneDNN"] = _median_ms(lambda: onednn(x), repeats)
-        if dtype == torch.float32 and tokens > kernels.GEMV_MAX_TOKENS and this_cpu().computes_bfloat16:
+            dense["oneDNN"] = per_layer_ms(lambda: onednn(x))
+        if dtype == torch.float32 and not decode and this_cpu().computes_bfloat16:
             x16, weight16 = x.bfloat16(), weight.bfloat16()
-            bfloat16 = _median_ms(lambda: F.linear(x16, weight16), repeats)
+            bfloat16 = per_layer_ms(lambda: F.linear(x16, weight16))
     return CallTiming(tokens, sparse, dense), bfloat16
 
 
@@ -198,7 +225,8 @@ def measure_verdict(
     in_features: int, out_features: int, n: int, m: int, dtype: torch.dtype = torch.float32, repeats: int = 5
 ) -> Verdict:
     """Time the cpu-kernel layer against the dense products on this CPU for one layer shape, in a
-    prefill of ``CHECK_TOKENS`` tokens and a one-token decode step."""
+    prefill of ``CHECK_TOKENS`` tokens and a one-token decode step (see ``time_products``; the
+    decode timing holds up to 2 GiB of layer copies for a moment)."""
     prefill, bfloat16 = time_products(in_features, out_features, n, m, dtype, CHECK_TOKENS, repeats)
-    decode, _ = time_products(in_features, out_features, n, m, dtype, 1, repeats * 4)
+    decode, _ = time_products(in_features, out_features, n, m, dtype, 1, repeats)
     return Verdict(this_cpu(), dtype, in_features, out_features, f"{n}:{m}", prefill, decode, bfloat16)
