@@ -1,9 +1,12 @@
 """Cost of emulated N:M activation sparsity: a 512-token prefill, dense and with sparsity attached.
 
     .venv/bin/python benchmarks/overhead.py [--model smollm2-135m] [--pattern 8:16] [--criterion amber]
+                                           [--dtype float32|bfloat16|float16]
 
 Dense, sparse with the compiled selection pass, and sparse with the PyTorch-only selection are timed
-in the same run, interleaved, and their medians compared.
+in the same run, interleaved, and their medians compared (the emulated backend: zeros multiplied
+densely). In float32 the compiled pass scores and selects; in bfloat16 and float16 PyTorch computes
+the scores and the compiled pass ranks them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from actsparse import SparsityConfig, kernels, load_model, sparsify
+from actsparse.cpu import this_cpu
 
 
 def seconds(run: Callable[[], None]) -> float:
@@ -31,9 +35,10 @@ def main() -> None:
     parser.add_argument("--criterion", default="amber")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
 
-    model, _ = load_model(args.model)
+    model, _ = load_model(args.model, args.dtype)
     ids = torch.randint(
         0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0)
     )
@@ -64,9 +69,10 @@ def main() -> None:
         for name, run in runs.items():
             times[name].append(seconds(run))
     dense = statistics.median(times["dense"])
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{this_cpu().describe()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(
-        f"{args.model}, {args.tokens}-token prefill, {args.pattern} {args.criterion} on every decoder projection"
+        f"{args.model} in {args.dtype}, {args.tokens}-token prefill, {args.pattern} {args.criterion} "
+        "on every decoder projection"
     )
     for name, values in times.items():
         median = statistics.median(values)

@@ -126,6 +126,44 @@ def test_compress_keeps_the_emulated_entries_in_channel_order(pattern, isa):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("isa", SELECT_ISAS)
+@pytest.mark.parametrize("pattern", ["2:4", "8:16", "16:32", "3:5"])
+def test_half_precision_scores_keep_the_pytorch_mask_even_with_ties(dtype, isa, pattern):
+    p = parse_pattern(pattern)
+    generator = torch.Generator().manual_seed(5)
+    scores = torch.randint(0, 4, (3, 7, p.m * 6 + 1), generator=generator).to(dtype)  # ties; a tail
+    x = torch.randn(scores.shape, generator=generator).to(dtype)
+    x[0, 0, :4] = -0.0  # signed zeros kept as they are
+    sparse, has_nan = kernels.nm_select_by_scores(x, scores, p.n, p.m, isa=isa)
+    expected = apply_pattern(x, scores, p)
+    assert torch.equal(sparse, expected) and not has_nan
+    assert torch.equal(sparse.view(torch.int16), expected.view(torch.int16))
+    scores[1, 2, 3] = float("nan")
+    assert kernels.nm_select_by_scores(x, scores, p.n, p.m, isa=isa)[1]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_layers_rank_with_the_compiled_pass_and_keep_the_same_inputs(
+    llama, tokens, dtype, monkeypatch
+):
+    llama = llama.to(dtype)
+    config = SparsityConfig(pattern="8:16", criterion="amber")
+    ranked = count_product_calls(monkeypatch, "actsparse_nm_compress")
+    with sparsify(llama, config) as handle:
+        handle.measure_density(True)
+        expected = logits(llama, tokens)
+        density = flop_report(llama, handle).measured_density
+    assert ranked and expected.dtype == dtype
+    monkeypatch.setattr(kernels, "AVAILABLE", False)  # the PyTorch path: kthvalue
+    with sparsify(llama, config) as handle:
+        handle.measure_density(True)
+        assert torch.equal(logits(llama, tokens), expected)
+        assert flop_report(llama, handle).measured_density == density
+
+
+@needs_kernel
 @pytest.mark.parametrize("isa", SELECT_ISAS)
 @pytest.mark.parametrize(
     "pattern",

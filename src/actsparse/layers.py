@@ -173,9 +173,10 @@ class SparseLinear(nn.Linear):
         """The N:M-sparse version of ``x`` (``(..., in)``) under this layer's pattern and criterion,
         with ``weight_factor`` the criterion's static per-channel factor.
 
-        Float32 N:M on the CPU goes through the fused compiled pass when it is built; every other
-        case (other dtypes, devices, unstructured patterns, gradients) through PyTorch operations.
-        Both keep exactly the same entries.
+        Float32 N:M on the CPU goes through the fused compiled pass when it is built; bfloat16 and
+        float16 N:M on the CPU compute their scores in PyTorch and rank them with the compiled pass;
+        every other case (devices, unstructured patterns, gradients) goes through PyTorch
+        operations. All keep exactly the same entries.
         """
         n, m = self.pattern.keep_count(self.in_features)
         kept = None
@@ -184,6 +185,11 @@ class SparseLinear(nn.Linear):
         elif not self.pattern.unstructured and kernels.supports(x, m):
             factor = self.criterion.channel_factor(x, weight_factor)
             sparse, kept, has_nan = kernels.nm_select(x, factor, n, m)
+            if has_nan:
+                raise self.nan_error()
+        elif not self.pattern.unstructured and kernels.ranks_scores(x, m):
+            # scores rounded to x's dtype as below, ranked by the compiled pass
+            sparse, has_nan = kernels.nm_select_by_scores(x, self.criterion.score(x, weight_factor), n, m)
             if has_nan:
                 raise self.nan_error()
         else:

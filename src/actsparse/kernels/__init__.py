@@ -33,6 +33,7 @@ _SIGNATURES = {
     "actsparse_take_values": (_INT, [_POINTER] + [_INT] * 2 + [_POINTER, _INT]),
     "actsparse_nm_compress": (_INT, [_POINTER] * 3 + [_INT] * 5 + [ctypes.POINTER(ctypes.c_int32), _INT]),
     "actsparse_gemm_work_size": (_INT, [_INT] * 4),
+    "actsparse_keep_16": (None, [_POINTER] + [_INT] * 2 + [_POINTER] * 2 + [_INT] * 2),
     "actsparse_nm_gemm": (
         None,
         [_POINTER] + [_INT] * 5 + [_POINTER] + [_INT] * 3 + [_POINTER] * 5 + [_INT] * 2,
@@ -86,6 +87,36 @@ def supports(x: torch.Tensor, m: int) -> bool:
         and m <= MAX_GROUP
         and not (x.requires_grad and torch.is_grad_enabled())
     )
+
+
+def ranks_scores(x: torch.Tensor, m: int) -> bool:
+    """True when ``nm_select_by_scores`` takes ``x`` (bfloat16 or float16, whose scores' float32
+    copies are exact) with group size ``m`` on the CPU (and no gradient is needed)."""
+    return (
+        AVAILABLE
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.device.type == "cpu"
+        and m <= MAX_GROUP
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
+
+
+def nm_select_by_scores(
+    x: torch.Tensor, scores: torch.Tensor, n: int, m: int, isa: str = "avx512"
+) -> tuple[torch.Tensor, bool]:
+    """``x`` (bfloat16 or float16) with all but the top ``n`` of every ``m`` ``scores`` along the
+    last dimension zeroed (ties to the lower index, a tail shorter than ``m`` kept whole), the
+    scores ranked by the compiled pass on a float32 copy (exact); and whether the scores held NaN.
+    The same result as ``actsparse.ops.apply_pattern(x, scores, ...)``."""
+    width, rows = x.shape[-1], _rows(x)
+    compressed = nm_compress(scores.reshape(rows, width).to(torch.float32), None, n, m, scratch=True, isa=isa)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _LIBRARY.actsparse_keep_16(
+        compressed.entries.data_ptr(), rows, compressed.entries.shape[1], x.data_ptr(), out.data_ptr(), width,
+        min(torch.get_num_threads(), rows),
+    )  # fmt: skip
+    return out, compressed.has_nan
 
 
 def _rows(x: torch.Tensor) -> int:

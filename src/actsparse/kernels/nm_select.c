@@ -455,3 +455,17 @@ int64_t actsparse_nm_compress(const float *x, const float *factor, kept_entry *e
     *has_nan = nan_any;
     return nonzero_total;
 }
+
+/* out (rows × width, 16-bit values: bfloat16 or float16) = x where a row's compressed entries
+ * (from actsparse_nm_compress on that row's scores) name the channel, +0 elsewhere. */
+void actsparse_keep_16(const kept_entry *entries, int64_t rows, int64_t kept_per_row, const uint16_t *x,
+                       uint16_t *out, int64_t width, int64_t threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const kept_entry *er = entries + r * kept_per_row;
+        uint16_t *orow = out + r * width;
+        const uint16_t *xr = x + r * width;
+        for (int64_t k = 0; k < width; k++) orow[k] = 0;
+        for (int64_t i = 0; i < kept_per_row; i++) orow[er[i].channel] = xr[er[i].channel];
+    }
+}
