@@ -1,6 +1,7 @@
 """Compiled helpers, loaded with ctypes on tensor buffers (no build against PyTorch's C++ ABI).
 
-- ``nm_select``: the fused select-and-zero pass for float32 N:M patterns (the emulated backend).
+- ``nm_select``: the fused select-and-zero pass for float32 N:M patterns, and ``nm_select_by_scores``,
+  the same for bfloat16 and float16 inputs from their scores (the emulated backend).
 - ``pack_linear`` and ``sparse_linear``: the ``cpu-kernel`` backend, a linear layer that multiplies
   only the kept activations: a fused select-and-compress pass, then a sparse GEMM (many tokens) or a
   sparse GEMV that reads only the kept inputs' weight rows (a few tokens), both in float32 or

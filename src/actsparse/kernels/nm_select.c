@@ -6,7 +6,9 @@
  *   actsparse_nm_select_f32  writes x with the dropped entries zeroed (the emulated backend);
  *   actsparse_nm_compress    writes the kept entries as (value, channel) pairs in channel order
  *                            (the cpu-kernel backend's sparse GEMM reads them, nm_gemm.c).
- * Both also report whether x holds a NaN and how many kept values are non-zero.
+ * Both also report whether x holds a NaN and how many kept values are non-zero. For bfloat16 and
+ * float16 inputs, actsparse_nm_compress ranks the float32 copy of their scores and
+ * actsparse_keep_16 writes the inputs its entries name, zero elsewhere.
  *
  * Selection: entry i of a group is kept when its rank -- the number of entries j that beat it (a
  * higher score, or an equal score at a lower index) -- is below n. With AVX-512 (picked at run
