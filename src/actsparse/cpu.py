@@ -1,5 +1,5 @@
 """This CPU: its name and instruction sets, and whether the cpu-kernel backend is faster on it than
-the best dense product, measured in a second or two on a layer of the model's shape.
+the best dense product, measured in a few seconds on a layer of the model's shape.
 
 Whether N:M activation sparsity pays on a CPU depends on the CPU: the sparse GEMM runs on vector
 units, one weight load per multiply-add, while a dense product reuses every loaded weight across
