@@ -189,7 +189,8 @@ class SparseLinear(nn.Linear):
                 raise self.nan_error()
         elif not self.pattern.unstructured and kernels.ranks_scores(x, m):
             # scores rounded to x's dtype as below, ranked by the compiled pass
-            sparse, has_nan = kernels.nm_select_by_scores(x, self.criterion.score(x, weight_factor), n, m)
+            scores = self.criterion.score(x.detach(), weight_factor)
+            sparse, has_nan = kernels.nm_select_by_scores(x, scores, n, m)
             if has_nan:
                 raise self.nan_error()
         else:
