@@ -306,3 +306,15 @@ def test_a_local_text_file_never_calibrates_on_its_evaluation_part(
     evaluated, calibrated = document["text"]["tokens"], seen["calibration"].numel()
     # The calibration windows come from the first quarter only (the text is 2,000 words, one token each).
     assert calibrated <= 0.3 * 2000 < evaluated
+
+
+def test_eval_says_which_dtype_ran(monkeypatch, capsys, local_model, tmp_path):
+    from actsparse.models import resolve_dtype
+
+    model, text = local_model
+    out = tmp_path / "eval.json"
+    code, output = run(monkeypatch, capsys, "eval", "--model", str(model), "--dataset", str(text), "--seqlen", "32",
+                       "--windows", "2", "--pattern", "8:16", "--dtype", "auto", "--out", str(out))  # fmt: skip
+    assert code in (0, None), output
+    ran = resolve_dtype("auto")
+    assert json.loads(out.read_text())["dtype"] == ran and f"in {ran}," in " ".join(output.split())

@@ -33,7 +33,7 @@ def test_dense_row_and_one_row_per_config_over_the_same_windows(llama, tokens):
 def test_results_are_written_atomically(llama, tokens, tmp_path):
     rows = evaluate(llama, tokens[:1], [SparsityConfig(pattern="2:4")], progress=False)
     path = tmp_path / "out" / "eval.json"
-    write_json_atomic(path, results_document(rows, "tiny", {"source": "test"}))
+    write_json_atomic(path, results_document(rows, "tiny", "float32", {"source": "test"}))
     document = json.loads(path.read_text())
     assert document["rows"][1]["config"]["pattern"] == "2:4"
     assert {"torch", "transformers", "actsparse"} <= document["versions"].keys()

@@ -47,3 +47,20 @@ def word_tokenizer_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tokenizer")
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [({"avx512f", "amx_bf16"}, "bfloat16"), ({"avx512f", "avx512_bf16"}, "bfloat16"), ({"avx2"}, "float32")],
+)
+def test_dtype_auto_takes_bfloat16_where_the_cpu_computes_it(monkeypatch, flags, expected):
+    from actsparse import models
+    from actsparse.cpu import Cpu
+
+    monkeypatch.setattr(models, "this_cpu", lambda: Cpu("Test CPU", frozenset(flags)))
+    assert models.resolve_dtype("auto") == expected
+    assert models.resolve_dtype("float16") == "float16"
+    with pytest.raises(
+        ActsparseError, match="Unknown dtype 'half'; choose one of float32, bfloat16, float16 or auto"
+    ):
+        models.resolve_dtype("half")

@@ -30,10 +30,10 @@ from actsparse.generate import evaluate_generation
 from actsparse.models import (
     EMBEDDED_MODELS,
     check_context,
-    check_dtype,
     converted_dir,
     load_model,
     model_skeleton,
+    resolve_dtype,
     resolve_model,
 )
 from actsparse.paths import (
@@ -82,7 +82,13 @@ CalibDatasetOpt = Annotated[
         help="Text that calibrates: sotu, wikitext2 (their calibration splits) or another text file (used whole); default: the calibration split of --dataset."
     ),
 ]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        help="float32, bfloat16, float16, or auto: bfloat16 where this CPU computes it (AMX or "
+        "AVX512-BF16), float32 elsewhere."
+    ),
+]
 SeqlenOpt = Annotated[int, typer.Option(min=2, help="Tokens per window, BOS included.")]
 CalibWindowsOpt = Annotated[
     int,
@@ -259,6 +265,7 @@ def eval_command(
         check_tasks(task_names, task_dir)
     _check_file_outputs(out, markdown)
     evaluation, part = evaluation_text(dataset), calibration_text(dataset, calib_dataset)
+    dtype = resolve_dtype(dtype)
     with output_lock(out):
         text = evaluation.text()
         longest = max(seqlen, prompt_tokens + new_tokens if generate else 0)
@@ -287,9 +294,9 @@ def eval_command(
             "calibration_windows": 0 if calibration is None else len(calibration),
             "calibration_text": calibrated_by,
         }
-        write_json_atomic(out, results_document(rows, model, text_info))
+        write_json_atomic(out, results_document(rows, model, dtype, text_info))
         table = quality_table(
-            rows, f"{model}, {dataset} evaluation split, {len(tokens)} windows × {seqlen} tokens"
+            rows, f"{model} in {dtype}, {dataset} evaluation split, {len(tokens)} windows × {seqlen} tokens"
         )
         if markdown is not None:
             write_text_atomic(markdown, table.markdown())
@@ -389,10 +396,10 @@ def sweep(
         config = ConfigOptions({**config.given, **read_sweep_file(config_file)}, config.defaults, "sweep")
     configs = config.configs()
     settings = CalibrationSettings(steps=calib_steps, lr=lr)
+    dtype = resolve_dtype(dtype)  # the manifest and every record name the dtype that ran
     data = SweepData(model, dataset, seqlen, windows, calib_windows, dtype, calib_dataset, settings)
     evaluation_text(dataset)
     calibration_text(dataset, calib_dataset)  # refuses overlapping texts before any work
-    check_dtype(dtype)
     check_context(model, seqlen)
     skeleton = model_skeleton(model)
     for sparsity in configs:  # the workers load the model; its layer filters are checked here

@@ -86,7 +86,7 @@ def _run_key(
             for tensor in handle.recipe().tensors.values():
                 digest.update(tensor.float().numpy().tobytes())
     for name, parameter in model.named_parameters():
-        digest.update(name.encode())
+        digest.update(f"{name} {parameter.dtype}".encode())
         digest.update(parameter.detach().flatten()[:64].float().numpy().tobytes())
     return digest.hexdigest()
 
@@ -210,9 +210,16 @@ def versions() -> dict[str, str]:
     }
 
 
-def results_document(rows: list[EvalRow], model: str, text: dict[str, Any]) -> dict[str, Any]:
-    """The JSON document of one evaluation run: what was evaluated, on what, and every figure."""
-    return {"model": model, "text": text, "versions": versions(), "rows": [row.to_dict() for row in rows]}
+def results_document(rows: list[EvalRow], model: str, dtype: str, text: dict[str, Any]) -> dict[str, Any]:
+    """The JSON document of one evaluation run: what was evaluated, in which dtype, on what, and
+    every figure."""
+    return {
+        "model": model,
+        "dtype": dtype,
+        "text": text,
+        "versions": versions(),
+        "rows": [row.to_dict() for row in rows],
+    }
 
 
 def quality_table(rows: list[EvalRow], title: str) -> ResultTable:

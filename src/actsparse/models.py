@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from actsparse.cpu import this_cpu
 from actsparse.errors import ActsparseError
 from actsparse.paths import atomic_directory, cache_dir
 
@@ -134,8 +135,17 @@ def resolve_model(name_or_path: str) -> str:
 
 def check_dtype(dtype: str) -> None:
     """Refuse a dtype actsparse does not load models in."""
-    if dtype not in DTYPES:
-        raise ActsparseError(f"Unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}.")
+    if dtype not in DTYPES and dtype != "auto":
+        raise ActsparseError(f"Unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)} or auto.")
+
+
+def resolve_dtype(dtype: str) -> str:
+    """The dtype a model is loaded in: ``dtype`` itself, or for ``auto`` bfloat16 where this CPU
+    computes it (AMX or AVX512-BF16) and float32 elsewhere. Unknown names are refused."""
+    check_dtype(dtype)
+    if dtype == "auto":
+        return "bfloat16" if this_cpu().computes_bfloat16 else "float32"
+    return dtype
 
 
 def _model_config(name_or_path: str) -> PretrainedConfig:
@@ -163,10 +173,11 @@ def load_model(
     """Load a causal LM and its tokenizer in eval mode on the CPU.
 
     ``name_or_path`` is an embedded name (``actsparse models``), a Hub id, a folder written by
-    ``save_pretrained`` or a ``.gguf`` file; ``dtype`` is float32, bfloat16 or float16. Sequences of
-    ``max_tokens`` longer than the model's context are refused before the weights are read.
+    ``save_pretrained`` or a ``.gguf`` file; ``dtype`` is float32, bfloat16, float16 or auto
+    (``resolve_dtype``). Sequences of ``max_tokens`` longer than the model's context are refused
+    before the weights are read.
     """
-    check_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     source = resolve_model(name_or_path)
     try:
         if max_tokens is not None:
