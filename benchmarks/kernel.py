@@ -15,9 +15,6 @@ and its vector and matrix extensions head the table.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils import mkldnn
 
 from actsparse import kernels, parse_pattern
-from actsparse.cpu import this_cpu
+from actsparse.cpu import median_ms, this_cpu
 from actsparse.paths import write_json_atomic
 
 SHAPES = {
@@ -38,16 +35,6 @@ SHAPES = {
     "Llama-3-8B gate/up": (4096, 14336),
     "Llama-3-8B down": (14336, 4096),
 }
-
-
-def median_ms(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:

@@ -4,8 +4,9 @@ import json
 import sys
 
 import pytest
+import torch
 
-from actsparse import kernels
+from actsparse import cpu, kernels
 from actsparse.cli import main
 
 
@@ -318,3 +319,25 @@ def test_eval_says_which_dtype_ran(monkeypatch, capsys, local_model, tmp_path):
     assert code in (0, None), output
     ran = resolve_dtype("auto")
     assert json.loads(out.read_text())["dtype"] == ran and f"in {ran}," in " ".join(output.split())
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="the compiled extension is not built")
+@pytest.mark.parametrize("pays", [True, False])
+def test_info_prints_the_verdict_of_the_largest_sparse_layer(monkeypatch, capsys, local_model, pays):
+    model, text = local_model
+    shapes = []
+
+    def timed(in_features, out_features, n, m, dtype, tokens, repeats):
+        shapes.append((in_features, out_features, n, m, dtype))
+        sparse = 5.0 if pays else 20.0
+        return cpu.CallTiming(tokens, sparse, {"F.linear": 10.0}), None
+
+    monkeypatch.setattr(cpu, "time_products", timed)
+    code, output = run(monkeypatch, capsys, "info", "--model", str(model), "--dataset", str(text), "--seqlen", "32",
+                       "--pattern", "2:4", "--backend", "cpu-kernel")  # fmt: skip
+    assert code in (0, None), output
+    expected = "cpu-kernel pays on this CPU, in prefill and in decode" if pays else "cpu-kernel does not pay"
+    assert f"Speed: {expected}" in " ".join(output.split())
+    in_features, out_features, n, m, dtype = shapes[0]
+    assert (n, m, dtype) == (2, 4, torch.float32)
+    assert in_features * out_features == 64 * 128  # the tiny model's largest projection

@@ -1,12 +1,9 @@
 """The cpu-kernel verdict: whether multiplying only the kept inputs beats the best dense product here."""
 
-import sys
-
 import pytest
 import torch
 
 from actsparse import cpu, kernels
-from actsparse.cli import main
 
 XEON = cpu.Cpu("Test Xeon", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
 EPYC = cpu.Cpu("Test EPYC", frozenset({"avx2", "avx512f", "avx512_bf16"}))
@@ -68,47 +65,6 @@ def test_the_verdict_is_measured_for_both_phases_and_dtypes(monkeypatch, dtype):
     assert ("oneDNN" in verdict.prefill.dense_ms) == (
         dtype == torch.float32 and torch.backends.mkldnn.is_available()
     )
-
-
-@pytest.mark.skipif(not kernels.AVAILABLE, reason="the compiled extension is not built")
-@pytest.mark.parametrize("pays", [True, False])
-def test_info_prints_the_verdict_of_the_largest_sparse_layer(monkeypatch, capsys, local_model, pays):
-    model, text = local_model
-    shapes = []
-
-    def timed(in_features, out_features, n, m, dtype, tokens, repeats):
-        shapes.append((in_features, out_features, n, m, dtype))
-        sparse = 5.0 if pays else 20.0
-        return cpu.CallTiming(tokens, sparse, {"F.linear": 10.0}), None
-
-    monkeypatch.setattr(cpu, "time_products", timed)
-    monkeypatch.setattr(
-        sys,
-        "argv",
-        [
-            "actsparse",
-            "info",
-            "--model",
-            str(model),
-            "--dataset",
-            str(text),
-            "--seqlen",
-            "32",
-            "--pattern",
-            "2:4",
-            "--backend",
-            "cpu-kernel",
-        ],
-    )
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    output = " ".join(capsys.readouterr().out.split())
-    assert exit_info.value.code in (0, None), output
-    expected = "cpu-kernel pays on this CPU, in prefill and in decode" if pays else "cpu-kernel does not pay"
-    assert f"Speed: {expected}" in output
-    in_features, out_features, n, m, dtype = shapes[0]
-    assert (n, m, dtype) == (2, 4, torch.float32)
-    assert in_features * out_features == 64 * 128  # the tiny model's largest projection
 
 
 def test_decode_timings_stream_more_weights_than_the_caches_hold():

@@ -156,7 +156,8 @@ class Verdict:
         return f"{text} ({self.cpu.describe()})"
 
 
-def _median_ms(run: Callable[[], object], repeats: int) -> float:
+def median_ms(run: Callable[[], object], repeats: int) -> float:
+    """Median milliseconds of ``repeats`` calls of ``run``, after one warm-up call."""
     run()  # warm-up
     times = []
     for _ in range(repeats):
@@ -198,7 +199,7 @@ def time_products(
     stored = [packed] + [replace(packed, storage=packed.storage.clone()) for _ in range(copies - 1)]
 
     def per_layer_ms(run: Callable[[], object]) -> float:
-        return _median_ms(run, repeats) / copies
+        return median_ms(run, repeats) / copies
 
     bfloat16 = None
     with torch.inference_mode():

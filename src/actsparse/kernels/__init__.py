@@ -79,27 +79,27 @@ def select_isa(limit: str = "avx512") -> str | None:
     return ISAS[min(_LIBRARY.actsparse_select_isa(), ISAS.index(limit))] if AVAILABLE else None
 
 
-def supports(x: torch.Tensor, m: int) -> bool:
-    """True when the compiled selection can take ``x`` with group size ``m`` (and no gradient is needed)."""
+def _takes(x: torch.Tensor, m: int, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """True when a compiled pass can take ``x`` with group size ``m``: built, one of ``dtypes``, on
+    the CPU, and no gradient needed."""
     return (
         AVAILABLE
-        and x.dtype == torch.float32
+        and x.dtype in dtypes
         and x.device.type == "cpu"
         and m <= MAX_GROUP
         and not (x.requires_grad and torch.is_grad_enabled())
     )
+
+
+def supports(x: torch.Tensor, m: int) -> bool:
+    """True when the compiled selection can take ``x`` with group size ``m`` (and no gradient is needed)."""
+    return _takes(x, m, (torch.float32,))
 
 
 def ranks_scores(x: torch.Tensor, m: int) -> bool:
     """True when ``nm_select_by_scores`` takes ``x`` (bfloat16 or float16, whose scores' float32
     copies are exact) with group size ``m`` on the CPU (and no gradient is needed)."""
-    return (
-        AVAILABLE
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and x.device.type == "cpu"
-        and m <= MAX_GROUP
-        and not (x.requires_grad and torch.is_grad_enabled())
-    )
+    return _takes(x, m, (torch.bfloat16, torch.float16))
 
 
 def nm_select_by_scores(
@@ -288,13 +288,7 @@ def pack_linear(
 def runs(x: torch.Tensor, m: int, packed: PackedLinear) -> bool:
     """True when ``sparse_linear`` takes ``x`` with group size ``m`` on ``packed``: inputs of the
     weight's dtype on the CPU, no gradient needed."""
-    return (
-        AVAILABLE
-        and x.dtype == packed.storage.dtype
-        and x.device.type == "cpu"
-        and m <= MAX_GROUP
-        and not (x.requires_grad and torch.is_grad_enabled())
-    )
+    return _takes(x, m, (packed.storage.dtype,))
 
 
 def sparse_linear(

@@ -216,6 +216,12 @@ static int64_t chunk_rows_of(int64_t rows, int64_t units, int64_t threads) {
     return (chunk_rows + CHUNK_TOKENS - 1) / CHUNK_TOKENS * CHUNK_TOKENS;
 }
 
+/* Kept entries per token in input block b of `blocks`: every block but the last is whole groups;
+ * the last holds the rest, with the dense tail. */
+static int64_t block_entries(int64_t b, int64_t blocks, int64_t kept_per_block, int64_t kept_per_row) {
+    return b + 1 < blocks ? kept_per_block : kept_per_row - b * kept_per_block;
+}
+
 /* Floats of working space actsparse_nm_gemm needs: the kept entries regrouped by block, and one
  * chunk of output rows per thread. */
 int64_t actsparse_gemm_work_size(int64_t rows, int64_t kept_per_row, int64_t units, int64_t threads) {
@@ -244,16 +250,15 @@ void actsparse_nm_gemm(const kept_entry *entries, int64_t rows, int64_t kept_per
     const int64_t blocks = (in_width + block_width - 1) / block_width;
     const int64_t chunk_rows = chunk_rows_of(rows, units, threads);
     const int64_t chunks = (rows + chunk_rows - 1) / chunk_rows;
-    /* Block b's entries, all tokens' in a row from entry b · kept_per_block · rows on:
-     * kept_per_block per token (every block but the last is whole groups; the last holds the rest,
-     * with the dense tail). */
+    /* Block b's entries, all tokens' in a row from entry b · kept_per_block · rows on,
+     * block_entries(b) per token. */
     kept_entry *blocked = (kept_entry *)work;
     float *chunk_outputs = work + (rows * kept_per_row * 2 + 15) / 16 * 16;
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++)
         for (int64_t t = 0; t < rows; t++) {
             const int64_t first = b * kept_per_block;
-            const int64_t count = b + 1 < blocks ? kept_per_block : kept_per_row - first;
+            const int64_t count = block_entries(b, blocks, kept_per_block, kept_per_row);
             memcpy(blocked + first * rows + t * count, entries + t * kept_per_row + first,
                    count * sizeof(kept_entry));
         }
@@ -278,7 +283,7 @@ void actsparse_nm_gemm(const kept_entry *entries, int64_t rows, int64_t kept_per
                     memcpy(sums + (t - t0) * width, y + t * ldy + o0, width * sizeof(float));
                 for (int64_t b = stretch; b < stretch_end; b++) {
                     const int64_t first = b * kept_per_block;
-                    const int64_t count = b + 1 < blocks ? kept_per_block : kept_per_row - first;
+                    const int64_t count = block_entries(b, blocks, kept_per_block, kept_per_row);
                     /* The block's weights, rows ldw apart in memory, into one contiguous L1 tile
                      * (bfloat16 widened to float32). */
                     const int64_t c0 = b * block_width;
