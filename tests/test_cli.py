@@ -248,9 +248,9 @@ def test_sensitivities_are_measured_once_per_pattern_criterion_and_corrections(
     calls = []
     original = phases.layer_sensitivity
 
-    def counted(model, windows, layers, config, statistics=None):
+    def counted(model, windows, layers, config, statistics=None, batch_size=1):
         calls.append((config.pattern, config.criterion))
-        return original(model, windows, layers, config, statistics)
+        return original(model, windows, layers, config, statistics, batch_size)
 
     monkeypatch.setattr(phases, "layer_sensitivity", counted)
     model, text = local_model
@@ -288,9 +288,9 @@ def test_a_local_text_file_never_calibrates_on_its_evaluation_part(
     seen = {}
     original = actsparse.cli.prepare_variants
 
-    def capture(model, variants, calibration, settings):
+    def capture(model, variants, calibration, settings, **options):
         seen["calibration"] = calibration
-        return original(model, variants, calibration, settings)
+        return original(model, variants, calibration, settings, **options)
 
     monkeypatch.setattr(actsparse.cli, "prepare_variants", capture)
     model, text = local_model

@@ -111,7 +111,7 @@ class CpuKernel(Backend):
 
     def prepare(self, layer: SparseLinear) -> kernels.PackedLinear | None:
         operands = layer.operands()
-        if not (layer.sparse and kernels.packs(operands.weight)):
+        if not layer.sparse or layer.offloaded or not kernels.packs(operands.weight):
             return None
         return kernels.pack_linear(operands.weight, operands.bias, operands.row_sum)
 

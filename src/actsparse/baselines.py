@@ -20,6 +20,7 @@ from torch import nn
 
 from actsparse.calibration import observe_inputs
 from actsparse.config import DEFAULT_TARGETS, SparsityConfig
+from actsparse.devices import offloaded
 from actsparse.errors import ActsparseError
 from actsparse.ops import nm_keep_mask
 from actsparse.targets import target_layers
@@ -160,11 +161,21 @@ def sparsegpt_prune(
 
 
 def prune_weights(
-    model: nn.Module, config: WeightPruningConfig, calibration: torch.Tensor | None = None
+    model: nn.Module,
+    config: WeightPruningConfig,
+    calibration: torch.Tensor | None = None,
+    batch_size: int = 1,
 ) -> WeightPruningHandle:
-    """Prune the weights of ``config``'s target layers to N:M and return the handle (attached)."""
+    """Prune the weights of ``config``'s target layers to N:M and return the handle (attached);
+    Wanda and SparseGPT observe ``calibration`` ``batch_size`` windows at a time."""
     selection = SparsityConfig(pattern=config.pattern, include=config.include, exclude=config.exclude)
     layers, pattern = target_layers(model, selection), selection.parsed_pattern
+    if any(offloaded(layer) for layer in layers.values()):
+        raise ActsparseError(
+            "Weight pruning rewrites weights in place, and some target layers are offloaded to CPU "
+            "memory or disk (--device-map); load the model where it fits whole, or compare activation "
+            "sparsity only."
+        )
     for name, layer in layers.items():
         if layer.in_features % pattern.m:
             raise ActsparseError(
@@ -187,7 +198,9 @@ def prune_weights(
             tokens[name] = tokens.get(name, 0) + x.shape[0]
 
     if config.needs_calibration:
-        observe_inputs(model, calibration, layers, observe, f"{config.method} statistics")
+        observe_inputs(
+            model, calibration, layers, observe, f"{config.method} statistics", batch_size=batch_size
+        )
     pruned = {}
     for name, layer in layers.items():
         weight = layer.weight.data

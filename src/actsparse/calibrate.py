@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from actsparse.devices import input_device
 from actsparse.errors import ActsparseError
 
 if TYPE_CHECKING:
@@ -126,11 +127,12 @@ def _block_inputs(
         block.register_forward_pre_hook(keep_kwargs(name), with_kwargs=True) for name, block in blocks.items()
     ]
     hooks.append(first.register_forward_pre_hook(keep_input, with_kwargs=True))
+    device = input_device(model)
     try:
         with torch.no_grad():
             for window in windows:
                 try:
-                    model(window[None], use_cache=False)
+                    model(window[None].to(device), use_cache=False)
                 except _StopForward:
                     pass
     finally:

@@ -23,6 +23,7 @@ from actsparse.calibration import Measurements
 from actsparse.config import SparsityConfig, config_settings, configs_from_settings
 from actsparse.cpu import measure_verdict
 from actsparse.data import calibration_text, evaluation_text, token_windows
+from actsparse.devices import check_device_map
 from actsparse.errors import ActsparseError
 from actsparse.evaluate import evaluate, quality_table, results_document
 from actsparse.flops import flop_report
@@ -85,8 +86,27 @@ CalibDatasetOpt = Annotated[
 DtypeOpt = Annotated[
     str,
     typer.Option(
-        help="float32, bfloat16, float16, or auto: bfloat16 where this CPU computes it (AMX or "
-        "AVX512-BF16), float32 elsewhere."
+        help="float32, bfloat16, float16, or auto: bfloat16 where the device computes it fast (CUDA; "
+        "a CPU with AMX or AVX512-BF16), float32 elsewhere."
+    ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(help="auto (the first CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N or mps."),
+]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Spread a model too large for one device with accelerate: auto, balanced, balanced_low_0 "
+        "or sequential (layers over the GPUs, the rest in CPU memory, then on disk in the actsparse cache)."
+    ),
+]
+BatchSizeOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Windows per forward pass (evaluation and calibration statistics); memory grows with "
+        "batch × seqlen × vocabulary.",
     ),
 ]
 SeqlenOpt = Annotated[int, typer.Option(min=2, help="Tokens per window, BOS included.")]
@@ -228,6 +248,9 @@ def eval_command(
     calib_steps: CalibStepsOpt = None,
     lr: LrOpt = CalibrationSettings.lr,
     dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    batch_size: BatchSizeOpt = 1,
     out: Annotated[Path, typer.Option(help="JSON file for every figure (written atomically).")] = Path(
         "results/eval.json"
     ),
@@ -265,22 +288,24 @@ def eval_command(
         check_tasks(task_names, task_dir)
     _check_file_outputs(out, markdown)
     evaluation, part = evaluation_text(dataset), calibration_text(dataset, calib_dataset)
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, device)
     with output_lock(out):
         text = evaluation.text()
         longest = max(seqlen, prompt_tokens + new_tokens if generate else 0)
-        loaded, tokenizer = load_model(model, dtype, max_tokens=longest)
+        loaded, tokenizer = load_model(model, dtype, longest, device, device_map)
         tokens = token_windows(tokenizer, text, seqlen, windows or None)
         calibration, calibrated_by = None, None
         if any(c.needs_calibration for c in configs):
             calibration = token_windows(tokenizer, part.text(), seqlen, calib_windows)
             calibrated_by = part.describe() | {"windows": len(calibration), "seqlen": seqlen}
-        handles = prepare_variants(loaded, configs, calibration, settings)
+        handles = prepare_variants(loaded, configs, calibration, settings, batch_size=batch_size)
         # An interrupted run leaves its totals beside --out; the same command resumes from them.
         rows = evaluate(loaded, tokens, handles, calibration, checkpoint=out.with_name(out.name + ".partial"),
-                        calibration_settings=settings)  # fmt: skip
+                        calibration_settings=settings, batch_size=batch_size)  # fmt: skip
         if task_names:
-            results = evaluate_tasks(loaded, tokenizer, handles, task_names, text, limit, task_dir)
+            results = evaluate_tasks(
+                loaded, tokenizer, handles, task_names, text, limit, task_dir, max(batch_size, 8)
+            )
             for row, result in zip(rows, results):
                 row.tasks = result
         if generate:
@@ -322,6 +347,9 @@ def calibrate(
     calib_steps: CalibStepsOpt = None,
     lr: LrOpt = CalibrationSettings.lr,
     dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    batch_size: BatchSizeOpt = 1,
 ) -> None:
     """Calibrate one configuration on the calibration text and save it as a recipe folder.
 
@@ -333,9 +361,10 @@ def calibrate(
     check_recipe_target(out)
     part = calibration_text(dataset, calib_dataset)
     with output_lock(out):
-        loaded, tokenizer = load_model(model, dtype, max_tokens=seqlen)
+        loaded, tokenizer = load_model(model, dtype, seqlen, device, device_map)
         calibration = token_windows(tokenizer, part.text(), seqlen, calib_windows)
-        handle = sparsify(loaded, sparsity, calibration, calibration_settings=settings)
+        measurements = Measurements(calibration, batch_size)
+        handle = sparsify(loaded, sparsity, calibration_settings=settings, measurements=measurements)
         recipe = handle.recipe()
         text = part.describe() | {"seqlen": seqlen, "windows": len(calibration)}
         recipe.calibration = (recipe.calibration or {}) | {"text": text}
@@ -376,6 +405,9 @@ def sweep(
     calib_steps: CalibStepsOpt = None,
     lr: LrOpt = CalibrationSettings.lr,
     dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    batch_size: BatchSizeOpt = 1,
     out: Annotated[Path, typer.Option(help="Results directory (resumes a sweep left there).")] = Path(
         "results/sweep"
     ),
@@ -385,6 +417,14 @@ def sweep(
             help="Run configurations as Ray tasks on this cluster address ('auto', 'ray://...', or 'local')."
         ),
     ] = None,
+    configs_per_pass: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Configurations evaluated together against one dense pass per window (0: all); "
+            "lower it when their transformed weights do not fit in memory together.",
+        ),
+    ] = 0,
 ) -> None:
     """Evaluate the cross product of every setting's values (pattern × criterion × mitigation ×
     policy × ...), one configuration at a time; an interrupted sweep resumes. Writes JSON per
@@ -396,8 +436,12 @@ def sweep(
         config = ConfigOptions({**config.given, **read_sweep_file(config_file)}, config.defaults, "sweep")
     configs = config.configs()
     settings = CalibrationSettings(steps=calib_steps, lr=lr)
-    dtype = resolve_dtype(dtype)  # the manifest and every record name the dtype that ran
-    data = SweepData(model, dataset, seqlen, windows, calib_windows, dtype, calib_dataset, settings)
+    dtype = resolve_dtype(dtype, device)  # the manifest and every record name the dtype that ran
+    check_device_map(device_map, device)
+    data = SweepData(
+        model, dataset, seqlen, windows, calib_windows, dtype, calib_dataset, settings,
+        device=device, device_map=device_map, batch_size=batch_size,
+    )  # fmt: skip
     evaluation_text(dataset)
     calibration_text(dataset, calib_dataset)  # refuses overlapping texts before any work
     check_context(model, seqlen)
@@ -405,7 +449,10 @@ def sweep(
     for sparsity in configs:  # the workers load the model; its layer filters are checked here
         target_layers(skeleton, sparsity)
     check_replaceable(out)  # a file where the sweep's folder would be
-    evaluations = ray_evaluations(ray, data) if ray else local_evaluations(data)
+    if ray:
+        evaluations = ray_evaluations(ray, data)
+    else:  # an interrupted group's running totals wait in the sweep's folder
+        evaluations = local_evaluations(data, out / "group.partial.json", configs_per_pass)
     with output_lock(out):
         records = run_sweep(configs, out, data, evaluations)
     console.print(sweep_table(records, data.describe()).rich())
@@ -427,6 +474,9 @@ def sensitivity(
     seqlen: SeqlenOpt = 512,
     calib_windows: CalibWindowsOpt = 16,
     dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    batch_size: BatchSizeOpt = 1,
     out: Annotated[Path, typer.Option(help="JSON file of the sensitivities.")] = Path(
         "results/sensitivity.json"
     ),
@@ -436,9 +486,10 @@ def sensitivity(
     _check_file_outputs(out)
     part = calibration_text(dataset, calib_dataset)
     with output_lock(out):
-        loaded, tokenizer = load_model(model, dtype, max_tokens=seqlen)
+        loaded, tokenizer = load_model(model, dtype, seqlen, device, device_map)
         calibration = token_windows(tokenizer, part.text(), seqlen, calib_windows)
-        ranked = sorted(measure_sensitivity(loaded, sparsity, calibration).items(), key=lambda kv: -kv[1])
+        sensitivities = measure_sensitivity(loaded, sparsity, calibration, batch_size)
+        ranked = sorted(sensitivities.items(), key=lambda kv: -kv[1])
         write_json_atomic(
             out,
             {
@@ -468,12 +519,14 @@ def info(
     seqlen: SeqlenOpt = 512,
     calib_windows: CalibWindowsOpt = 16,
     dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
 ) -> None:
     """The layers a configuration would sparsify, the share of linear FLOPs it makes sparse, and how
     the sparse calls are computed (planned and inserted; nothing is learned)."""
     sparsity = config.one()
     part = calibration_text(dataset, calib_dataset)
-    loaded, tokenizer = load_model(model, dtype, max_tokens=seqlen)
+    loaded, tokenizer = load_model(model, dtype, seqlen, device, device_map)
     calibration = None
     if sparsity.needs_calibration:
         calibration = token_windows(tokenizer, part.text(), seqlen, calib_windows)

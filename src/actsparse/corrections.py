@@ -130,7 +130,9 @@ class _Smoothing(Correction):
     ) -> dict[str, dict[str, torch.Tensor]]:
         maxima = measurements.get(
             ("input_max", sorted(layers)),
-            lambda windows: input_abs_max(model, windows, layers, f"{self.name} smoothing"),
+            lambda windows: input_abs_max(
+                model, windows, layers, f"{self.name} smoothing", measurements.batch_size
+            ),
         )
         return {name: {"input_max": value} for name, value in maxima.items()}
 
@@ -251,13 +253,20 @@ class LearnedCorrection(nn.Module):
 
     TENSORS = ("scale", "shift", "output_scale", "output_bias")
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         super().__init__()
         # Trainable only while calibration fits them (``actsparse.calibrate``).
-        self.scale = nn.Parameter(torch.ones(in_features, dtype=dtype), requires_grad=False)
-        self.shift = nn.Parameter(torch.zeros(in_features, dtype=dtype), requires_grad=False)
-        self.output_scale = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False)
-        self.output_bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False)
+        like = {"dtype": dtype, "device": device}
+        self.scale = nn.Parameter(torch.ones(in_features, **like), requires_grad=False)
+        self.shift = nn.Parameter(torch.zeros(in_features, **like), requires_grad=False)
+        self.output_scale = nn.Parameter(torch.zeros(out_features, **like), requires_grad=False)
+        self.output_bias = nn.Parameter(torch.zeros(out_features, **like), requires_grad=False)
         self.folded = False
 
     def selection_factor(self, factor: torch.Tensor | None) -> torch.Tensor:
@@ -307,7 +316,10 @@ class Learnable(Correction):
 
     def attach(self, layer: SparseLinear) -> None:
         if layer.sparse:
-            layer.correction = LearnedCorrection(layer.in_features, layer.out_features, layer.weight.dtype)
+            weight = layer.weight
+            layer.correction = LearnedCorrection(
+                layer.in_features, layer.out_features, weight.dtype, weight.device
+            )
 
     @staticmethod
     def _live(layer: SparseLinear) -> LearnedCorrection | None:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from actsparse import __version__
 from actsparse.calibrate import CalibrationSettings
+from actsparse.devices import input_device
 from actsparse.flops import flop_report
 from actsparse.handle import SparsityHandle
 from actsparse.layers import SparseLinear
@@ -55,14 +56,18 @@ class _Totals:
     tokens: int = 0
 
     def add(self, log_probs: torch.Tensor, targets: torch.Tensor, dense_log_probs: torch.Tensor) -> None:
+        """Add windows' next-token log-probabilities ``(..., V)`` and their targets ``(...)``."""
+        log_probs, dense_log_probs = log_probs.flatten(0, -2), dense_log_probs.flatten(0, -2)
+        targets = targets.flatten().to(log_probs.device)
         self.nll += F.nll_loss(log_probs, targets, reduction="sum").item()
         self.kl += F.kl_div(log_probs, dense_log_probs, log_target=True, reduction="sum").item()
         self.agree += int((log_probs.argmax(-1) == dense_log_probs.argmax(-1)).sum())
         self.tokens += targets.numel()
 
 
-def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
-    logits = model(window[None], use_cache=False).logits[0, :-1]
+def _log_probs(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities ``(B, T - 1, V)`` of windows ``(B, T)``, in float32."""
+    logits = model(windows.to(input_device(model)), use_cache=False).logits[:, :-1]
     return F.log_softmax(logits.float(), dim=-1)
 
 
@@ -84,10 +89,11 @@ def _run_key(
     for handle in handles:
         if isinstance(handle, SparsityHandle):
             for tensor in handle.recipe().tensors.values():
-                digest.update(tensor.float().numpy().tobytes())
+                digest.update(tensor.float().cpu().numpy().tobytes())
     for name, parameter in model.named_parameters():
-        digest.update(f"{name} {parameter.dtype}".encode())
-        digest.update(parameter.detach().flatten()[:64].float().numpy().tobytes())
+        digest.update(f"{name} {parameter.dtype} {tuple(parameter.shape)}".encode())
+        if parameter.device.type != "meta":  # offloaded weights are named and shaped only
+            digest.update(parameter.detach().flatten()[:64].float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -109,6 +115,7 @@ def evaluate(
     progress: bool = True,
     checkpoint: Path | None = None,
     calibration_settings: CalibrationSettings | None = None,
+    batch_size: int = 1,
 ) -> list[EvalRow]:
     """Evaluate the dense model and every variant in ``configs`` on ``windows`` (``(W, T)``).
 
@@ -117,13 +124,16 @@ def evaluate(
     Wanda and SparseGPT. Variants already prepared (``actsparse.variants.prepare_variants``) are
     used as they are, so tasks and generation can share them.
 
-    Each window runs once dense and once per configuration, so every row sees the same tokens and
-    the dense distribution never has to be stored. The model is left dense afterwards.
+    Each batch of ``batch_size`` windows runs once dense and once per configuration, so every row
+    sees the same tokens and the dense distribution is held for one batch only: memory grows with
+    ``batch_size × T × vocabulary`` (float32 log-probabilities, twice, plus the model's logits).
+    Batches give the figures of one window at a time, to float rounding. The model is left dense
+    afterwards.
 
-    With ``checkpoint``, the running totals are saved there (atomically) after every window, and a
+    With ``checkpoint``, the running totals are saved there (atomically) after every batch, and a
     run of the same model, windows and configurations resumes from it; it is deleted at the end.
     """
-    handles = prepare_variants(model, configs, calibration, calibration_settings, progress)
+    handles = prepare_variants(model, configs, calibration, calibration_settings, progress, batch_size)
     for handle in handles:
         handle.measure_density()
     dense, sparse = _Totals(), [_Totals() for _ in handles]
@@ -143,18 +153,19 @@ def evaluate(
         disable=not progress,
     )
     with torch.inference_mode():
-        for index in range(done, len(windows)):
-            window = windows[index]
-            dense_log_probs = _log_probs(model, window)
-            targets = window[1:]
+        for start in range(done, len(windows), batch_size):
+            batch = windows[start : start + batch_size]
+            dense_log_probs = _log_probs(model, batch)
+            targets = batch[:, 1:]
             dense.add(dense_log_probs, targets, dense_log_probs)
-            bar.update()
+            bar.update(len(batch))
             for handle, totals in zip(handles, sparse):
                 with handle:
-                    totals.add(_log_probs(model, window), targets, dense_log_probs)
-                bar.update()
+                    totals.add(_log_probs(model, batch), targets, dense_log_probs)
+                bar.update(len(batch))
             if checkpoint is not None:
-                write_json_atomic(checkpoint, _checkpoint_state(key, index + 1, dense, handles, sparse))
+                done = start + len(batch)
+                write_json_atomic(checkpoint, _checkpoint_state(key, done, dense, handles, sparse))
     bar.close()
     rows = [_row("dense", None, dense, flop_report(model))]
     for handle, totals in zip(handles, sparse):

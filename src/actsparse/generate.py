@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from actsparse.devices import input_device
 from actsparse.variants import Prepared
 
 
@@ -56,6 +57,7 @@ class GenerationAgreement:
 
 
 def _continuation(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    prompt = prompt.to(input_device(model))
     output = model.generate(
         prompt[None],
         attention_mask=torch.ones_like(prompt)[None],

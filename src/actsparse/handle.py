@@ -53,14 +53,14 @@ class SparsityHandle:
     def recipe(self) -> Recipe:
         """This sparsification as a recipe: its config, sparse layers and calibrated tensors."""
         tensors = {
-            f"{name}.{key}": value
+            f"{name}.{key}": value.cpu()
             for name, values in self.statistics.items()
             for key, value in values.items()
         }
         for name, layer in self.layers.items():
             for correction in layer.corrections:
                 for key, value in correction.layer_tensors(layer).items():
-                    tensors[f"{name}.{key}"] = value
+                    tensors[f"{name}.{key}"] = value.cpu()
         return Recipe(
             config=self.config,
             model=model_fingerprint(self.model),

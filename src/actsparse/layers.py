@@ -12,6 +12,7 @@ from actsparse import kernels
 from actsparse.backends import get_backend
 from actsparse.config import SparsityConfig
 from actsparse.criteria import get_criterion
+from actsparse.devices import carry_hook, materialized, offloaded
 from actsparse.errors import ActsparseError
 from actsparse.ops import apply_pattern
 from actsparse.quant import quantize_activation, quantize_weight
@@ -88,6 +89,20 @@ class SparseLinear(nn.Linear):
         self.corrections = sorted(config.mitigation, key=lambda c: c.stage)
         self.sparsify_single_token = config.phase == "all"
         self.quantize = config.quant == "w8a8" and not any(re.search(e, name) for e in config.quant_exclude)
+        # An offloaded layer (accelerate's device_map) has its weights loaded for the build, then
+        # again for each call, by the hook it takes over from the original.
+        self.offloaded = offloaded(linear)
+        with materialized(linear):
+            self._derive_operands(linear, statistics)
+            own = {} if self.weight is linear.weight else {"weight": self.weight}
+        carry_hook(linear, self, own)
+        self.measure_density = False
+        self.kept_inputs = 0
+        self.seen_inputs = 0
+
+    def _derive_operands(self, linear: nn.Linear, statistics: dict[str, torch.Tensor] | None) -> None:
+        """The weight (transformed by the corrections, quantised), bias, criterion factor and
+        correction state of this layer, and the backend's prepared form of them."""
         weight = linear.weight
         for correction in self.corrections:
             weight = correction.transform_weight(self, weight, statistics or {})
@@ -112,9 +127,6 @@ class SparseLinear(nn.Linear):
         self.weight_is_view = False
         self.prepared = self.backend.prepare(self)
         self.backend.attach(self)  # layer by layer, so that at most one extra weight copy exists at once
-        self.measure_density = False
-        self.kept_inputs = 0
-        self.seen_inputs = 0
 
     def operands(self) -> Operands:
         """The weight, bias, row sums and criterion factor of a sparsified call."""
@@ -143,8 +155,9 @@ class SparseLinear(nn.Linear):
     def fold(self) -> None:
         """Fold what the corrections learned into this layer's sparse-call operands (after
         calibration, or after loading a recipe's tensors)."""
-        for correction in self.corrections:
-            correction.fold(self)
+        with materialized(self):
+            for correction in self.corrections:
+                correction.fold(self)
 
     @property
     def nominal_density(self) -> float:

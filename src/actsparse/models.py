@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -23,6 +24,7 @@ from transformers import (
 )
 
 from actsparse.cpu import this_cpu
+from actsparse.devices import check_device_map, resolve_device
 from actsparse.errors import ActsparseError
 from actsparse.paths import atomic_directory, cache_dir
 
@@ -139,13 +141,20 @@ def check_dtype(dtype: str) -> None:
         raise ActsparseError(f"Unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)} or auto.")
 
 
-def resolve_dtype(dtype: str) -> str:
-    """The dtype a model is loaded in: ``dtype`` itself, or for ``auto`` bfloat16 where this CPU
-    computes it (AMX or AVX512-BF16) and float32 elsewhere. Unknown names are refused."""
+def resolve_dtype(dtype: str, device: str = "cpu") -> str:
+    """The dtype a model is loaded in: ``dtype`` itself, or for ``auto`` bfloat16 where ``device``
+    computes it fast (a CUDA GPU that supports it; a CPU with AMX or AVX512-BF16) and float32
+    elsewhere (MPS included). ``device`` is a ``--device`` name; a device map counts as CUDA when
+    PyTorch sees a GPU. Unknown names are refused."""
     check_dtype(dtype)
-    if dtype == "auto":
+    if dtype != "auto":
+        return dtype
+    kind = resolve_device(device).type
+    if kind == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if kind == "cpu":
         return "bfloat16" if this_cpu().computes_bfloat16 else "float32"
-    return dtype
+    return "float32"
 
 
 def _model_config(name_or_path: str) -> PretrainedConfig:
@@ -168,22 +177,39 @@ def model_skeleton(name_or_path: str) -> PreTrainedModel:
 
 
 def load_model(
-    name_or_path: str, dtype: str = "float32", max_tokens: int | None = None
+    name_or_path: str,
+    dtype: str = "float32",
+    max_tokens: int | None = None,
+    device: str = "auto",
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer in eval mode on the CPU.
+    """Load a causal LM and its tokenizer in eval mode.
 
     ``name_or_path`` is an embedded name (``actsparse models``), a Hub id, a folder written by
     ``save_pretrained`` or a ``.gguf`` file; ``dtype`` is float32, bfloat16, float16 or auto
-    (``resolve_dtype``). Sequences of ``max_tokens`` longer than the model's context are refused
+    (``resolve_dtype``). The model goes to ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``,
+    ``mps``), or, with ``device_map`` (``auto``, ``balanced``, ``sequential`` or a dict of module
+    names to devices, ``"cpu"`` or ``"disk"``), is spread by accelerate over the GPUs, CPU memory
+    and disk; disk-offloaded weights are written to ``offload_folder`` (by default a folder in the
+    actsparse cache). Sequences of ``max_tokens`` longer than the model's context are refused
     before the weights are read.
     """
-    dtype = resolve_dtype(dtype)
+    check_device_map(device_map, device)
+    dtype = resolve_dtype(dtype, device)
+    target = resolve_device(device)
     source = resolve_model(name_or_path)
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        folder = offload_folder or cache_dir() / "offload" / hashlib.sha256(source.encode()).hexdigest()[:12]
+        placement = {"device_map": device_map, "offload_folder": str(folder)}
     try:
         if max_tokens is not None:
             check_context(name_or_path, max_tokens)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **placement)
+        if device_map is None:
+            model = model.to(target)
     except OSError as error:
         raise ActsparseError(
             f"Could not load model '{name_or_path}' ({str(error).splitlines()[0]}); check the name, "

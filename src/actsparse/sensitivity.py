@@ -12,6 +12,7 @@ from torch import nn
 
 from actsparse.calibration import observe_inputs
 from actsparse.config import SparsityConfig
+from actsparse.devices import materialized
 from actsparse.layers import SparseLinear
 
 _EPS = 1e-12
@@ -34,8 +35,10 @@ def layer_sensitivity(
     layers: dict[str, nn.Linear],
     config: SparsityConfig,
     statistics: dict[str, dict[str, torch.Tensor]] | None = None,
+    batch_size: int = 1,
 ) -> dict[str, float]:
-    """Relative output error of each of ``layers`` sparsified alone under ``sensitivity_config(config)``.
+    """Relative output error of each of ``layers`` sparsified alone under ``sensitivity_config(config)``,
+    over ``windows`` run ``batch_size`` at a time.
 
     ``statistics`` (per layer, e.g. the smoothing maxima) are needed when ``config`` smooths.
     """
@@ -48,10 +51,13 @@ def layer_sensitivity(
     norm = dict.fromkeys(layers, 0.0)
 
     def observe(name: str, x: torch.Tensor) -> None:
-        dense_out = F.linear(x, layers[name].weight, layers[name].bias)
+        with materialized(layers[name]):  # an offloaded layer's weights, for this call
+            dense_out = F.linear(x, layers[name].weight, layers[name].bias)
         sparse_out = sparse[name](x[None])[0]  # one sequence of many tokens: the prefill path
         error[name] += (dense_out - sparse_out).float().pow(2).sum().item()
         norm[name] += dense_out.float().pow(2).sum().item()
 
-    observe_inputs(model, windows, layers, observe, f"sensitivity of {len(layers)} layers")
+    observe_inputs(
+        model, windows, layers, observe, f"sensitivity of {len(layers)} layers", batch_size=batch_size
+    )
     return {name: math.sqrt(error[name]) / (math.sqrt(norm[name]) + _EPS) for name in layers}

@@ -63,15 +63,19 @@ def _sensitivity(
     corrections and layers on the windows of ``measurements``."""
     key = ("sensitivity", sensitivity_config(config).to_dict(), sorted(candidates))
     return measurements.get(
-        key, lambda windows: layer_sensitivity(model, windows, candidates, config, statistics)
+        key,
+        lambda windows: layer_sensitivity(
+            model, windows, candidates, config, statistics, measurements.batch_size
+        ),
     )
 
 
 def measure_sensitivity(
-    model: nn.Module, config: SparsityConfig, calibration: torch.Tensor | None
+    model: nn.Module, config: SparsityConfig, calibration: torch.Tensor | None, batch_size: int = 1
 ) -> dict[str, float]:
-    """Each target layer's relative output error under ``config`` when sparsified alone."""
-    measurements = Measurements(calibration)
+    """Each target layer's relative output error under ``config`` when sparsified alone, measured
+    on ``calibration`` windows run ``batch_size`` at a time."""
+    measurements = Measurements(calibration, batch_size)
     candidates = target_layers(model, config)
     statistics = _statistics(model, config, candidates, measurements)
     return _sensitivity(model, config, candidates, statistics, measurements)

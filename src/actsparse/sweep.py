@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from actsparse.calibrate import CalibrationSettings
 from actsparse.config import SparsityConfig, config_settings
 from actsparse.data import calibration_text, evaluation_text, token_windows
+from actsparse.devices import resolve_device
 from actsparse.errors import ActsparseError
 from actsparse.evaluate import evaluate
 from actsparse.hwcost import hardware_cost
@@ -101,6 +102,9 @@ class SweepData:
     dtype: str = "float32"
     calib_dataset: str | None = None
     calibration_settings: CalibrationSettings = field(default_factory=CalibrationSettings)
+    device: str = "auto"
+    device_map: str | None = None
+    batch_size: int = 1
 
     @property
     def text(self) -> str:
@@ -120,6 +124,7 @@ class SweepData:
             "model": self.model,
             "text": self.text,
             "dtype": self.dtype,
+            "device": resolve_device(self.device).type if self.device_map is None else "device map",
             "calibration": {
                 "text": calibration_text(self.dataset, self.calib_dataset).describe(),
                 "windows": self.calib_windows,
@@ -137,7 +142,7 @@ def load_sweep_inputs(
     data: SweepData, calibration_needed: bool
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
     """The model, evaluation windows and (if needed) calibration windows of ``data``, once per process."""
-    model, tokenizer = load_model(data.model, data.dtype)
+    model, tokenizer = load_model(data.model, data.dtype, device=data.device, device_map=data.device_map)
     windows = token_windows(
         tokenizer, evaluation_text(data.dataset).text(), data.seqlen, data.windows or None
     )
@@ -148,17 +153,44 @@ def load_sweep_inputs(
     return model, windows, calibration
 
 
-def evaluate_config(data: SweepData, config: SparsityConfig) -> list:
-    """Dense and ``config`` rows over the sweep's windows (loads the inputs on first use)."""
-    model, windows, calibration = load_sweep_inputs(data, config.needs_calibration)
+def evaluate_configs(
+    data: SweepData, configs: list[SparsityConfig], checkpoint: Path | None = None, progress: bool = False
+) -> list:
+    """Dense and every configuration's rows over the sweep's windows, with one dense pass per
+    window for all of them (loads the inputs on first use); ``checkpoint`` as in ``evaluate``."""
+    model, windows, calibration = load_sweep_inputs(data, any(c.needs_calibration for c in configs))
     return evaluate(
-        model, windows, [config], calibration, progress=False, calibration_settings=data.calibration_settings
+        model,
+        windows,
+        list(configs),
+        calibration,
+        progress=progress,
+        checkpoint=checkpoint,
+        calibration_settings=data.calibration_settings,
+        batch_size=data.batch_size,
     )
 
 
-def local_evaluations(data: SweepData) -> Evaluations:
-    """Run the configurations one after another in this process."""
-    return lambda pending: ((config, evaluate_config(data, config)) for config in pending)
+def evaluate_config(data: SweepData, config: SparsityConfig) -> list:
+    """Dense and ``config`` rows over the sweep's windows (a Ray task: one configuration)."""
+    return evaluate_configs(data, [config])
+
+
+def local_evaluations(data: SweepData, checkpoint: Path | None = None, group: int = 0) -> Evaluations:
+    """Run the configurations in this process, ``group`` at a time (0: all at once) against one
+    dense pass per window, so a configuration costs ``1 + 1/group`` forward passes instead of 2.
+    The prepared configurations of a group are held together (their transformed weights with
+    them, under smoothing, W8A8 or learned corrections); ``checkpoint`` keeps a group's running
+    totals, so an interrupted group resumes where it stopped."""
+
+    def run(pending: list[SparsityConfig]) -> Iterator[tuple[SparsityConfig, list]]:
+        size = group or max(len(pending), 1)
+        for start in range(0, len(pending), size):
+            configs = pending[start : start + size]
+            dense, *rows = evaluate_configs(data, configs, checkpoint, progress=True)
+            yield from ((config, [dense, row]) for config, row in zip(configs, rows))
+
+    return run
 
 
 def ray_evaluations(address: str, data: SweepData) -> Evaluations:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from actsparse.devices import input_device
 from actsparse.errors import ActsparseError
 from actsparse.paths import cache_dir, write_text_atomic
 from actsparse.variants import Prepared
@@ -177,7 +178,7 @@ def run_tasks(
     from lm_eval.models.huggingface import HFLM
 
     specs = [task_config(t, text) if t in LOCAL_TASKS else t for t in tasks]
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(input_device(model)))
     with torch.inference_mode():
         output = simple_evaluate(
             model=lm,
@@ -210,11 +211,12 @@ def evaluate_tasks(
     text: str | None = None,
     limit: int | None = None,
     task_dir: Path | None = None,
+    batch_size: int = 8,
 ) -> list[dict[str, dict[str, float]]]:
     """``run_tasks`` on the dense model, then with each prepared variant attached (see
     ``actsparse.variants.prepare_variants``); one result per model."""
-    results = [run_tasks(model, tokenizer, tasks, text, limit, task_dir)]
+    results = [run_tasks(model, tokenizer, tasks, text, limit, task_dir, batch_size)]
     for handle in handles:
         with handle:
-            results.append(run_tasks(model, tokenizer, tasks, text, limit, task_dir))
+            results.append(run_tasks(model, tokenizer, tasks, text, limit, task_dir, batch_size))
     return results

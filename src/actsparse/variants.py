@@ -48,7 +48,7 @@ def attach_variant(
     """Attach one variant to ``model`` and return its handle (attached)."""
     measurements = measurements or Measurements(None)
     if isinstance(variant, WeightPruningConfig):
-        return prune_weights(model, variant, measurements.windows)
+        return prune_weights(model, variant, measurements.windows, measurements.batch_size)
     if isinstance(variant, Recipe):
         return sparsify(model, recipe=variant)
     return sparsify(model, variant, calibration_settings=calibration_settings, measurements=measurements)
@@ -60,10 +60,12 @@ def prepare_variants(
     calibration: torch.Tensor | None = None,
     calibration_settings: CalibrationSettings | None = None,
     progress: bool = True,
+    batch_size: int = 1,
 ) -> list[Prepared]:
     """Every variant attached once (prepared handles pass through), then detached; ``calibration``
-    windows (never the evaluation text) serve all of them, each statistic measured once."""
-    measurements = Measurements(calibration)
+    windows (never the evaluation text) serve all of them, each statistic measured once, over
+    ``batch_size`` windows per forward pass."""
+    measurements = Measurements(calibration, batch_size)
     prepared = []
     pending = sum(not isinstance(v, (SparsityHandle, WeightPruningHandle)) for v in variants)
     for variant in tqdm(
