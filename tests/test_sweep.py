@@ -85,3 +85,56 @@ def test_sweep_file(tmp_path):
     path.write_text("colour: red\n")
     with pytest.raises(ActsparseError, match="Unknown key"):
         read_sweep_file(path)
+
+
+def test_a_sweep_runs_one_dense_pass_per_window_for_all_its_configurations(local_model, tmp_path):
+    from actsparse.sweep import load_sweep_inputs, local_evaluations
+
+    model, text = local_model
+    data = SweepData(str(model), str(text), seqlen=32, windows=3, calib_windows=2)
+    loaded, windows, _ = load_sweep_inputs(data, False)
+    passes = []
+    hook = loaded.register_forward_pre_hook(lambda module, args: passes.append(len(args[0])))
+    try:
+        records = run_sweep(CONFIGS, tmp_path / "sweep", data, local_evaluations(data), progress=False)
+    finally:
+        hook.remove()
+    assert sum(passes) == (len(CONFIGS) + 1) * len(windows)  # 6 + 1 passes per window, not 12
+    alone = evaluate(loaded, windows, [CONFIGS[3]], progress=False)
+    assert records[3]["kl_to_dense"] == pytest.approx(alone[1].kl_to_dense, rel=1e-5)
+    assert records[3]["dense_perplexity"] == pytest.approx(alone[0].perplexity, rel=1e-6)
+
+
+def test_an_interrupted_group_resumes_without_repeating_its_windows(local_model, tmp_path, monkeypatch):
+    import importlib
+
+    from actsparse.sweep import load_sweep_inputs, local_evaluations
+
+    evaluation = importlib.import_module("actsparse.evaluate")  # the module, not the function
+    model, text = local_model
+    data = SweepData(str(model), str(text), seqlen=32, windows=3, calib_windows=2)
+    loaded, windows, _ = load_sweep_inputs(data, False)
+    checkpoint, out = tmp_path / "group.partial.json", tmp_path / "sweep"
+    original = evaluation._checkpoint_state
+
+    def killed_after_two(key, done, *args):
+        state = original(key, done, *args)
+        if done == 2:
+            evaluation.write_json_atomic(checkpoint, state)
+            raise Killed
+        return state
+
+    monkeypatch.setattr(evaluation, "_checkpoint_state", killed_after_two)
+    with pytest.raises(Killed):
+        run_sweep(CONFIGS[:2], out, data, local_evaluations(data, checkpoint), progress=False)
+    monkeypatch.setattr(evaluation, "_checkpoint_state", original)
+    passes = []
+    hook = loaded.register_forward_pre_hook(lambda module, args: passes.append(len(args[0])))
+    try:
+        records = run_sweep(CONFIGS[:2], out, data, local_evaluations(data, checkpoint), progress=False)
+    finally:
+        hook.remove()
+    assert sum(passes) == 3  # the third window only, dense and two configurations
+    assert not checkpoint.exists()
+    alone = evaluate(loaded, windows, CONFIGS[:2], progress=False)
+    assert [r["perplexity"] for r in records] == pytest.approx([row.perplexity for row in alone[1:]])

@@ -266,3 +266,36 @@ def test_ctrl_c_says_the_run_can_be_resumed(monkeypatch, capsys, local_model):
     monkeypatch.setattr(actsparse.cli, "load_model", interrupted)
     code, _, err = run(monkeypatch, capsys, "eval", *common(local_model))
     assert code == 130 and "interrupted" in err and "run the same command again" in err
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (["--device", "gpu"], "Unknown device 'gpu'"),
+        (["--device", "cpu", "--device-map", "auto"], "give one of them"),
+        (["--device-map", "everywhere"], "Unknown device map"),
+    ]
+    + ([] if torch.cuda.is_available() else [(["--device", "cuda:0"], "no CUDA GPU")]),
+)
+def test_a_device_that_is_not_here_is_refused_before_any_work(
+    monkeypatch, capsys, local_model, tmp_path, options, words
+):
+    out = tmp_path / "eval.json"
+    code, _, err = run(monkeypatch, capsys, "eval", *common(local_model), "--out", str(out), *options)
+    assert code == 2 and words in error_line(err)
+    assert not out.exists() and not list(tmp_path.glob("eval.json*"))
+
+
+def test_eval_runs_on_the_named_device_in_batches(monkeypatch, capsys, local_model, tmp_path):
+    out = tmp_path / "eval.json"
+    args = [*common(local_model), "--windows", "3", "--pattern", "8:16", "--criterion", "amber"]
+    code, _, _ = run(
+        monkeypatch, capsys, "eval", *args, "--out", str(out), "--device", "cpu", "--batch-size", "2"
+    )
+    assert code in (0, None)
+    batched = json.loads(out.read_text())["rows"]
+    code, _, _ = run(monkeypatch, capsys, "eval", *args, "--out", str(out))
+    single = json.loads(out.read_text())["rows"]
+    assert [r["kl_to_dense"] for r in batched] == pytest.approx(
+        [r["kl_to_dense"] for r in single], rel=1e-4, abs=1e-7
+    )
