@@ -14,6 +14,7 @@ from actsparse.config import SparsityConfig
 from actsparse.criteria import get_criterion
 from actsparse.devices import carry_hook, materialized, offloaded
 from actsparse.errors import ActsparseError
+from actsparse.kernels import triton_select
 from actsparse.ops import apply_pattern
 from actsparse.quant import quantize_activation, quantize_weight
 
@@ -188,8 +189,9 @@ class SparseLinear(nn.Linear):
 
         Float32 N:M on the CPU goes through the fused compiled pass when it is built; bfloat16 and
         float16 N:M on the CPU compute their scores in PyTorch and rank them with the compiled pass;
-        every other case (devices, unstructured patterns, gradients) goes through PyTorch
-        operations. All keep exactly the same entries.
+        N:M with M a power of two on CUDA goes through the fused Triton pass; every other case
+        (other devices, unstructured patterns, gradients) goes through PyTorch operations. All keep
+        exactly the same entries.
         """
         n, m = self.pattern.keep_count(self.in_features)
         kept = None
@@ -206,6 +208,15 @@ class SparseLinear(nn.Linear):
             sparse, has_nan = kernels.nm_select_by_scores(x, scores, n, m)
             if has_nan:
                 raise self.nan_error()
+        elif not self.pattern.unstructured and triton_select.supports(x, m):
+            if torch.isnan(x).any():
+                raise self.nan_error()
+            if self.criterion.uses_batch:  # scores that look at the whole call, computed here
+                sparse = triton_select.nm_select(x, n, m, scores=self.criterion.score(x, weight_factor))
+            else:
+                sparse = triton_select.nm_select(
+                    x, n, m, factor=self.criterion.channel_factor(x, weight_factor)
+                )
         else:
             if torch.isnan(x).any():
                 raise self.nan_error()
