@@ -143,6 +143,32 @@ def test_half_precision_scores_keep_the_pytorch_mask_even_with_ties(dtype, isa, 
     assert kernels.nm_select_by_scores(x, scores, p.n, p.m, isa=isa)[1]
 
 
+needs_avx512 = pytest.mark.skipif(kernels.select_isa() != "avx512", reason="needs AVX-512")
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pattern", ["1:2", "2:4", "4:8", "8:16", "16:32", "3:32", "29:32"])
+def test_the_fused_half_precision_pass_rounds_scores_as_pytorch_and_keeps_its_entries(dtype, pattern):
+    p = parse_pattern(pattern)
+    generator = torch.Generator().manual_seed(p.m)
+    width, tail = (p.m * 6 if p.m >= 16 else 48), min(3, p.m - 1)
+    x = torch.randn(5, 3, width + tail, generator=generator).to(dtype)  # the tail stays dense
+    x[0, 0, 1:width:2] = -x[0, 0, 0:width:2]  # plant ties of |x|: the lower index wins
+    x[1, 0, :6] = -0.0  # signed zeros kept as they are
+    factor = (torch.rand(width + tail, generator=generator) * 3).to(dtype)
+    for weight_factor in (None, factor):
+        scores = x.abs() if weight_factor is None else x.abs() * weight_factor  # rounded to dtype
+        assert kernels.selects_16(x, p.m, weight_factor)
+        sparse, kept, has_nan = kernels.nm_select_16(x, weight_factor, p.n, p.m)
+        expected = apply_pattern(x, scores, p)
+        assert torch.equal(sparse.view(torch.int16), expected.view(torch.int16)) and not has_nan
+        assert kept == int(torch.count_nonzero(expected))
+    x[2, 1, 7] = float("nan")
+    assert kernels.nm_select_16(x, factor, p.n, p.m)[2]
+    assert not kernels.selects_16(x, p.m, factor.float())  # a float32 factor rounds in float32
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_layers_rank_with_the_compiled_pass_and_keep_the_same_inputs(
@@ -150,7 +176,8 @@ def test_half_precision_layers_rank_with_the_compiled_pass_and_keep_the_same_inp
 ):
     llama = llama.to(dtype)
     config = SparsityConfig(pattern="8:16", criterion="amber")
-    ranked = count_product_calls(monkeypatch, "actsparse_nm_compress")
+    fused = kernels.select_isa() == "avx512"  # one pass; elsewhere PyTorch scores, compiled ranking
+    ranked = count_product_calls(monkeypatch, "actsparse_nm_select_16" if fused else "actsparse_nm_compress")
     with sparsify(llama, config) as handle:
         handle.measure_density(True)
         expected = logits(llama, tokens)

@@ -187,8 +187,9 @@ class SparseLinear(nn.Linear):
         """The N:M-sparse version of ``x`` (``(..., in)``) under this layer's pattern and criterion,
         with ``weight_factor`` the criterion's static per-channel factor.
 
-        Float32 N:M on the CPU goes through the fused compiled pass when it is built; bfloat16 and
-        float16 N:M on the CPU compute their scores in PyTorch and rank them with the compiled pass;
+        Float32 N:M on the CPU goes through the fused compiled pass when it is built, and so do
+        bfloat16 and float16 where it has AVX-512 (M up to 32); elsewhere bfloat16 and float16 N:M
+        on the CPU compute their scores in PyTorch and rank them with the compiled pass;
         N:M with M a power of two on CUDA goes through the fused Triton pass; every other case
         (other devices, unstructured patterns, gradients) goes through PyTorch operations. All keep
         exactly the same entries.
@@ -200,6 +201,14 @@ class SparseLinear(nn.Linear):
         elif not self.pattern.unstructured and kernels.supports(x, m):
             factor = self.criterion.channel_factor(x, weight_factor)
             sparse, kept, has_nan = kernels.nm_select(x, factor, n, m)
+            if has_nan:
+                raise self.nan_error()
+        elif (
+            not self.pattern.unstructured
+            and not self.criterion.uses_batch  # its scores divide by the row norm, rounded
+            and kernels.selects_16(x, m, weight_factor)
+        ):
+            sparse, kept, has_nan = kernels.nm_select_16(x, weight_factor, n, m)
             if has_nan:
                 raise self.nan_error()
         elif not self.pattern.unstructured and kernels.ranks_scores(x, m):

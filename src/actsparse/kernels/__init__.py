@@ -1,7 +1,8 @@
 """Compiled helpers, loaded with ctypes on tensor buffers (no build against PyTorch's C++ ABI).
 
-- ``nm_select``: the fused select-and-zero pass for float32 N:M patterns, and ``nm_select_by_scores``,
-  the same for bfloat16 and float16 inputs from their scores (the emulated backend).
+- ``nm_select``: the fused select-and-zero pass for float32 N:M patterns, ``nm_select_16`` the same
+  for bfloat16 and float16 (AVX-512, groups of 2 to 32), and ``nm_select_by_scores``, bfloat16 and
+  float16 inputs selected by scores computed elsewhere (the emulated backend).
 - ``pack_linear`` and ``sparse_linear``: the ``cpu-kernel`` backend, a linear layer that multiplies
   only the kept activations: a fused select-and-compress pass, then a sparse GEMM (many tokens) or a
   sparse GEMV that reads only the kept inputs' weight rows (a few tokens), both in float32 or
@@ -27,6 +28,7 @@ ISAS = ("portable", "avx2", "avx512")
 _POINTER, _INT = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "actsparse_nm_select_f32": (_INT, [_POINTER] * 3 + [_INT] * 5 + [ctypes.POINTER(ctypes.c_int32), _INT]),
+    "actsparse_nm_select_16": (_INT, [_POINTER] * 3 + [_INT] * 5 + [ctypes.POINTER(ctypes.c_int32), _INT]),
     "actsparse_output_unit": (_INT, []),
     "actsparse_gemm_isa": (_INT, [_INT]),
     "actsparse_select_isa": (_INT, []),
@@ -100,6 +102,44 @@ def ranks_scores(x: torch.Tensor, m: int) -> bool:
     """True when ``nm_select_by_scores`` takes ``x`` (bfloat16 or float16, whose scores' float32
     copies are exact) with group size ``m`` on the CPU (and no gradient is needed)."""
     return _takes(x, m, (torch.bfloat16, torch.float16))
+
+
+_KINDS_16 = {torch.bfloat16: 1, torch.float16: 2}
+
+
+def selects_16(x: torch.Tensor, m: int, factor: torch.Tensor | None) -> bool:
+    """True when ``nm_select_16`` takes ``x`` (bfloat16 or float16 on the CPU, no gradient needed)
+    with group size ``m`` and ``factor``: AVX-512 here, M of 2, 4, 8, 16 or 32 over a body of whole
+    16-input blocks, and a factor of ``x``'s dtype (or none), so scores round in that dtype."""
+    body = x.shape[-1] - x.shape[-1] % m
+    return (
+        ranks_scores(x, m)
+        and select_isa() == "avx512"
+        and m in (2, 4, 8, 16, 32)
+        and body % 16 == 0
+        and (factor is None or (factor.dtype == x.dtype and factor.device == x.device))
+    )
+
+
+def nm_select_16(
+    x: torch.Tensor, factor: torch.Tensor | None, n: int, m: int
+) -> tuple[torch.Tensor, int, bool]:
+    """``nm_select`` for bfloat16 and float16 ``x`` (see ``selects_16``): the scores ``|x| * factor``
+    are rounded to ``x``'s dtype as PyTorch rounds them, so the same entries are kept as by
+    ``actsparse.ops.apply_pattern(x, criterion.score(x, factor), ...)``. Returns the sparse tensor,
+    its number of non-zeros, and whether ``x`` held NaN."""
+    x = x.contiguous()
+    factor = None if factor is None else factor.contiguous()
+    out = torch.empty_like(x)
+    has_nan = ctypes.c_int32(0)
+    rows = _rows(x)
+    kept = _LIBRARY.actsparse_nm_select_16(
+        x.data_ptr(), None if factor is None else factor.data_ptr(), out.data_ptr(), rows, x.shape[-1], n, m,
+        min(torch.get_num_threads(), rows), ctypes.byref(has_nan), _KINDS_16[x.dtype],
+    )  # fmt: skip
+    if kept < 0:
+        raise ValueError(f"nm_select_16 does not take {n}:{m} over {x.shape[-1]} inputs here")
+    return out, kept, bool(has_nan.value)
 
 
 def nm_select_by_scores(

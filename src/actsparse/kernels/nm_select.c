@@ -7,8 +7,9 @@
  *   actsparse_nm_compress    writes the kept entries as (value, channel) pairs in channel order
  *                            (the cpu-kernel backend's sparse GEMM reads them, nm_gemm.c).
  * Both also report whether x holds a NaN and how many kept values are non-zero. For bfloat16 and
- * float16 inputs, actsparse_nm_compress ranks the float32 copy of their scores and
- * actsparse_keep_16 writes the inputs its entries name, zero elsewhere.
+ * float16 inputs, actsparse_nm_select_16 scores (rounding as PyTorch does in that dtype), selects
+ * and zeroes in one pass with AVX-512; elsewhere actsparse_nm_compress ranks the float32 copy of
+ * their scores and actsparse_keep_16 writes the inputs its entries name, zero elsewhere.
  *
  * Selection: entry i of a group is kept when its rank -- the number of entries j that beat it (a
  * higher score, or an equal score at a lower index) -- is below n. With AVX-512 (picked at run
@@ -162,6 +163,58 @@ AVX512 static int64_t select_row_avx512(const float *x, const float *factor, flo
             const __mmask16 kept = (__mmask16)(keep >> (16 * h));
             _mm512_storeu_ps(out + g + 16 * h, _mm512_maskz_mov_ps(kept, values[h]));
             nonzero += __builtin_popcount(kept & _mm512_cmp_ps_mask(values[h], zero, _CMP_NEQ_UQ));
+        }
+    }
+    *nan |= nan_lanes != 0;
+    return nonzero;
+}
+
+/* 16-bit inputs (kind 1 bfloat16, 2 float16): 16 of them widened to float32, exactly. */
+AVX512 static inline __m512 widen_16(__m256i raw, int kind) {
+    if (kind == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    return _mm512_cvtph_ps(raw);
+}
+
+/* s rounded to the 16-bit kind and widened back: to nearest, ties to even, as PyTorch rounds. */
+AVX512 static inline __m512 round_16(__m512 s, int kind) {
+    if (kind == 2) return _mm512_cvtph_ps(_mm512_cvtps_ph(s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m512i bits = _mm512_castps_si512(s);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+/* The scores of 16 widened inputs as PyTorch computes them in the 16-bit dtype: |x| (exact), or
+ * |x| · factor (exact in float32 for two 16-bit operands) rounded once to the dtype; NaN → -1. */
+AVX512 static inline __m512 scores_16(__m512 v, const uint16_t *factor, int kind) {
+    __m512 s = _mm512_abs_ps(v);
+    if (factor) s = round_16(_mm512_mul_ps(s, widen_16(_mm256_loadu_si256((const __m256i *)factor), kind)), kind);
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q), s, _mm512_set1_ps(-1.0f));
+}
+
+/* Zeroes the dropped entries of one row of 16-bit inputs; m = 2, 4, 8, 16 or 32, body a multiple of 16. */
+AVX512 static int64_t select_row16_avx512(const uint16_t *x, const uint16_t *factor, uint16_t *out,
+                                          int64_t body, int m, int n, int kind, int *nan) {
+    const int step = m == 32 ? 32 : 16;
+    int64_t nonzero = 0;
+    __mmask16 nan_lanes = 0;
+    for (int64_t g = 0; g < body; g += step) {
+        __m256i raw[2];
+        __m512 values[2], scores[2];
+        for (int h = 0; h < step / 16; h++) {
+            raw[h] = _mm256_loadu_si256((const __m256i *)(x + g + 16 * h));
+            values[h] = widen_16(raw[h], kind);
+            nan_lanes |= _mm512_cmp_ps_mask(values[h], values[h], _CMP_UNORD_Q);
+            scores[h] = scores_16(values[h], factor ? factor + g + 16 * h : 0, kind);
+        }
+        const uint32_t keep = m == 32   ? keep_32(scores[0], scores[1], n)
+                              : m == 16 ? keep_16(scores[0], n)
+                                        : keep_by_rank(scores[0], m, n);
+        for (int h = 0; h < step / 16; h++) {
+            const __mmask16 kept = (__mmask16)(keep >> (16 * h));
+            const __m512i wide = _mm512_maskz_mov_epi32(kept, _mm512_cvtepu16_epi32(raw[h]));
+            _mm256_storeu_si256((__m256i *)(out + g + 16 * h), _mm512_cvtepi32_epi16(wide));
+            nonzero += __builtin_popcount(kept & _mm512_cmp_ps_mask(values[h], _mm512_setzero_ps(), _CMP_NEQ_UQ));
         }
     }
     *nan |= nan_lanes != 0;
@@ -412,6 +465,38 @@ int64_t actsparse_nm_select_f32(const float *x, const float *factor, float *out,
         nonzero_total += nonzero;
         nan_any |= nan;
     }
+    *has_nan = nan_any;
+    return nonzero_total;
+}
+
+/* actsparse_nm_select_f32 for bfloat16 (kind 1) or float16 (kind 2) rows, with a factor of the same
+ * dtype (or NULL): the scores are computed and rounded in that dtype, as PyTorch computes them.
+ * AVX-512 and m = 2, 4, 8, 16 or 32 with a body that is a multiple of 16 only; returns -2 otherwise. */
+int64_t actsparse_nm_select_16(const uint16_t *x, const uint16_t *factor, uint16_t *out, int64_t rows,
+                               int64_t width, int64_t n, int64_t m, int64_t threads, int32_t *has_nan,
+                               int64_t kind) {
+    if (m < 1 || m > MAX_M || n < 1 || n > m || (kind != 1 && kind != 2)) return -1;
+    const int64_t body = width - width % m;
+    if (select_path(m, body, 2) != 2) return -2;
+    int64_t nonzero_total = 0;
+    int nan_any = 0;
+#ifdef HAVE_X86_PATHS
+#pragma omp parallel for num_threads(threads) reduction(+ : nonzero_total) reduction(| : nan_any) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * width;
+        uint16_t *orow = out + r * width;
+        int nan = 0;
+        int64_t nonzero = select_row16_avx512(xr, factor, orow, body, (int)m, (int)n, (int)kind, &nan);
+        for (int64_t k = body; k < width; k++) {
+            const uint16_t magnitude = xr[k] & 0x7fff;
+            orow[k] = xr[k];
+            nan |= kind == 1 ? magnitude > 0x7f80 : magnitude > 0x7c00;
+            nonzero += magnitude != 0;
+        }
+        nonzero_total += nonzero;
+        nan_any |= nan;
+    }
+#endif
     *has_nan = nan_any;
     return nonzero_total;
 }
