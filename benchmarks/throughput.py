@@ -7,17 +7,19 @@ CUDA when PyTorch sees a GPU.
 
 Per model, dtype and device, every row (dense; emulated 8:16 amber on every decoder projection;
 cpu-kernel where it runs) is timed in the same run, interleaved, one full forward pass of
-``batch × seqlen`` tokens each (what `actsparse eval --batch-size` runs); the medians are compared
-with the dense row of the same batch. The results also go to ``--out`` as JSON.
+``batch × seqlen`` tokens each (what `actsparse eval --batch-size` runs; attaching and removing
+the sparse layers is not timed); the medians are compared with the dense row of the same batch.
+The results also go to ``--out`` as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,32 +28,23 @@ from actsparse.cpu import this_cpu
 from actsparse.paths import write_json_atomic
 
 
-def seconds(run: Callable[[], None], device: torch.device) -> float:
-    start = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+def seconds(model: torch.nn.Module, handle: Any, ids: torch.Tensor, device: torch.device) -> float:
+    """Wall time of one forward pass over ``ids``, with ``handle``'s sparse layers attached when
+    given (attaching and removing them is not timed)."""
+    with torch.inference_mode(), handle if handle is not None else contextlib.nullcontext():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(ids, use_cache=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
 
 
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
     return f"{this_cpu().describe()}, {torch.get_num_threads()} threads"
-
-
-def forward(model: torch.nn.Module, handle: object, ids: torch.Tensor) -> Callable[[], None]:
-    """One forward pass over ``ids``, with ``handle``'s sparse layers attached when given."""
-
-    def run() -> None:
-        with torch.inference_mode():
-            if handle is None:
-                model(ids, use_cache=False)
-            else:
-                with handle:
-                    model(ids, use_cache=False)
-
-    return run
 
 
 def measure(
@@ -72,13 +65,12 @@ def measure(
     for batch in batches:
         window = ids[:batch]
 
-        runs = {label: forward(model, handles.get(label), window) for label in variants}
-        times: dict[str, list[float]] = {label: [] for label in runs}
-        for run in runs.values():
-            run()  # warm-up
+        times: dict[str, list[float]] = {label: [] for label in variants}
+        for label in variants:
+            seconds(model, handles.get(label), window, device)  # warm-up
         for _ in range(repeats):
-            for label, run in runs.items():
-                times[label].append(seconds(run, device))
+            for label in variants:
+                times[label].append(seconds(model, handles.get(label), window, device))
         dense = statistics.median(times["dense"])
         for label, values in times.items():
             median = statistics.median(values)

@@ -427,7 +427,7 @@ def sweep(
     ] = 0,
 ) -> None:
     """Evaluate the cross product of every setting's values (pattern × criterion × mitigation ×
-    policy × ...), one configuration at a time; an interrupted sweep resumes. Writes JSON per
+    policy × ...) against one dense pass per window; an interrupted sweep resumes. Writes JSON per
     configuration, CSV, Markdown and plots.
 
     Values in --config replace the corresponding options.

@@ -1,5 +1,5 @@
 """Sweeps: the cross product of any settings (patterns × criteria × mitigations × policies × ...),
-one configuration at a time, resumable.
+evaluated together against one dense pass per window, resumable.
 
 Every finished configuration is written at once, atomically, to ``<out>/configs/<key>.json``; a
 restarted sweep skips the configurations whose file exists, so none is lost or run twice. When all
@@ -249,8 +249,8 @@ def run_sweep(
     manifest = out / MANIFEST
     if manifest.exists() and _read_manifest(manifest) != description:
         raise ActsparseError(
-            f"{out} holds a sweep of another model, text or calibration ({manifest}); choose another --out "
-            "or remove it."
+            f"{out} holds a sweep of another model, text, dtype, device or calibration ({manifest}); "
+            "choose another --out or remove it."
         )
     write_json_atomic(manifest, description)
     pending = [c for c in configs if _read_record(out, c) is None]
