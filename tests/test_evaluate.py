@@ -85,3 +85,23 @@ def test_a_checkpoint_of_another_run_is_ignored(llama, tokens, tmp_path):
     checkpoint.write_text(json.dumps({"key": "another run", "windows_done": 2}))
     rows = evaluate(llama, tokens, [SparsityConfig(pattern="2:4")], progress=False, checkpoint=checkpoint)
     assert rows[0].perplexity == evaluate(llama, tokens, [], progress=False)[0].perplexity
+
+
+@pytest.mark.parametrize("chunk", [7, 256])
+def test_the_figures_are_perplexity_kl_and_agreement_computed_by_hand(llama, tokens, monkeypatch, chunk):
+    import importlib
+
+    from actsparse import sparsify
+
+    monkeypatch.setattr(importlib.import_module("actsparse.evaluate"), "CHUNK", chunk)  # several chunks
+    config = SparsityConfig(pattern="2:4", criterion="amber")
+    with torch.no_grad():
+        dense = torch.log_softmax(llama(tokens, use_cache=False).logits[:, :-1].double(), -1)
+        with sparsify(llama, config):
+            sparse = torch.log_softmax(llama(tokens, use_cache=False).logits[:, :-1].double(), -1)
+    targets = tokens[:, 1:, None]
+    row = evaluate(llama, tokens, [config], progress=False, batch_size=2)[1]
+    assert row.perplexity == pytest.approx(math.exp(-sparse.gather(-1, targets).mean()), rel=1e-5)
+    kl = (dense.exp() * (dense - sparse)).sum(-1).mean()
+    assert row.kl_to_dense == pytest.approx(float(kl), rel=1e-4, abs=1e-6)  # float32 sums of ~5 nats
+    assert row.top1_agreement == pytest.approx(float((dense.argmax(-1) == sparse.argmax(-1)).double().mean()))

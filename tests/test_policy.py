@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
-from actsparse.policy import AmberRule, amber_layers, budget_layers
+from actsparse.policy import AmberRule, OutputKl, amber_layers, budget_layers
 from actsparse.sensitivity import layer_sensitivity
 
 
@@ -93,3 +93,40 @@ def test_policies_attach_through_sparsify(llama, tokens):
 def test_policies_need_calibration(llama):
     with pytest.raises(ActsparseError, match="needs calibration text"):
         sparsify(llama, SparsityConfig(policy="budget"))
+
+
+def test_output_kl_is_the_kl_that_evaluation_reports_for_the_layer_alone(llama):
+    import re
+
+    from actsparse.evaluate import evaluate
+    from actsparse.sensitivity import layer_output_kl
+    from actsparse.targets import target_layers
+
+    windows = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(7))
+    config = SparsityConfig(pattern="2:4", criterion="amber")
+    layers = target_layers(llama, config)
+    kl = layer_output_kl(llama, windows, layers, config, count=2, batch_size=2)
+    assert set(kl) == set(layers) and all(value > 0 for value in kl.values())
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"):
+        alone = SparsityConfig(pattern="2:4", criterion="amber", include=(re.escape(name) + "$",))
+        row = evaluate(llama, windows[:2], [alone], progress=False)[1]
+        assert kl[name] == pytest.approx(row.kl_to_dense, rel=1e-4)
+
+
+def test_kl_policy_keeps_the_share_sparse_with_the_layers_of_least_output_kl(llama):
+    from actsparse.flops import flop_report
+    from actsparse.sensitivity import layer_output_kl
+    from actsparse.targets import linear_flops, linear_layers, target_layers
+
+    calibration = torch.randint(0, 128, (6, 20), generator=torch.Generator().manual_seed(8))
+    config = SparsityConfig(pattern="2:4", policy=OutputKl(flop_share=0.5, kl_windows=3))
+    with sparsify(llama, config, calibration) as handle:
+        described = handle.describe()
+        share = flop_report(llama, handle).sparse_share
+    candidates = target_layers(llama, config)
+    kl = layer_output_kl(llama, calibration, candidates, config, count=3)
+    assert described["sensitivity"] == pytest.approx(kl)  # measured on the first kl_windows windows
+    flops = {name: linear_flops(layer) for name, layer in candidates.items()}
+    total = sum(linear_flops(layer) for layer in linear_layers(llama).values())
+    chosen = set(kl) - set(described["skipped_layers"])
+    assert chosen == set(budget_layers(kl, flops, total, 0.5)) and 0.5 <= share < 1

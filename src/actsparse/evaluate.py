@@ -48,6 +48,42 @@ class EvalRow:
         return asdict(self)
 
 
+CHUNK = 16
+"""Tokens whose logits are taken to float32 at once when a batch's figures are summed (the rest of
+the batch stays in the model's dtype): 3 MB at a vocabulary of 49,152, so that the passes over
+them stay in the CPU's caches (2.5 times faster than chunks of 256 tokens on the Xeon)."""
+
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """The dense model's next-token distribution over one batch: probabilities ``(N, V)`` in float32,
+    each token's total probability (1 up to float32 rounding, which over a large vocabulary is not
+    negligible against a KL), their total entropy over the N tokens, and the most likely tokens."""
+
+    probs: torch.Tensor
+    mass: torch.Tensor
+    entropy: float
+    top1: torch.Tensor
+
+
+def _chunks(count: int) -> list[slice]:
+    return [slice(start, start + CHUNK) for start in range(0, count, CHUNK)]
+
+
+def _reference(logits: torch.Tensor) -> _Reference:
+    """The dense distribution of next-token ``logits`` ``(N, V)``, worked out ``CHUNK`` tokens at a time."""
+    probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    mass = torch.empty(len(logits), dtype=torch.float64, device=logits.device)
+    entropy = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for rows in _chunks(len(logits)):
+        log_probs = F.log_softmax(logits[rows].float(), dim=-1)
+        torch.exp(log_probs, out=probs[rows])
+        mass[rows] = probs[rows].sum(dim=-1, dtype=torch.float64)
+        entropy -= (probs[rows] * log_probs).sum(dtype=torch.float64)
+    return _Reference(probs, mass, entropy.item(), logits.argmax(-1))
+
+
 @dataclass
 class _Totals:
     nll: float = 0.0
@@ -55,20 +91,36 @@ class _Totals:
     agree: int = 0
     tokens: int = 0
 
-    def add(self, log_probs: torch.Tensor, targets: torch.Tensor, dense_log_probs: torch.Tensor) -> None:
-        """Add windows' next-token log-probabilities ``(..., V)`` and their targets ``(...)``."""
-        log_probs, dense_log_probs = log_probs.flatten(0, -2), dense_log_probs.flatten(0, -2)
-        targets = targets.flatten().to(log_probs.device)
-        self.nll += F.nll_loss(log_probs, targets, reduction="sum").item()
-        self.kl += F.kl_div(log_probs, dense_log_probs, log_target=True, reduction="sum").item()
-        self.agree += int((log_probs.argmax(-1) == dense_log_probs.argmax(-1)).sum())
-        self.tokens += targets.numel()
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, reference: _Reference | None) -> None:
+        """Add the figures of next-token ``logits`` ``(N, V)`` against ``targets`` ``(N,)`` and the
+        dense distribution ``reference`` (None: these are the dense logits). KL(dense ‖ q) is the
+        cross-entropy of q under the dense distribution minus the dense entropy; with
+        ``log q = logits − lse``, a chunk's cross-entropy is ``Σ_t lse_t · Σ_v p_tv − Σ p · logits``."""
+        targets = targets.to(logits.device)
+        nll = torch.zeros((), dtype=torch.float64, device=logits.device)
+        cross = torch.zeros((), dtype=torch.float64, device=logits.device)
+        agree = torch.zeros((), dtype=torch.int64, device=logits.device)
+        for rows in _chunks(len(logits)):
+            chunk = logits[rows].float()
+            normaliser = torch.logsumexp(chunk, dim=-1)
+            nll += (normaliser - chunk.gather(1, targets[rows, None])[:, 0]).sum(dtype=torch.float64)
+            if reference is not None:
+                weighted = (normaliser.double() * reference.mass[rows]).sum()
+                cross += weighted - (reference.probs[rows] * chunk).sum(dtype=torch.float64)
+                agree += (chunk.argmax(-1) == reference.top1[rows]).sum()
+        self.nll += nll.item()
+        if reference is None:
+            self.agree += len(logits)
+        else:
+            self.kl += cross.item() - reference.entropy
+            self.agree += int(agree)
+        self.tokens += len(logits)
 
 
-def _log_probs(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities ``(B, T - 1, V)`` of windows ``(B, T)``, in float32."""
+def _next_token_logits(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """Next-token logits ``(B · (T − 1), V)`` of windows ``(B, T)``, in the model's dtype."""
     logits = model(windows.to(input_device(model)), use_cache=False).logits[:, :-1]
-    return F.log_softmax(logits.float(), dim=-1)
+    return logits.flatten(0, 1)
 
 
 def _run_key(
@@ -126,7 +178,8 @@ def evaluate(
 
     Each batch of ``batch_size`` windows runs once dense and once per configuration, so every row
     sees the same tokens and the dense distribution is held for one batch only: memory grows with
-    ``batch_size × T × vocabulary`` (float32 log-probabilities, twice, plus the model's logits).
+    ``batch_size × T × vocabulary`` (the dense probabilities in float32 and one configuration's
+    logits in the model's dtype; the figures are summed ``CHUNK`` tokens at a time).
     Batches give the figures of one window at a time, to float rounding. The model is left dense
     afterwards.
 
@@ -155,13 +208,15 @@ def evaluate(
     with torch.inference_mode():
         for start in range(done, len(windows), batch_size):
             batch = windows[start : start + batch_size]
-            dense_log_probs = _log_probs(model, batch)
-            targets = batch[:, 1:]
-            dense.add(dense_log_probs, targets, dense_log_probs)
+            dense_logits = _next_token_logits(model, batch)
+            targets = batch[:, 1:].flatten()
+            reference = _reference(dense_logits)
+            dense.add(dense_logits, targets, None)
+            del dense_logits
             bar.update(len(batch))
             for handle, totals in zip(handles, sparse):
                 with handle:
-                    totals.add(_log_probs(model, batch), targets, dense_log_probs)
+                    totals.add(_next_token_logits(model, batch), targets, reference)
                 bar.update(len(batch))
             if checkpoint is not None:
                 done = start + len(batch)

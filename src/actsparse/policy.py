@@ -6,6 +6,8 @@
   least ``flop_share`` of the linear FLOPs sparse.
 - ``budget``: the set of target layers that reaches ``flop_share`` of the linear FLOPs with the least
   total sensitivity (greedy by sensitivity per FLOP, then dropping what the target does not need).
+- ``kl``: the same choice by each layer's end-to-end effect: the KL divergence of the model's
+  next-token distribution from the dense one when that layer alone is sparse.
 
 Add a policy with a frozen dataclass subclass of ``Policy`` (its fields are its settings) and
 ``@POLICIES.register``; ``choose`` gets the candidate layers, their FLOPs and, on demand, their
@@ -80,12 +82,15 @@ def budget_layers(
 @dataclass(frozen=True)
 class LayerChoice:
     """What a policy chooses from: the candidate layers' FLOPs per token, the model's total linear
-    FLOPs per token (LM head excluded), and ``sensitivity()``, each candidate's relative output
-    error when sparsified alone (measured on calibration text the first time it is asked for)."""
+    FLOPs per token (LM head excluded), ``sensitivity()``, each candidate's relative output error
+    when sparsified alone, and ``output_kl(windows)``, the KL of the model's output from the dense
+    one when each candidate alone is sparse, on the first ``windows`` calibration windows (each
+    measured on calibration text the first time it is asked for)."""
 
     flops: dict[str, int]
     total_flops: int
     sensitivity: Callable[[], dict[str, float]]
+    output_kl: Callable[[int], dict[str, float]]
 
 
 @dataclass(frozen=True)
@@ -155,3 +160,25 @@ class Budget(Policy):
 
     def choose(self, choice: LayerChoice) -> list[str]:
         return budget_layers(choice.sensitivity(), choice.flops, choice.total_flops, self.flop_share)
+
+
+@POLICIES.register
+@dataclass(frozen=True)
+class OutputKl(Policy):
+    name: ClassVar[str] = "kl"
+    description: ClassVar[str] = "the set of layers reaching flop_share whose output KL, each alone, is least"
+    needs_calibration: ClassVar[bool] = True
+    flop_share: float = setting(0.55, _SHARE_HELP)
+    kl_windows: int = setting(
+        4, "Calibration windows on which the kl policy measures each layer's output KL."
+    )
+
+    def check(self) -> None:
+        _check_share(self.flop_share)
+        if self.kl_windows < 1:
+            raise ActsparseError(f"kl_windows {self.kl_windows} must be at least 1; use e.g. 4.")
+
+    def choose(self, choice: LayerChoice) -> list[str]:
+        return budget_layers(
+            choice.output_kl(self.kl_windows), choice.flops, choice.total_flops, self.flop_share
+        )

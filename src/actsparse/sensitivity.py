@@ -1,5 +1,10 @@
-"""Layer sensitivity: the relative output error ``‖Y − Y'‖₂ / ‖Y‖₂`` of each layer when only its
-own input is made sparse, over all calibration tokens (what the amber and budget policies rank)."""
+"""Layer sensitivity: what sparsifying one layer alone does, over calibration tokens.
+
+- ``layer_sensitivity``: the relative error ``‖Y − Y'‖₂ / ‖Y‖₂`` of the layer's own output (what
+  the amber and budget policies rank);
+- ``layer_output_kl``: the KL divergence of the model's next-token distribution from the dense
+  model's (what the kl policy ranks: the layer's effect on everything after it).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,12 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from actsparse.calibration import observe_inputs
 from actsparse.config import SparsityConfig
-from actsparse.devices import materialized
+from actsparse.devices import input_device, materialized
+from actsparse.errors import ActsparseError
 from actsparse.layers import SparseLinear
 
 _EPS = 1e-12
@@ -61,3 +68,49 @@ def layer_sensitivity(
         model, windows, layers, observe, f"sensitivity of {len(layers)} layers", batch_size=batch_size
     )
     return {name: math.sqrt(error[name]) / (math.sqrt(norm[name]) + _EPS) for name in layers}
+
+
+def layer_output_kl(
+    model: nn.Module,
+    windows: torch.Tensor | None,
+    layers: dict[str, nn.Linear],
+    config: SparsityConfig,
+    statistics: dict[str, dict[str, torch.Tensor]] | None = None,
+    count: int = 4,
+    batch_size: int = 1,
+) -> dict[str, float]:
+    """Mean ``KL(p_dense ‖ p)`` per predicted token of the model's next-token distribution when only
+    one of ``layers`` is sparsified under ``sensitivity_config(config)``, for each of them, over the
+    first ``count`` calibration ``windows`` (``batch_size`` per forward pass). One forward pass per
+    layer and batch: the dense distribution of a batch is computed once and held while the layers
+    take their turns."""
+    if windows is None or len(windows) == 0:
+        raise ActsparseError(
+            "The kl policy needs calibration text; pass calibration windows (--calib-windows in the CLI)."
+        )
+    measured = sensitivity_config(config)
+    sparse = {
+        name: SparseLinear(linear, name, measured, (statistics or {}).get(name))
+        for name, linear in layers.items()
+    }
+    totals, tokens = dict.fromkeys(layers, 0.0), 0
+    device = input_device(model)
+    batches = windows[:count].split(batch_size)
+    bar = tqdm(total=len(batches) * len(layers), desc="output KL per layer", unit="pass", leave=False)
+    with torch.inference_mode():
+        for batch in batches:
+            ids = batch.to(device)
+            dense = F.log_softmax(model(ids, use_cache=False).logits[:, :-1].float(), dim=-1).flatten(0, 1)
+            tokens += len(dense)
+            for name, layer in sparse.items():
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, layer)
+                try:
+                    logits = model(ids, use_cache=False).logits[:, :-1].float()
+                finally:
+                    setattr(model.get_submodule(parent), child, layers[name])
+                log_probs = F.log_softmax(logits, dim=-1).flatten(0, 1)
+                totals[name] += F.kl_div(log_probs, dense, log_target=True, reduction="sum").item()
+                bar.update()
+    bar.close()
+    return {name: totals[name] / tokens for name in layers}

@@ -27,7 +27,7 @@ from actsparse.handle import SparsityHandle
 from actsparse.layers import SparseLinear
 from actsparse.policy import LayerChoice
 from actsparse.recipe import Recipe
-from actsparse.sensitivity import layer_sensitivity, sensitivity_config
+from actsparse.sensitivity import layer_output_kl, layer_sensitivity, sensitivity_config
 from actsparse.targets import linear_flops, linear_layers, target_layers
 
 
@@ -87,16 +87,25 @@ def plan(
     """Phase 1: measure what ``config`` needs on the calibration windows of ``measurements`` (each
     statistic once per ``measurements``) and choose the sparse layers."""
     statistics = _statistics(model, config, candidates, measurements)
-    measured: dict[str, dict[str, float]] = {}
+    measured: dict[str, dict[str, float]] = {}  # what the policy measured, as the handle describes it
 
     def sensitivity() -> dict[str, float]:
-        if "values" not in measured:
-            measured["values"] = _sensitivity(model, config, candidates, statistics, measurements)
+        measured["values"] = _sensitivity(model, config, candidates, statistics, measurements)
+        return measured["values"]
+
+    def output_kl(windows: int) -> dict[str, float]:
+        key = ("output_kl", sensitivity_config(config).to_dict(), sorted(candidates), windows)
+        measured["values"] = measurements.get(
+            key,
+            lambda calibration: layer_output_kl(
+                model, calibration, candidates, config, statistics, windows, measurements.batch_size
+            ),
+        )
         return measured["values"]
 
     flops = {name: linear_flops(layer) for name, layer in candidates.items()}
     total = sum(linear_flops(layer) for layer in linear_layers(model).values())
-    chosen = config.policy.choose(LayerChoice(flops, total, sensitivity))
+    chosen = config.policy.choose(LayerChoice(flops, total, sensitivity, output_kl))
     return Plan(chosen, statistics, measured.get("values"))
 
 
