@@ -54,7 +54,7 @@ class SparsityConfig:
         remainder: what to do when a layer's input width is not a multiple of M: ``"error"``
             refuses, ``"dense"`` keeps the last ``in % M`` inputs dense.
         policy: which target layers are sparsified: a ``Policy`` or its name
-            (``actsparse.policy.POLICIES``: all, amber, budget) with default settings.
+            (``actsparse.policy.POLICIES``: all, amber, budget, kl) with default settings.
         mitigation: the corrections (``actsparse.corrections.CORRECTIONS``), as pieces or spelled
             with ``+`` (``"shift+var"``, ``"smoothquant+shift+learnable"``); ``"none"`` for none.
         quant: ``"w8a8"`` adds int8 weights per output channel and int8 activations per token

@@ -36,6 +36,19 @@ def sensitivity_config(config: SparsityConfig) -> SparsityConfig:
     )
 
 
+def _sparse_alone(
+    layers: dict[str, nn.Linear],
+    config: SparsityConfig,
+    statistics: dict[str, dict[str, torch.Tensor]] | None,
+) -> dict[str, SparseLinear]:
+    """Each of ``layers`` wrapped under ``sensitivity_config(config)``, to be tried one at a time."""
+    measured = sensitivity_config(config)
+    return {
+        name: SparseLinear(linear, name, measured, (statistics or {}).get(name))
+        for name, linear in layers.items()
+    }
+
+
 def layer_sensitivity(
     model: nn.Module,
     windows: torch.Tensor | None,
@@ -49,11 +62,7 @@ def layer_sensitivity(
 
     ``statistics`` (per layer, e.g. the smoothing maxima) are needed when ``config`` smooths.
     """
-    measured = sensitivity_config(config)
-    sparse = {
-        name: SparseLinear(linear, name, measured, (statistics or {}).get(name))
-        for name, linear in layers.items()
-    }
+    sparse = _sparse_alone(layers, config, statistics)
     error = dict.fromkeys(layers, 0.0)
     norm = dict.fromkeys(layers, 0.0)
 
@@ -88,11 +97,7 @@ def layer_output_kl(
         raise ActsparseError(
             "The kl policy needs calibration text; pass calibration windows (--calib-windows in the CLI)."
         )
-    measured = sensitivity_config(config)
-    sparse = {
-        name: SparseLinear(linear, name, measured, (statistics or {}).get(name))
-        for name, linear in layers.items()
-    }
+    sparse = _sparse_alone(layers, config, statistics)
     totals, tokens = dict.fromkeys(layers, 0.0), 0
     device = input_device(model)
     batches = windows[:count].split(batch_size)
