@@ -93,7 +93,7 @@ def test_the_figures_are_perplexity_kl_and_agreement_computed_by_hand(llama, tok
 
     from actsparse import sparsify
 
-    monkeypatch.setattr(importlib.import_module("actsparse.evaluate"), "CHUNK", chunk)  # several chunks
+    monkeypatch.setattr(importlib.import_module("actsparse.distribution"), "CHUNK", chunk)  # several chunks
     config = SparsityConfig(pattern="2:4", criterion="amber")
     with torch.no_grad():
         dense = torch.log_softmax(llama(tokens, use_cache=False).logits[:, :-1].double(), -1)

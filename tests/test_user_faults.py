@@ -72,12 +72,12 @@ class Interrupt(Exception):
 
 
 def test_a_resumed_eval_never_mixes_runs_calibrated_differently(monkeypatch, capsys, local_model, tmp_path):
-    evaluation = sys.modules["actsparse.evaluate"]  # the module; `actsparse.evaluate` is the function
+    distribution = sys.modules["actsparse.distribution"]
     out = tmp_path / "eval.json"
     args = [*common(local_model), "--windows", "3", "--pattern", "8:16", "--criterion", "magnitude",
             "--mitigation", "smoothquant", "--out", str(out)]  # fmt: skip
     calls = {"n": 0}
-    original = evaluation._Totals.add
+    original = distribution.Totals.add
 
     def stop_after_two_windows(self, *a):
         calls["n"] += 1
@@ -85,11 +85,11 @@ def test_a_resumed_eval_never_mixes_runs_calibrated_differently(monkeypatch, cap
             raise KeyboardInterrupt
         return original(self, *a)
 
-    monkeypatch.setattr(evaluation._Totals, "add", stop_after_two_windows)
+    monkeypatch.setattr(distribution.Totals, "add", stop_after_two_windows)
     code, _, err = run(monkeypatch, capsys, "eval", *args, "--calib-windows", "1")
     assert code == 130 and "run the same command again" in err
     assert out.with_name("eval.json.partial").exists()
-    monkeypatch.setattr(evaluation._Totals, "add", original)
+    monkeypatch.setattr(distribution.Totals, "add", original)
     code, _, err = run(monkeypatch, capsys, "eval", *args, "--calib-windows", "4")
     assert code in (0, None), err
     resumed = json.loads(out.read_text())["rows"][1]

@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import transformers
 from torch import nn
 from tqdm.auto import tqdm
 
 from actsparse import __version__
 from actsparse.calibrate import CalibrationSettings
-from actsparse.devices import input_device
+from actsparse.distribution import Totals, dense_reference, next_token_logits
 from actsparse.flops import flop_report
 from actsparse.handle import SparsityHandle
 from actsparse.layers import SparseLinear
@@ -46,81 +45,6 @@ class EvalRow:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-CHUNK = 16
-"""Tokens whose logits are taken to float32 at once when a batch's figures are summed (the rest of
-the batch stays in the model's dtype): 3 MB at a vocabulary of 49,152, so that the passes over
-them stay in the CPU's caches (2.5 times faster than chunks of 256 tokens on the Xeon)."""
-
-
-
-@dataclass(frozen=True)
-class _Reference:
-    """The dense model's next-token distribution over one batch: probabilities ``(N, V)`` in float32,
-    each token's total probability (1 up to float32 rounding, which over a large vocabulary is not
-    negligible against a KL), their total entropy over the N tokens, and the most likely tokens."""
-
-    probs: torch.Tensor
-    mass: torch.Tensor
-    entropy: float
-    top1: torch.Tensor
-
-
-def _chunks(count: int) -> list[slice]:
-    return [slice(start, start + CHUNK) for start in range(0, count, CHUNK)]
-
-
-def _reference(logits: torch.Tensor) -> _Reference:
-    """The dense distribution of next-token ``logits`` ``(N, V)``, worked out ``CHUNK`` tokens at a time."""
-    probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-    mass = torch.empty(len(logits), dtype=torch.float64, device=logits.device)
-    entropy = torch.zeros((), dtype=torch.float64, device=logits.device)
-    for rows in _chunks(len(logits)):
-        log_probs = F.log_softmax(logits[rows].float(), dim=-1)
-        torch.exp(log_probs, out=probs[rows])
-        mass[rows] = probs[rows].sum(dim=-1, dtype=torch.float64)
-        entropy -= (probs[rows] * log_probs).sum(dtype=torch.float64)
-    return _Reference(probs, mass, entropy.item(), logits.argmax(-1))
-
-
-@dataclass
-class _Totals:
-    nll: float = 0.0
-    kl: float = 0.0
-    agree: int = 0
-    tokens: int = 0
-
-    def add(self, logits: torch.Tensor, targets: torch.Tensor, reference: _Reference | None) -> None:
-        """Add the figures of next-token ``logits`` ``(N, V)`` against ``targets`` ``(N,)`` and the
-        dense distribution ``reference`` (None: these are the dense logits). KL(dense ‖ q) is the
-        cross-entropy of q under the dense distribution minus the dense entropy; with
-        ``log q = logits − lse``, a chunk's cross-entropy is ``Σ_t lse_t · Σ_v p_tv − Σ p · logits``."""
-        targets = targets.to(logits.device)
-        nll = torch.zeros((), dtype=torch.float64, device=logits.device)
-        cross = torch.zeros((), dtype=torch.float64, device=logits.device)
-        agree = torch.zeros((), dtype=torch.int64, device=logits.device)
-        for rows in _chunks(len(logits)):
-            chunk = logits[rows].float()
-            normaliser = torch.logsumexp(chunk, dim=-1)
-            nll += (normaliser - chunk.gather(1, targets[rows, None])[:, 0]).sum(dtype=torch.float64)
-            if reference is not None:
-                weighted = (normaliser.double() * reference.mass[rows]).sum()
-                cross += weighted - (reference.probs[rows] * chunk).sum(dtype=torch.float64)
-                agree += (chunk.argmax(-1) == reference.top1[rows]).sum()
-        self.nll += nll.item()
-        if reference is None:
-            self.agree += len(logits)
-        else:
-            self.kl += cross.item() - reference.entropy
-            self.agree += int(agree)
-        self.tokens += len(logits)
-
-
-def _next_token_logits(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """Next-token logits ``(B · (T − 1), V)`` of windows ``(B, T)``, in the model's dtype."""
-    logits = model(windows.to(input_device(model)), use_cache=False).logits[:, :-1]
-    return logits.flatten(0, 1)
 
 
 def _run_key(
@@ -189,11 +113,11 @@ def evaluate(
     handles = prepare_variants(model, configs, calibration, calibration_settings, progress, batch_size)
     for handle in handles:
         handle.measure_density()
-    dense, sparse = _Totals(), [_Totals() for _ in handles]
+    dense, sparse = Totals(), [Totals() for _ in handles]
     key, done = _run_key(model, windows, handles, calibration, calibration_settings), 0
     if state := _load_checkpoint(checkpoint, key):
-        done, dense = state["windows_done"], _Totals(**state["dense"])
-        sparse = [_Totals(**saved["totals"]) for saved in state["configs"]]
+        done, dense = state["windows_done"], Totals(**state["dense"])
+        sparse = [Totals(**saved["totals"]) for saved in state["configs"]]
         for handle, saved in zip(handles, state["configs"]):
             for name, (kept, seen) in saved["counters"].items():
                 handle.layers[name].kept_inputs, handle.layers[name].seen_inputs = kept, seen
@@ -208,15 +132,15 @@ def evaluate(
     with torch.inference_mode():
         for start in range(done, len(windows), batch_size):
             batch = windows[start : start + batch_size]
-            dense_logits = _next_token_logits(model, batch)
+            dense_logits = next_token_logits(model, batch)
             targets = batch[:, 1:].flatten()
-            reference = _reference(dense_logits)
+            reference = dense_reference(dense_logits)
             dense.add(dense_logits, targets, None)
             del dense_logits
             bar.update(len(batch))
             for handle, totals in zip(handles, sparse):
                 with handle:
-                    totals.add(_next_token_logits(model, batch), targets, reference)
+                    totals.add(next_token_logits(model, batch), targets, reference)
                 bar.update(len(batch))
             if checkpoint is not None:
                 done = start + len(batch)
@@ -233,9 +157,9 @@ def evaluate(
 def _checkpoint_state(
     key: str,
     windows_done: int,
-    dense: _Totals,
+    dense: Totals,
     handles: list[Prepared],
-    sparse: list[_Totals],
+    sparse: list[Totals],
 ) -> dict[str, Any]:
     return {
         "key": key,
@@ -255,7 +179,7 @@ def _checkpoint_state(
     }
 
 
-def _row(label: str, config: dict[str, Any] | None, totals: _Totals, flops: Any) -> EvalRow:
+def _row(label: str, config: dict[str, Any] | None, totals: Totals, flops: Any) -> EvalRow:
     return EvalRow(
         label=label,
         config=config,

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from actsparse.calibration import observe_inputs
 from actsparse.config import SparsityConfig
-from actsparse.devices import input_device, materialized
+from actsparse.devices import materialized
+from actsparse.distribution import Totals, dense_reference, next_token_logits
 from actsparse.errors import ActsparseError
 from actsparse.layers import SparseLinear
 
@@ -98,24 +99,21 @@ def layer_output_kl(
             "The kl policy needs calibration text; pass calibration windows (--calib-windows in the CLI)."
         )
     sparse = _sparse_alone(layers, config, statistics)
-    totals, tokens = dict.fromkeys(layers, 0.0), 0
-    device = input_device(model)
+    totals = {name: Totals() for name in layers}
     batches = windows[:count].split(batch_size)
     bar = tqdm(total=len(batches) * len(layers), desc="output KL per layer", unit="pass", leave=False)
     with torch.inference_mode():
         for batch in batches:
-            ids = batch.to(device)
-            dense = F.log_softmax(model(ids, use_cache=False).logits[:, :-1].float(), dim=-1).flatten(0, 1)
-            tokens += len(dense)
+            reference = dense_reference(next_token_logits(model, batch))
+            targets = batch[:, 1:].flatten()
             for name, layer in sparse.items():
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, layer)
                 try:
-                    logits = model(ids, use_cache=False).logits[:, :-1].float()
+                    logits = next_token_logits(model, batch)
                 finally:
                     setattr(model.get_submodule(parent), child, layers[name])
-                log_probs = F.log_softmax(logits, dim=-1).flatten(0, 1)
-                totals[name] += F.kl_div(log_probs, dense, log_target=True, reduction="sum").item()
+                totals[name].add(logits, targets, reference)
                 bar.update()
     bar.close()
-    return {name: totals[name] / tokens for name in layers}
+    return {name: totals[name].kl / totals[name].tokens for name in layers}
