@@ -21,6 +21,7 @@ from actsparse.config import SparsityConfig
 from actsparse.devices import materialized
 from actsparse.distribution import Totals, dense_reference, next_token_logits
 from actsparse.errors import ActsparseError
+from actsparse.handle import SparsityHandle
 from actsparse.layers import SparseLinear
 
 _EPS = 1e-12
@@ -98,7 +99,11 @@ def layer_output_kl(
         raise ActsparseError(
             "The kl policy needs calibration text; pass calibration windows (--calib-windows in the CLI)."
         )
-    sparse = _sparse_alone(layers, config, statistics)
+    measured = sensitivity_config(config)
+    alone = {  # one handle per layer, attached for that layer's passes only
+        name: SparsityHandle(model, measured, {name: layer}, {name: layers[name]})
+        for name, layer in _sparse_alone(layers, config, statistics).items()
+    }
     totals = {name: Totals() for name in layers}
     batches = windows[:count].split(batch_size)
     bar = tqdm(total=len(batches) * len(layers), desc="output KL per layer", unit="pass", leave=False)
@@ -106,13 +111,9 @@ def layer_output_kl(
         for batch in batches:
             reference = dense_reference(next_token_logits(model, batch))
             targets = batch[:, 1:].flatten()
-            for name, layer in sparse.items():
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, layer)
-                try:
+            for name, handle in alone.items():
+                with handle:
                     logits = next_token_logits(model, batch)
-                finally:
-                    setattr(model.get_submodule(parent), child, layers[name])
                 totals[name].add(logits, targets, reference)
                 bar.update()
     bar.close()
