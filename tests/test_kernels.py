@@ -160,12 +160,12 @@ def test_the_fused_half_precision_pass_rounds_scores_as_pytorch_and_keeps_its_en
     for weight_factor in (None, factor):
         scores = x.abs() if weight_factor is None else x.abs() * weight_factor  # rounded to dtype
         assert kernels.selects_16(x, p.m, weight_factor)
-        sparse, kept, has_nan = kernels.nm_select_16(x, weight_factor, p.n, p.m)
+        sparse, kept, has_nan = kernels.nm_select(x, weight_factor, p.n, p.m)
         expected = apply_pattern(x, scores, p)
         assert torch.equal(sparse.view(torch.int16), expected.view(torch.int16)) and not has_nan
         assert kept == int(torch.count_nonzero(expected))
     x[2, 1, 7] = float("nan")
-    assert kernels.nm_select_16(x, factor, p.n, p.m)[2]
+    assert kernels.nm_select(x, factor, p.n, p.m)[2]
     assert not kernels.selects_16(x, p.m, factor.float())  # a float32 factor rounds in float32
 
 

@@ -198,17 +198,13 @@ class SparseLinear(nn.Linear):
         kept = None
         if n >= m:
             sparse = x
-        elif not self.pattern.unstructured and kernels.supports(x, m):
+        elif not self.pattern.unstructured and (
+            kernels.supports(x, m)
+            # in 16 bits, a score divided by the row norm (uses_batch) rounds differently
+            or (not self.criterion.uses_batch and kernels.selects_16(x, m, weight_factor))
+        ):
             factor = self.criterion.channel_factor(x, weight_factor)
             sparse, kept, has_nan = kernels.nm_select(x, factor, n, m)
-            if has_nan:
-                raise self.nan_error()
-        elif (
-            not self.pattern.unstructured
-            and not self.criterion.uses_batch  # its scores divide by the row norm, rounded
-            and kernels.selects_16(x, m, weight_factor)
-        ):
-            sparse, kept, has_nan = kernels.nm_select_16(x, weight_factor, n, m)
             if has_nan:
                 raise self.nan_error()
         elif not self.pattern.unstructured and kernels.ranks_scores(x, m):

@@ -1,8 +1,8 @@
 """Compiled helpers, loaded with ctypes on tensor buffers (no build against PyTorch's C++ ABI).
 
-- ``nm_select``: the fused select-and-zero pass for float32 N:M patterns, ``nm_select_16`` the same
-  for bfloat16 and float16 (AVX-512, groups of 2 to 32), and ``nm_select_by_scores``, bfloat16 and
-  float16 inputs selected by scores computed elsewhere (the emulated backend).
+- ``nm_select``: the fused select-and-zero pass for float32 N:M patterns, and for bfloat16 and
+  float16 with AVX-512 (groups of 2 to 32); ``nm_select_by_scores``, bfloat16 and float16 inputs
+  selected by scores computed elsewhere (the emulated backend).
 - ``pack_linear`` and ``sparse_linear``: the ``cpu-kernel`` backend, a linear layer that multiplies
   only the kept activations: a fused select-and-compress pass, then a sparse GEMM (many tokens) or a
   sparse GEMV that reads only the kept inputs' weight rows (a few tokens), both in float32 or
@@ -108,7 +108,7 @@ _KINDS_16 = {torch.bfloat16: 1, torch.float16: 2}
 
 
 def selects_16(x: torch.Tensor, m: int, factor: torch.Tensor | None) -> bool:
-    """True when ``nm_select_16`` takes ``x`` (bfloat16 or float16 on the CPU, no gradient needed)
+    """True when ``nm_select`` takes ``x`` (bfloat16 or float16 on the CPU, no gradient needed)
     with group size ``m`` and ``factor``: AVX-512 here, M of 2, 4, 8, 16 or 32 over a body of whole
     16-input blocks, and a factor of ``x``'s dtype (or none), so scores round in that dtype."""
     body = x.shape[-1] - x.shape[-1] % m
@@ -119,27 +119,6 @@ def selects_16(x: torch.Tensor, m: int, factor: torch.Tensor | None) -> bool:
         and body % 16 == 0
         and (factor is None or (factor.dtype == x.dtype and factor.device == x.device))
     )
-
-
-def nm_select_16(
-    x: torch.Tensor, factor: torch.Tensor | None, n: int, m: int
-) -> tuple[torch.Tensor, int, bool]:
-    """``nm_select`` for bfloat16 and float16 ``x`` (see ``selects_16``): the scores ``|x| * factor``
-    are rounded to ``x``'s dtype as PyTorch rounds them, so the same entries are kept as by
-    ``actsparse.ops.apply_pattern(x, criterion.score(x, factor), ...)``. Returns the sparse tensor,
-    its number of non-zeros, and whether ``x`` held NaN."""
-    x = x.contiguous()
-    factor = None if factor is None else factor.contiguous()
-    out = torch.empty_like(x)
-    has_nan = ctypes.c_int32(0)
-    rows = _rows(x)
-    kept = _LIBRARY.actsparse_nm_select_16(
-        x.data_ptr(), None if factor is None else factor.data_ptr(), out.data_ptr(), rows, x.shape[-1], n, m,
-        min(torch.get_num_threads(), rows), ctypes.byref(has_nan), _KINDS_16[x.dtype],
-    )  # fmt: skip
-    if kept < 0:
-        raise ValueError(f"nm_select_16 does not take {n}:{m} over {x.shape[-1]} inputs here")
-    return out, kept, bool(has_nan.value)
 
 
 def nm_select_by_scores(
@@ -183,14 +162,21 @@ def nm_select(
 
     Same result as ``actsparse.ops.apply_pattern`` (ties to the lower index, a tail shorter than
     ``m`` kept dense). Returns the sparse tensor, its number of non-zeros, and whether ``x`` held NaN.
-    ``isa`` caps the instruction set (for tests).
+    Float32 ``x`` (``supports``) is scored in float32 and ``isa`` caps the instruction set (for
+    tests); bfloat16 and float16 ``x`` (``selects_16``: AVX-512) are scored with a factor of their
+    dtype, rounded as PyTorch rounds ``|x| * factor`` in that dtype.
     """
     x = x.contiguous()
-    factor = None if factor is None else factor.to(torch.float32).contiguous()
+    if x.dtype == torch.float32:
+        select, last = _LIBRARY.actsparse_nm_select_f32, ISAS.index(isa)
+        factor = None if factor is None else factor.to(torch.float32)
+    else:
+        select, last = _LIBRARY.actsparse_nm_select_16, _KINDS_16[x.dtype]
+    factor = None if factor is None else factor.contiguous()
     out = torch.empty_like(x)
     has_nan = ctypes.c_int32(0)
     rows = _rows(x)
-    kept = _LIBRARY.actsparse_nm_select_f32(
+    kept = select(
         x.data_ptr(),
         None if factor is None else factor.data_ptr(),
         out.data_ptr(),
@@ -200,10 +186,10 @@ def nm_select(
         m,
         min(torch.get_num_threads(), rows),  # threads share out the rows
         ctypes.byref(has_nan),
-        ISAS.index(isa),
+        last,
     )
     if kept < 0:
-        raise ValueError(f"nm_select does not support {n}:{m}")
+        raise ValueError(f"nm_select does not take {n}:{m} over {x.shape[-1]} {x.dtype} inputs here")
     return out, kept, bool(has_nan.value)
 
 
