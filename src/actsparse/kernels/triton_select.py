@@ -18,6 +18,7 @@ import torch
 SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@functools.cache  # asked on every sparsified call on CUDA; the answer does not change
 def available() -> bool:
     """True when Triton is installed (it compiles for the GPU, or interprets with TRITON_INTERPRET=1)."""
     return importlib.util.find_spec("triton") is not None
