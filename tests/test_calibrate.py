@@ -5,6 +5,7 @@ import torch
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
 from actsparse.calibrate import CalibrationSettings, decoder_blocks
+from actsparse.corrections import Learnable
 
 CONFIG = SparsityConfig(pattern="2:4", criterion="amber", mitigation="shift+learnable")
 
@@ -76,3 +77,47 @@ def test_decoder_blocks_must_hold_the_layers(llama):
 def test_bad_settings(settings, message):
     with pytest.raises(ActsparseError, match=message):
         CalibrationSettings(**settings)
+
+
+def test_the_normed_objective_measures_each_block_through_the_norm_that_reads_it(llama, calibration):
+    from actsparse.calibrate import _reading_norms
+
+    blocks = decoder_blocks(llama, ["model.layers.0.mlp.up_proj"])
+    readers = _reading_norms(llama, blocks, calibration[0])
+    assert readers == {"model.layers.0": llama.model.layers[1].input_layernorm, "model.layers.1": llama.model.norm}
+    config = SparsityConfig(pattern="2:4", criterion="amber", mitigation=(Learnable(objective="block-normed"),))
+    handle = sparsify(llama, config, calibration, calibration_settings=CalibrationSettings(steps=6, lr=1e-3))
+    blocks = handle.calibration["blocks"]
+    assert [b["block"] for b in blocks] == ["model.layers.0", "model.layers.1"]
+    assert all(b["kept"] and b["loss_after"] < b["loss_before"] for b in blocks)
+    assert all(not p.requires_grad for layer in handle.layers.values() for p in layer.correction.parameters())
+    assert all(p.requires_grad for p in llama.model.norm.parameters())
+
+
+def test_the_output_kl_objective_fits_every_layer_together_and_lowers_the_kl(llama, tokens, calibration):
+    from actsparse.calibrate import _kl
+
+    weights = {name: p.clone() for name, p in llama.named_parameters()}
+    plain = SparsityConfig(pattern="2:4", criterion="amber")
+    with torch.no_grad():
+        dense = llama(calibration, use_cache=False).logits
+        handle = sparsify(llama, plain)
+        before = _kl(llama(calibration, use_cache=False).logits, dense).item()
+        handle.remove()
+    config = SparsityConfig(pattern="2:4", criterion="amber", mitigation=(Learnable(objective="output-kl"),))
+    handle = sparsify(llama, config, calibration, calibration_settings=CalibrationSettings(steps=24, lr=1e-3))
+    [fit] = handle.calibration["blocks"]
+    assert fit["block"] == "model" and fit["steps"] == 24 and fit["kept"]
+    assert fit["loss_before"] == pytest.approx(before, rel=1e-4)  # the KL of plain sparsity, per window
+    with torch.no_grad():
+        after = _kl(llama(calibration, use_cache=False).logits, dense).item()
+    assert after == pytest.approx(fit["loss_after"], rel=1e-3) and after < 0.9 * before
+    assert all(torch.count_nonzero(layer.correction.shift) for layer in handle.layers.values())
+    handle.remove()
+    for name, parameter in llama.named_parameters():
+        assert torch.equal(parameter, weights[name]) and parameter.requires_grad
+
+
+def test_an_unknown_objective_is_refused():
+    with pytest.raises(ActsparseError, match="Unknown objective 'mse'; choose one of block-mse"):
+        SparsityConfig(pattern="2:4", mitigation=(Learnable(objective="mse"),))

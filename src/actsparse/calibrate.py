@@ -1,15 +1,24 @@
-"""Block-wise calibration of the learned corrections (``mitigation="learnable"``).
+"""Calibration of the learned corrections (``mitigation="learnable"``), by one of three objectives.
 
-Decoder block by decoder block, the corrections of the block's sparse layers are fitted so that
-the sparse block, fed the output of the already-calibrated sparse blocks before it, reproduces the
-dense model's output of that block (mean squared error; AdamW with warm-up and gradient clipping).
-Only two sets of block activations are held at a time: the dense path and the sparse path.
+- ``block-mse``: decoder block by decoder block, the corrections of the block's sparse layers are
+  fitted so that the sparse block, fed the output of the already-calibrated sparse blocks before
+  it, reproduces the dense model's output of that block (mean squared error on the residual
+  stream). Only two sets of block activations are held at a time: the dense path and the sparse path.
+- ``block-normed``: the same, with both outputs passed through the norm that reads the block's
+  output next (the next block's input norm, or the final norm), so the error is measured as the
+  next layers see it rather than spent on the few residual channels of huge magnitude that the
+  norm divides away.
+- ``output-kl``: all corrections at once, end to end, on the KL divergence of the model's
+  next-token distribution from the dense one (the dense distribution recomputed for every step).
+
+All use AdamW with warm-up, cosine decay and gradient clipping, one calibration window per step.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -65,9 +74,21 @@ class CalibrationSettings:
         return asdict(self)
 
 
+OBJECTIVES = {
+    "block-mse": "each block's output against the dense block's, mean squared error",
+    "block-normed": "each block's output as the next norm passes it on, mean squared error",
+    "output-kl": "KL of the model's next-token distribution from the dense one, all layers together",
+}
+"""What learned corrections are fitted to, by name (the ``objective`` setting of ``learnable``)."""
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss(sparse, dense)``: a scalar to minimise."""
+
+
 @dataclass(frozen=True)
 class BlockFit:
-    """Mean squared error of one block's sparse output to the dense target, before and after."""
+    """The objective on one block (or on the whole model, ``block="model"`` for ``output-kl``)
+    before and after its fit, on the calibration windows."""
 
     block: str
     loss_before: float
@@ -146,55 +167,88 @@ def _run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]) -
         return torch.stack([_output(block(x[None], **kwargs))[0] for x in inputs])
 
 
-def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> float:
-    return F.mse_loss(outputs.float(), targets.float()).item()
+def _mse(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(sparse.float(), dense.float())
 
 
-def _fit_block(
-    name: str,
-    block: nn.Module,
-    parameters: list[nn.Parameter],
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    kwargs: dict[str, Any],
-    settings: CalibrationSettings,
-    reference: float,
-    progress: bool,
-) -> int:
-    """Fit ``parameters`` on the windows, one per step; returns the number of steps taken."""
-    steps = settings.steps or len(inputs)
-    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, round(settings.warmup * steps), steps)
-    # Gradients flow to the corrections only: the model's own weights are frozen meanwhile.
-    frozen = [p for p in block.parameters() if p.requires_grad]
+def _normed_mse(norm: nn.Module) -> Loss:
+    """Mean squared error of both outputs as ``norm`` passes them on."""
+    return lambda sparse, dense: _mse(norm(sparse), norm(dense))
+
+
+def _kl(sparse_logits: torch.Tensor, dense_logits: torch.Tensor) -> torch.Tensor:
+    """KL(dense ‖ sparse) of the next-token distributions, averaged over tokens."""
+    vocabulary = dense_logits.shape[-1]
+    return F.kl_div(
+        F.log_softmax(sparse_logits.float().reshape(-1, vocabulary), dim=-1),
+        F.log_softmax(dense_logits.float().reshape(-1, vocabulary), dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
+
+
+@contextmanager
+def _training_only(model: nn.Module, parameters: list[nn.Parameter]) -> Iterator[None]:
+    """Gradients flow to ``parameters`` only: the model's own weights are frozen meanwhile."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
     for parameter in frozen:
         parameter.requires_grad_(False)
     for parameter in parameters:
         parameter.requires_grad_(True)
     try:
         with torch.enable_grad():
-            for step in tqdm(range(steps), desc=name, unit="step", disable=not progress, leave=False):
-                index = step % len(inputs)
-                output = _output(block(inputs[index][None], **kwargs))
-                loss = F.mse_loss(output.float(), targets[index][None].float())
-                value = loss.item()
-                if not math.isfinite(value) or value > settings.explode * reference:
-                    raise ActsparseError(
-                        f"Calibration of block {name} diverged at step {step + 1} (loss {value:.3g} against "
-                        f"{reference:.3g} at the start); lower the learning rate (--lr), "
-                        "or check the model runs in float32."
-                    )
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, settings.clip)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
+            yield
     finally:
         for parameter in parameters:
             parameter.requires_grad_(False)
         for parameter in frozen:
             parameter.requires_grad_(True)
-    return steps
+
+
+def _optimise(
+    name: str,
+    parameters: list[nn.Parameter],
+    step_loss: Callable[[int], torch.Tensor],
+    steps: int,
+    settings: CalibrationSettings,
+    reference: float,
+    progress: bool,
+) -> None:
+    """``steps`` AdamW steps on ``step_loss(step)``; a loss far above ``reference`` stops the run."""
+    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, round(settings.warmup * steps), steps)
+    for step in tqdm(range(steps), desc=name, unit="step", disable=not progress, leave=False):
+        loss = step_loss(step)
+        value = loss.item()
+        if not math.isfinite(value) or value > settings.explode * reference:
+            where = "the model" if name == "model" else f"block {name}"
+            raise ActsparseError(
+                f"Calibration of {where} diverged at step {step + 1} (loss {value:.3g} against "
+                f"{reference:.3g} at the start); lower the learning rate (--lr), "
+                "or check the model runs in float32."
+            )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, settings.clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _undo_unless_better(
+    name: str,
+    parameters: list[nn.Parameter],
+    start: list[torch.Tensor],
+    before: float,
+    after: float,
+    steps: int,
+) -> BlockFit:
+    """Keep the fitted ``parameters`` if they lowered the objective, else restore ``start``."""
+    if after <= before:
+        return BlockFit(name, before, after, steps, True)
+    with torch.no_grad():
+        for parameter, value in zip(parameters, start):
+            parameter.copy_(value)
+    return BlockFit(name, before, before, steps, False)
 
 
 def _calibrate_block(
@@ -204,48 +258,78 @@ def _calibrate_block(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     kwargs: dict[str, Any],
+    loss: Loss,
     settings: CalibrationSettings,
     progress: bool,
 ) -> tuple[BlockFit, torch.Tensor]:
-    """Fit one block's corrections; keep them only if they lower its error. Returns the fit and
-    the block's sparse outputs (the next block's inputs)."""
+    """Fit one block's corrections on ``loss``; keep them only if they lower it. Returns the fit
+    and the block's sparse outputs (the next block's inputs)."""
     start_outputs = _run_block(block, inputs, kwargs)
-    before = _mse(start_outputs, targets)
+    with torch.no_grad():
+        before = loss(start_outputs, targets).item()
+        scale = loss(torch.zeros_like(targets), targets).item()  # the dense output's own size
     if not parameters:
         return BlockFit(name, before, before, 0, False), start_outputs
     start = [parameter.detach().clone() for parameter in parameters]
-    reference = max(before, 1e-3 * targets.float().square().mean().item())
-    steps = _fit_block(name, block, parameters, inputs, targets, kwargs, settings, reference, progress)
+    steps = settings.steps or len(inputs)
+
+    def step_loss(step: int) -> torch.Tensor:
+        index = step % len(inputs)
+        return loss(_output(block(inputs[index][None], **kwargs)), targets[index][None])
+
+    _optimise(name, parameters, step_loss, steps, settings, max(before, 1e-3 * scale), progress)
     outputs = _run_block(block, inputs, kwargs)
-    after = _mse(outputs, targets)
-    if after <= before:
-        return BlockFit(name, before, after, steps, True), outputs
     with torch.no_grad():
-        for parameter, value in zip(parameters, start):
-            parameter.copy_(value)
-    return BlockFit(name, before, before, steps, False), start_outputs
+        after = loss(outputs, targets).item()
+    fit = _undo_unless_better(name, parameters, start, before, after, steps)
+    return fit, outputs if fit.kept else start_outputs
 
 
-def learn_corrections(
+def _reading_norms(
+    model: nn.Module, blocks: dict[str, nn.Module], window: torch.Tensor
+) -> dict[str, nn.Module]:
+    """For every block, the norm module that first reads its output (the next block's input norm,
+    the final norm after the last block), found by running the dense model once on ``window``."""
+    calls: list[tuple[str, Any]] = []
+    norms = [m for m in model.modules() if type(m).__name__.endswith("Norm")]
+    hooks = [
+        block.register_forward_hook(lambda *_, name=name: calls.append(("block", name)))
+        for name, block in blocks.items()
+    ]
+    hooks += [
+        norm.register_forward_pre_hook(lambda module, _: calls.append(("norm", module))) for norm in norms
+    ]
+    try:
+        with torch.no_grad():
+            model(window[None].to(input_device(model)), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    reading: dict[str, nn.Module] = {}
+    for index, (kind, what) in enumerate(calls):
+        if kind == "block":
+            reader = next((module for k, module in calls[index + 1 :] if k == "norm"), None)
+            if reader is None:
+                raise ActsparseError(
+                    f"No norm reads the output of block {what}, so objective=block-normed does not "
+                    "apply to this model; use objective=block-mse or output-kl."
+                )
+            reading[what] = reader
+    return reading
+
+
+def _learn_block_by_block(
     handle: SparsityHandle,
-    windows: torch.Tensor | None,
-    settings: CalibrationSettings | None = None,
-    progress: bool = True,
+    corrected: dict[str, SparseLinear],
+    windows: torch.Tensor,
+    settings: CalibrationSettings,
+    normed: bool,
+    progress: bool,
 ) -> list[BlockFit]:
-    """Fit the learned corrections of ``handle``'s layers block by block on ``windows`` (the
-    calibration split); ``actsparse.sparsify.fold`` then folds them into the layers. The model's
-    own weights never change, and the handle is attached again at the end."""
-    if windows is None or len(windows) == 0:
-        raise ActsparseError(
-            "Learnable corrections need calibration text; pass calibration windows (--calib-windows)."
-        )
-    settings = settings or CalibrationSettings()
-    corrected: dict[str, SparseLinear] = {
-        name: layer for name, layer in handle.layers.items() if layer.correction is not None
-    }
     blocks = decoder_blocks(handle.model, list(corrected))
     handle.remove()
     dense_inputs, kwargs = _block_inputs(handle.model, blocks, windows)
+    readers = _reading_norms(handle.model, blocks, windows[0]) if normed else {}
     sparse_inputs = dense_inputs
     fits = []
     bar = tqdm(blocks.items(), desc="calibrating", unit="block", disable=not progress)
@@ -258,12 +342,75 @@ def learn_corrections(
             if name.startswith(block_name + ".")
             for parameter in layer.correction.parameters()
         ]
-        fit, sparse_inputs = _calibrate_block(
-            block_name, block, parameters, sparse_inputs, targets, kwargs[block_name], settings, progress
-        )
+        loss = _normed_mse(readers[block_name]) if normed else _mse
+        with _training_only(handle.model, parameters):
+            fit, sparse_inputs = _calibrate_block(
+                block_name,
+                block,
+                parameters,
+                sparse_inputs,
+                targets,
+                kwargs[block_name],
+                loss,
+                settings,
+                progress,
+            )
         fits.append(fit)
-        bar.set_postfix_str(f"MSE {fit.loss_before:.3g} → {fit.loss_after:.3g}")
+        bar.set_postfix_str(f"loss {fit.loss_before:.3g} → {fit.loss_after:.3g}")
         dense_inputs = targets
         handle.remove()
     handle.attach()
     return fits
+
+
+def _learn_end_to_end(
+    handle: SparsityHandle,
+    corrected: dict[str, SparseLinear],
+    windows: torch.Tensor,
+    settings: CalibrationSettings,
+    progress: bool,
+) -> list[BlockFit]:
+    model, device = handle.model, input_device(handle.model)
+    parameters = [p for layer in corrected.values() for p in layer.correction.parameters()]
+
+    def window_kl(index: int) -> torch.Tensor:
+        tokens = windows[index % len(windows)][None].to(device)
+        handle.remove()
+        with torch.no_grad():
+            dense = model(tokens, use_cache=False).logits
+        handle.attach()
+        return _kl(model(tokens, use_cache=False).logits, dense)
+
+    def mean_kl() -> float:
+        with torch.no_grad():
+            return sum(window_kl(i).item() for i in range(len(windows))) / len(windows)
+
+    before = mean_kl()
+    start = [parameter.detach().clone() for parameter in parameters]
+    steps = settings.steps or len(windows)
+    with _training_only(model, parameters):
+        _optimise("model", parameters, window_kl, steps, settings, max(before, 1e-3), progress)
+    return [_undo_unless_better("model", parameters, start, before, mean_kl(), steps)]
+
+
+def learn_corrections(
+    handle: SparsityHandle,
+    windows: torch.Tensor | None,
+    settings: CalibrationSettings | None = None,
+    objective: str = "block-mse",
+    progress: bool = True,
+) -> list[BlockFit]:
+    """Fit the learned corrections of ``handle``'s layers on ``windows`` (the calibration split) by
+    ``objective`` (one of ``OBJECTIVES``); ``actsparse.sparsify.fold`` then folds them into the
+    layers. The model's own weights never change, and the handle is attached again at the end."""
+    if windows is None or len(windows) == 0:
+        raise ActsparseError(
+            "Learnable corrections need calibration text; pass calibration windows (--calib-windows)."
+        )
+    settings = settings or CalibrationSettings()
+    corrected: dict[str, SparseLinear] = {
+        name: layer for name, layer in handle.layers.items() if layer.correction is not None
+    }
+    if objective == "output-kl":
+        return _learn_end_to_end(handle, corrected, windows, settings, progress)
+    return _learn_block_by_block(handle, corrected, windows, settings, objective == "block-normed", progress)

@@ -302,7 +302,20 @@ class Learnable(Correction):
     needs_calibration: ClassVar[bool] = True
     learned: ClassVar[bool] = True
 
+    objective: str = setting(
+        "block-mse",
+        "Learnable corrections are fitted to: block-mse (each block's output), block-normed (each "
+        "block's output after the norm that reads it next), or output-kl (the model's next-token "
+        "distribution, all layers together).",
+    )
+
     def check(self, config: SparsityConfig) -> None:
+        from actsparse.calibrate import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise ActsparseError(
+                f"Unknown objective '{self.objective}'; choose one of {', '.join(OBJECTIVES)}."
+            )
         if any(c.rescales_kept for c in config.mitigation):
             raise ActsparseError(
                 "Mitigation var+learnable is not supported: the learned per-channel scale already "
@@ -351,7 +364,7 @@ class Learnable(Correction):
     ) -> dict[str, Any]:
         from actsparse.calibrate import learn_corrections
 
-        fits = learn_corrections(handle, windows, settings)
+        fits = learn_corrections(handle, windows, settings, self.objective)
         return {"settings": settings.to_dict(), "blocks": [fit.to_dict() for fit in fits]}
 
     def fold(self, layer: SparseLinear) -> None:
