@@ -81,3 +81,35 @@ def test_sotu_splits_never_overlap_and_cover_every_address():
     assert all(int(f.name[:4]) < SOTU_FIRST_EVALUATION_YEAR for f in calibration)
     assert all(int(f.name[:4]) >= SOTU_FIRST_EVALUATION_YEAR for f in evaluation)
     assert len(load_text("sotu", "evaluation").split()) > 100_000
+
+
+def test_emails_splits_are_the_two_sets_of_message_bodies_without_headers_or_html(tmp_path):
+    import io
+    import json
+    import tarfile
+
+    from actsparse.data import _extract_emails, email_body
+
+    assert email_body("From: a@b\r\nSubject: hi\r\n\r\nHello there.\r\n\r\nBye.\r\n") == "Hello there.\n\nBye."
+    messages = {
+        "easy-ham-1/00002.bbb.json": "Subject: x\n\nsecond by checksum",
+        "easy-ham-1/00001.ccc.json": "Subject: y\n\nlast by checksum",
+        "easy-ham-1/00003.aaa.json": "Subject: z\n\nfirst by checksum",
+        "easy-ham-2/00001.ddd.json": "Subject: w\n\nevaluation text",
+        "easy-ham-2/00002.eee.json": "Content-Type: text/html\n\n<HTML><body>left out</body></HTML>",
+        "spam-1/00001.fff.json": "Subject: buy\n\nspam is never used",
+    }
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for name, text in messages.items():
+            data = json.dumps({"id": name, "text": text}).encode()
+            info = tarfile.TarInfo(f"package/data/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    archive.seek(0)
+    with tarfile.open(fileobj=archive) as tar:
+        _extract_emails(tar, tmp_path)
+    assert (tmp_path / "calibration.txt").read_text() == (
+        "first by checksum\n\nsecond by checksum\n\nlast by checksum"
+    )
+    assert (tmp_path / "evaluation.txt").read_text() == "evaluation text"

