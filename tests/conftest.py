@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,16 @@ SMALL = dict(
     num_key_value_heads=2,
     max_position_embeddings=128,
 )
+
+
+@pytest.fixture(autouse=True)
+def measurements_store(tmp_path, monkeypatch) -> Path:
+    """Measurements kept across runs go to a folder of each test's own, never the user's cache."""
+    import actsparse.calibration
+
+    folder = tmp_path / "measurements"
+    monkeypatch.setattr(actsparse.calibration, "measurements_dir", lambda: folder)
+    return folder
 
 
 @pytest.fixture

@@ -105,3 +105,14 @@ def test_the_figures_are_perplexity_kl_and_agreement_computed_by_hand(llama, tok
     kl = (dense.exp() * (dense - sparse)).sum(-1).mean()
     assert row.kl_to_dense == pytest.approx(float(kl), rel=1e-4, abs=1e-6)  # float32 sums of ~5 nats
     assert row.top1_agreement == pytest.approx(float((dense.argmax(-1) == sparse.argmax(-1)).double().mean()))
+
+
+def test_rows_carry_the_time_each_variant_took_to_prepare_and_the_table_shows_it_when_it_matters(llama, tokens):
+    from actsparse.evaluate import quality_table
+
+    rows = evaluate(llama, tokens, [SparsityConfig(pattern="2:4")], progress=False)
+    assert rows[0].prepare_seconds is None and 0 <= rows[1].prepare_seconds < 60
+    assert "prepared in" not in quality_table(rows, "t").columns  # a plain variant takes no time
+    rows[1].prepare_seconds = 150.0
+    table = quality_table(rows, "t")
+    assert table.columns[-1] == "prepared in" and [line[-1] for line in table.rows] == ["—", "2.5 min"]

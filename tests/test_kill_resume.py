@@ -32,6 +32,8 @@ def results(name, out):
     """What a finished run produced, byte for byte where it is deterministic."""
     if name == "eval":
         document = json.loads(out.read_text())
+        for row in document["rows"]:
+            row.pop("prepare_seconds")  # a duration, never the same twice
         return document["rows"], document["text"]
     if name == "calibrate":
         return (out / "tensors.safetensors").read_bytes(), json.loads((out / "recipe.json").read_text())

@@ -130,3 +130,27 @@ def test_kl_policy_keeps_the_share_sparse_with_the_layers_of_least_output_kl(lla
     total = sum(linear_flops(layer) for layer in linear_layers(llama).values())
     chosen = set(kl) - set(described["skipped_layers"])
     assert chosen == set(budget_layers(kl, flops, total, 0.5)) and 0.5 <= share < 1
+
+
+def test_kl_policy_measurement_is_kept_for_later_runs_with_the_same_model_and_windows(llama, measurements_store):
+    calibration = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(8))
+    config = SparsityConfig(pattern="2:4", policy=OutputKl(flop_share=0.5, kl_windows=2))
+    calls = []
+    hook = llama.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def described(windows: torch.Tensor) -> dict:
+        with sparsify(llama, config, windows) as handle:
+            return handle.describe()
+
+    first = described(calibration)
+    measured = len(calls)
+    assert measured > 0 and len(list(measurements_store.glob("*.json"))) == 1
+    assert described(calibration) == first and len(calls) == measured  # read back: no forward pass
+    described(calibration.flip(0))  # other windows: measured anew
+    assert len(calls) > measured and len(list(measurements_store.glob("*.json"))) == 2
+    with torch.no_grad():
+        llama.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0  # other weights: measured anew
+    count = len(calls)
+    described(calibration)
+    assert len(calls) > count and len(list(measurements_store.glob("*.json"))) == 3
+    hook.remove()

@@ -90,6 +90,7 @@ class WeightPruningHandle:
     config: WeightPruningConfig
     layers: dict[str, PrunedWeight]
     attached: bool = False
+    prepare_seconds: float | None = None  # set by ``actsparse.variants.prepare_variants``
 
     @property
     def label(self) -> str:

@@ -3,8 +3,10 @@ layer's input to an observer (for sensitivities, smoothing maxima, Wanda norms, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -13,8 +15,23 @@ from tqdm.auto import tqdm
 
 from actsparse.devices import input_device
 from actsparse.errors import ActsparseError
+from actsparse.paths import cache_dir, write_json_atomic
 
 T = TypeVar("T")
+
+
+def weights_digest(model: nn.Module, digest: Any) -> None:
+    """Feed ``digest`` (a hashlib object) every parameter's name, dtype and shape and its first 64
+    values (offloaded weights, on the meta device, are named and shaped only)."""
+    for name, parameter in model.named_parameters():
+        digest.update(f"{name} {parameter.dtype} {tuple(parameter.shape)}".encode())
+        if parameter.device.type != "meta":
+            digest.update(parameter.detach().flatten()[:64].float().cpu().numpy().tobytes())
+
+
+def measurements_dir() -> Path:
+    """Where measurements worth keeping across runs are stored: ``measurements/`` in the cache."""
+    return cache_dir() / "measurements"
 
 
 class Measurements:
@@ -23,7 +40,9 @@ class Measurements:
 
     ``get(key, compute)`` returns the value stored under ``key`` (any JSON-ready description of
     what is measured), calling ``compute(windows)`` the first time; measurements run the model on
-    ``batch_size`` windows at a time.
+    ``batch_size`` windows at a time. ``get(key, compute, stored=model)`` also keeps a JSON-ready
+    value in the cache folder (``measurements/``), under the key, the model's weights and the
+    windows' tokens, so a later run with the same model, windows and key reads it back.
     """
 
     def __init__(self, windows: torch.Tensor | None, batch_size: int = 1) -> None:
@@ -31,11 +50,25 @@ class Measurements:
         self.batch_size = batch_size
         self._values: dict[str, Any] = {}
 
-    def get(self, key: Any, compute: Callable[[torch.Tensor | None], T]) -> T:
+    def get(
+        self, key: Any, compute: Callable[[torch.Tensor | None], T], stored: nn.Module | None = None
+    ) -> T:
         text = json.dumps(key, sort_keys=True)
         if text not in self._values:
-            self._values[text] = compute(self.windows)
+            path = None if stored is None or self.windows is None else self._stored_path(text, stored)
+            if path is not None and path.exists():
+                self._values[text] = json.loads(path.read_text(encoding="utf-8"))["value"]
+            else:
+                self._values[text] = compute(self.windows)
+                if path is not None:
+                    write_json_atomic(path, {"key": key, "value": self._values[text]})
         return self._values[text]
+
+    def _stored_path(self, key: str, model: nn.Module) -> Path:
+        digest = hashlib.sha256(key.encode())
+        digest.update(self.windows.numpy().tobytes())
+        weights_digest(model, digest)
+        return measurements_dir() / f"{digest.hexdigest()}.json"
 
 
 def observe_inputs(

@@ -74,13 +74,13 @@ ModelOpt = Annotated[
 DatasetOpt = Annotated[
     str,
     typer.Option(
-        help="sotu, wikitext2, or a text file (a file's first quarter is its calibration split, the rest its evaluation split)."
+        help="sotu, emails, wikitext2, or a text file (a file's first quarter is its calibration split, the rest its evaluation split)."
     ),
 ]
 CalibDatasetOpt = Annotated[
     str | None,
     typer.Option(
-        help="Text that calibrates: sotu, wikitext2 (their calibration splits) or another text file (used whole); default: the calibration split of --dataset."
+        help="Text that calibrates: sotu, emails, wikitext2 (their calibration splits) or another text file (used whole); default: the calibration split of --dataset."
     ),
 ]
 DtypeOpt = Annotated[
@@ -329,7 +329,8 @@ def eval_command(
     console.print(
         "ppl: perplexity; KL: mean KL(dense ‖ sparse) per token; top-1: agreement with the dense model's "
         "next token; sparse FLOPs: share of linear FLOPs (LM head excluded) with sparse inputs (or sparse "
-        "weights); density: measured share of non-zero inputs (or weights); removed: share of linear FLOPs removed."
+        "weights); density: measured share of non-zero inputs (or weights); removed: share of linear FLOPs removed; "
+        "prepared in: time to measure and calibrate the variant (shown when one took a second or more)."
     )
     console.print(f"Saved to {out}")
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from actsparse import __version__
 from actsparse.calibrate import CalibrationSettings
+from actsparse.calibration import weights_digest
 from actsparse.distribution import Totals, dense_reference, next_token_logits
 from actsparse.flops import flop_report
 from actsparse.handle import SparsityHandle
@@ -42,6 +43,7 @@ class EvalRow:
     flops: dict[str, Any] = field(default_factory=dict)
     tasks: dict[str, dict[str, float]] | None = None
     generation: dict[str, Any] | None = None
+    prepare_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,10 +68,7 @@ def _run_key(
         if isinstance(handle, SparsityHandle):
             for tensor in handle.recipe().tensors.values():
                 digest.update(tensor.float().cpu().numpy().tobytes())
-    for name, parameter in model.named_parameters():
-        digest.update(f"{name} {parameter.dtype} {tuple(parameter.shape)}".encode())
-        if parameter.device.type != "meta":  # offloaded weights are named and shaped only
-            digest.update(parameter.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    weights_digest(model, digest)
     return digest.hexdigest()
 
 
@@ -148,7 +147,9 @@ def evaluate(
     bar.close()
     rows = [_row("dense", None, dense, flop_report(model))]
     for handle, totals in zip(handles, sparse):
-        rows.append(_row(handle.label, handle.describe(), totals, flop_report(model, handle)))
+        rows.append(
+            _row(handle.label, handle.describe(), totals, flop_report(model, handle), handle.prepare_seconds)
+        )
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     return rows
@@ -179,7 +180,13 @@ def _checkpoint_state(
     }
 
 
-def _row(label: str, config: dict[str, Any] | None, totals: Totals, flops: Any) -> EvalRow:
+def _row(
+    label: str,
+    config: dict[str, Any] | None,
+    totals: Totals,
+    flops: Any,
+    prepare_seconds: float | None = None,
+) -> EvalRow:
     return EvalRow(
         label=label,
         config=config,
@@ -187,6 +194,7 @@ def _row(label: str, config: dict[str, Any] | None, totals: Totals, flops: Any) 
         kl_to_dense=totals.kl / totals.tokens,
         top1_agreement=totals.agree / totals.tokens,
         flops=flops.to_dict(),
+        prepare_seconds=prepare_seconds,
     )
 
 
@@ -212,6 +220,12 @@ def results_document(rows: list[EvalRow], model: str, dtype: str, text: dict[str
     }
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
 def quality_table(rows: list[EvalRow], title: str) -> ResultTable:
     """The rows of one evaluation as a table: quality, FLOPs, and task and generation columns when
     they were measured."""
@@ -220,6 +234,8 @@ def quality_table(rows: list[EvalRow], title: str) -> ResultTable:
     columns = ["config", "ppl", "KL", "top-1", "sparse FLOPs", "density", "removed"]
     columns += [f"{name} acc (n={rows[0].tasks[name]['n']})" for name in task_names]
     columns += ["gen. ROUGE-L", "gen. identical"] if generation else []
+    prepared = any((row.prepare_seconds or 0) >= 1 for row in rows)  # only when some calibration took time
+    columns += ["prepared in"] if prepared else []
     cells = []
     for row in rows:
         density, removed = row.flops["measured_density"], row.flops["measured_removed_share"]
@@ -238,5 +254,7 @@ def quality_table(rows: list[EvalRow], title: str) -> ResultTable:
             line += (
                 ["—", "—"] if gen is None else [f"{gen['mean_rouge_l']:.3f}", f"{gen['identical_share']:.0%}"]
             )
+        if prepared:
+            line.append(_duration(row.prepare_seconds))
         cells.append(line)
     return ResultTable(title, columns, cells)

@@ -22,7 +22,8 @@ class SparsityHandle:
     ``remove()`` puts every original ``nn.Linear`` object back, so the model is bit-for-bit what it
     was; ``attach()`` re-inserts the same prepared layers (no factor is recomputed).
     ``statistics`` holds the per-layer calibration statistics (smoothing maxima), ``sensitivity``
-    the per-layer sensitivities a policy measured, ``calibration`` the record of what was learned.
+    the per-layer sensitivities a policy measured, ``calibration`` the record of what was learned,
+    ``prepare_seconds`` how long ``actsparse.variants.prepare_variants`` took to prepare it.
     """
 
     model: nn.Module
@@ -33,6 +34,7 @@ class SparsityHandle:
     statistics: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
     attached: bool = False
+    prepare_seconds: float | None = None
 
     @property
     def label(self) -> str:

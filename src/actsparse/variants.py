@@ -12,6 +12,7 @@ gives one variant per value.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -64,7 +65,9 @@ def prepare_variants(
 ) -> list[Prepared]:
     """Every variant attached once (prepared handles pass through), then detached; ``calibration``
     windows (never the evaluation text) serve all of them, each statistic measured once, over
-    ``batch_size`` windows per forward pass."""
+    ``batch_size`` windows per forward pass. Each handle's ``prepare_seconds`` is the time its
+    preparation took: its calibration, and the measurements it was the first to need (those read
+    back from the cache, such as the kl policy's, cost nothing)."""
     measurements = Measurements(calibration, batch_size)
     prepared = []
     pending = sum(not isinstance(v, (SparsityHandle, WeightPruningHandle)) for v in variants)
@@ -74,8 +77,10 @@ def prepare_variants(
         if isinstance(variant, (SparsityHandle, WeightPruningHandle)):
             prepared.append(variant)
             continue
+        start = time.perf_counter()
         handle = attach_variant(model, variant, measurements, calibration_settings)
         handle.remove()
+        handle.prepare_seconds = time.perf_counter() - start
         prepared.append(handle)
     return prepared
 
