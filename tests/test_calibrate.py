@@ -1,13 +1,13 @@
-"""Block-wise calibration of the learned corrections, on a tiny random Llama."""
+"""Calibration of the learned corrections (block by block, and end to end), on a tiny random Llama."""
 
 import pytest
 import torch
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
 from actsparse.calibrate import CalibrationSettings, decoder_blocks
-from actsparse.corrections import Learnable
+from actsparse.corrections import Learnable, Shift
 
-CONFIG = SparsityConfig(pattern="2:4", criterion="amber", mitigation="shift+learnable")
+CONFIG = SparsityConfig(pattern="2:4", criterion="amber", mitigation=(Shift(), Learnable(objective="block-mse")))
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,25 +37,47 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Objective:
+    """What learned corrections are fitted to, and the optimiser defaults that suit it."""
+
+    description: str
+    lr: float
+    passes: int
+
+
+OBJECTIVES = {
+    "block-mse": Objective("each block's output against the dense block's, mean squared error", 5e-3, 1),
+    "block-normed": Objective(
+        "each block's output as the next norm passes it on, mean squared error", 5e-3, 1
+    ),
+    # Every vector of every layer moves at once, so each step must move it less, for more steps.
+    "output-kl": Objective("KL of the model's next-token distribution from the dense one", 1e-3, 2),
+}
+"""The objectives of the ``objective`` setting of ``learnable``, by name."""
+
+
+@dataclass(frozen=True)
 class CalibrationSettings:
     """How the learned corrections are fitted.
 
     Args:
-        steps: optimiser steps per block, one calibration window each (batch 1); None means one
-            pass over the calibration windows.
-        lr: peak learning rate of AdamW (betas 0.9, 0.95; no weight decay).
+        steps: optimiser steps (per block for the block objectives), one calibration window each
+            (batch 1); None means the objective's passes over the calibration windows (one for
+            the block objectives, two for ``output-kl``).
+        lr: peak learning rate of AdamW (betas 0.9, 0.95; no weight decay); None means the
+            objective's (5e-3 for the block objectives, 1e-3 for ``output-kl``).
         warmup: share of the steps over which the learning rate rises linearly (then cosine decay).
         clip: maximum gradient norm.
-        explode: a step loss this many times the block's loss before calibration (or 0.1% of the
-            mean square of its dense output, if that is larger) stops the run.
+        explode: a step loss this many times the loss before calibration (or 0.1% of the dense
+            output's own size, if that is larger) stops the run.
 
-    A block whose corrections end with a larger error on the calibration windows than it started
-    with gets its corrections reset (``BlockFit.kept`` is False), so calibration never makes a
-    block worse on the data it sees.
+    A block (or, for ``output-kl``, the model) whose corrections end with a larger error on the
+    calibration windows than it started with gets its corrections reset (``BlockFit.kept`` is
+    False), so calibration never makes it worse on the data it sees.
     """
 
     steps: int | None = None
-    lr: float = 5e-3
+    lr: float | None = None
     warmup: float = 0.03
     clip: float = 1.0
     explode: float = 100.0
@@ -63,26 +85,21 @@ class CalibrationSettings:
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
             raise ActsparseError(
-                f"Calibration steps {self.steps} must be at least 1 (or omitted for one pass)."
+                f"Calibration steps {self.steps} must be at least 1 (or omitted for the objective's default)."
             )
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ActsparseError(f"Learning rate {self.lr:g} must be positive; use e.g. 1e-3.")
         if not 0 <= self.warmup < 1:
             raise ActsparseError(f"Warm-up share {self.warmup:g} is outside [0, 1); use e.g. 0.03.")
 
+    def for_objective(self, objective: str, windows: int) -> CalibrationSettings:
+        """These settings with the steps and learning rate left open taken from ``objective``, for
+        ``windows`` calibration windows."""
+        defaults = OBJECTIVES[objective]
+        return replace(self, steps=self.steps or defaults.passes * windows, lr=self.lr or defaults.lr)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-OBJECTIVES = {
-    "block-mse": "each block's output against the dense block's, mean squared error",
-    "block-normed": "each block's output as the next norm passes it on, mean squared error",
-    "output-kl": "KL of the model's next-token distribution from the dense one, all layers together",
-}
-"""What learned corrections are fitted to, by name (the ``objective`` setting of ``learnable``)."""
-
-Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``loss(sparse, dense)``: a scalar to minimise."""
 
 
 @dataclass(frozen=True)
@@ -271,7 +288,7 @@ def _calibrate_block(
     if not parameters:
         return BlockFit(name, before, before, 0, False), start_outputs
     start = [parameter.detach().clone() for parameter in parameters]
-    steps = settings.steps or len(inputs)
+    steps = settings.steps
 
     def step_loss(step: int) -> torch.Tensor:
         index = step % len(inputs)
@@ -387,7 +404,7 @@ def _learn_end_to_end(
 
     before = mean_kl()
     start = [parameter.detach().clone() for parameter in parameters]
-    steps = settings.steps or len(windows)
+    steps = settings.steps
     with _training_only(model, parameters):
         _optimise("model", parameters, window_kl, steps, settings, max(before, 1e-3), progress)
     return [_undo_unless_better("model", parameters, start, before, mean_kl(), steps)]
@@ -397,7 +414,7 @@ def learn_corrections(
     handle: SparsityHandle,
     windows: torch.Tensor | None,
     settings: CalibrationSettings | None = None,
-    objective: str = "block-mse",
+    objective: str = "output-kl",
     progress: bool = True,
 ) -> list[BlockFit]:
     """Fit the learned corrections of ``handle``'s layers on ``windows`` (the calibration split) by
@@ -407,7 +424,7 @@ def learn_corrections(
         raise ActsparseError(
             "Learnable corrections need calibration text; pass calibration windows (--calib-windows)."
         )
-    settings = settings or CalibrationSettings()
+    settings = (settings or CalibrationSettings()).for_objective(objective, len(windows))
     corrected: dict[str, SparseLinear] = {
         name: layer for name, layer in handle.layers.items() if layer.correction is not None
     }

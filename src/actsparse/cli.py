@@ -6,6 +6,7 @@ import functools
 import inspect
 import logging
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,10 +120,17 @@ CalibWindowsOpt = Annotated[
 CalibStepsOpt = Annotated[
     int | None,
     typer.Option(
-        min=1, help="Learnable corrections: optimiser steps per block (default: one pass over the windows)."
+        min=1,
+        help="Learnable corrections: optimiser steps (per block for the block objectives; default: one pass "
+        "over the windows for those, two for output-kl).",
     ),
 ]
-LrOpt = Annotated[float, typer.Option(help="Learnable corrections: peak AdamW learning rate.")]
+LrOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Learnable corrections: peak AdamW learning rate (default: 5e-3 for the block objectives, 1e-3 for output-kl)."
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -246,7 +254,7 @@ def eval_command(
     ] = 32,
     calib_windows: CalibWindowsOpt = 16,
     calib_steps: CalibStepsOpt = None,
-    lr: LrOpt = CalibrationSettings.lr,
+    lr: LrOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
@@ -346,7 +354,7 @@ def calibrate(
     seqlen: SeqlenOpt = 512,
     calib_windows: CalibWindowsOpt = 32,
     calib_steps: CalibStepsOpt = None,
-    lr: LrOpt = CalibrationSettings.lr,
+    lr: LrOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
@@ -354,7 +362,7 @@ def calibrate(
 ) -> None:
     """Calibrate one configuration on the calibration text and save it as a recipe folder.
 
-    Learnable corrections are fitted block by block; policies and smoothing are measured. Evaluate
+    Learnable corrections are fitted (by their objective); policies and smoothing are measured. Evaluate
     the result with `actsparse eval --recipe DIR`; in Python, `sparsify(model, recipe=load_recipe(DIR))`.
     """
     sparsity = config.one()
@@ -365,14 +373,16 @@ def calibrate(
         loaded, tokenizer = load_model(model, dtype, seqlen, device, device_map)
         calibration = token_windows(tokenizer, part.text(), seqlen, calib_windows)
         measurements = Measurements(calibration, batch_size)
+        start = time.perf_counter()
         handle = sparsify(loaded, sparsity, calibration_settings=settings, measurements=measurements)
+        seconds = round(time.perf_counter() - start, 1)
         recipe = handle.recipe()
         text = part.describe() | {"seqlen": seqlen, "windows": len(calibration)}
-        recipe.calibration = (recipe.calibration or {}) | {"text": text}
+        recipe.calibration = (recipe.calibration or {}) | {"text": text, "seconds": seconds}
         recipe.save(out)
     blocks = (handle.calibration or {}).get("blocks", [])
     if blocks:
-        table = Table(title=f"{model}: {sparsity.label}, MSE of each block's output to the dense model")
+        table = Table(title=f"{model}: {sparsity.label}, calibration objective on the calibration windows")
         for column in ("block", "before", "after", "change"):
             table.add_column(column, justify="left" if column == "block" else "right", no_wrap=True)
         for block in blocks:
@@ -404,7 +414,7 @@ def sweep(
     ] = 16,
     calib_windows: CalibWindowsOpt = 16,
     calib_steps: CalibStepsOpt = None,
-    lr: LrOpt = CalibrationSettings.lr,
+    lr: LrOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,

@@ -303,10 +303,10 @@ class Learnable(Correction):
     learned: ClassVar[bool] = True
 
     objective: str = setting(
-        "block-mse",
-        "Learnable corrections are fitted to: block-mse (each block's output), block-normed (each "
-        "block's output after the norm that reads it next), or output-kl (the model's next-token "
-        "distribution, all layers together).",
+        "output-kl",
+        "Learnable corrections are fitted to: output-kl (the KL of the model's next-token distribution, "
+        "all layers together), block-mse (each block's output, one block at a time), or block-normed "
+        "(each block's output after the norm that reads it next).",
     )
 
     def check(self, config: SparsityConfig) -> None:
@@ -365,7 +365,8 @@ class Learnable(Correction):
         from actsparse.calibrate import learn_corrections
 
         fits = learn_corrections(handle, windows, settings, self.objective)
-        return {"settings": settings.to_dict(), "blocks": [fit.to_dict() for fit in fits]}
+        used = settings.for_objective(self.objective, len(windows))
+        return {"settings": used.to_dict(), "blocks": [fit.to_dict() for fit in fits]}
 
     def fold(self, layer: SparseLinear) -> None:
         correction = layer.correction
