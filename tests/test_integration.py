@@ -1,8 +1,9 @@
-"""The real SmolLM2-135M on the real evaluation text (converted into the cache by `make test`)."""
+"""The real embedded models on the real evaluation text (converted into the cache on first use)."""
 
 import pytest
 
 from actsparse import SparsityConfig, evaluate, load_model
+from actsparse.corrections import Learnable
 from actsparse.data import load_text, token_windows
 
 pytestmark = pytest.mark.integration
@@ -28,17 +29,25 @@ def test_larger_groups_are_better_at_equal_density(smollm2_rows):
     assert kl["16:32 magnitude"] < kl["8:16 magnitude"] < kl["2:4 magnitude"]
 
 
-def test_calibrated_corrections_lower_the_kl_of_a_real_model():
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_corrections_fitted_end_to_end_lower_the_kl_more_than_block_by_block(name):
     # Corrections on the first four blocks only, so the test stays short; calibration and
-    # evaluation use different splits of the text.
-    model, tokenizer = load_model("smollm2-135m")
+    # evaluation use different splits of the text. On Gemma the block-wise MSE is spent on a few
+    # residual channels of huge magnitude; the end-to-end KL objective is not.
+    model, tokenizer = load_model(name)
     calibration = token_windows(tokenizer, load_text("sotu", "calibration"), seqlen=128, max_windows=8)
     windows = token_windows(tokenizer, load_text("sotu", "evaluation"), seqlen=256, max_windows=4)
     first_blocks = (r"layers\.[0-3]\..*_proj$",)
-    plain = SparsityConfig(pattern="8:16", criterion="magnitude", include=first_blocks)
-    learned = SparsityConfig(
-        pattern="8:16", criterion="magnitude", include=first_blocks, mitigation="learnable"
-    )
-    rows = evaluate(model, windows, [plain, learned], calibration, progress=False)
-    assert all(block["kept"] for block in rows[2].config["calibration"]["blocks"][:4])
-    assert rows[2].kl_to_dense < 0.9 * rows[1].kl_to_dense  # measured: 0.198 → 0.150
+    configs = [SparsityConfig(pattern="8:16", criterion="amber", include=first_blocks)] + [
+        SparsityConfig(
+            pattern="8:16",
+            criterion="amber",
+            include=first_blocks,
+            mitigation=(Learnable(objective=objective),),
+        )
+        for objective in ("block-mse", "output-kl")
+    ]
+    _, plain, block_mse, output_kl = evaluate(model, windows, configs, calibration, progress=False)
+    assert output_kl.config["calibration"]["blocks"][0]["kept"]
+    # measured (plain → block-mse → output-kl): SmolLM2 0.1606 → 0.1463 → 0.1273; Gemma 0.1911 → 0.1837 → 0.1549
+    assert output_kl.kl_to_dense < min(0.9 * plain.kl_to_dense, block_mse.kl_to_dense)

@@ -38,22 +38,19 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Objective:
-    """What learned corrections are fitted to, and the optimiser defaults that suit it."""
+    """Optimiser defaults of one objective: peak learning rate and passes over the windows."""
 
-    description: str
     lr: float
     passes: int
 
 
 OBJECTIVES = {
-    "block-mse": Objective("each block's output against the dense block's, mean squared error", 5e-3, 1),
-    "block-normed": Objective(
-        "each block's output as the next norm passes it on, mean squared error", 5e-3, 1
-    ),
+    "block-mse": Objective(lr=5e-3, passes=1),
+    "block-normed": Objective(lr=5e-3, passes=1),
     # Every vector of every layer moves at once, so each step must move it less, for more steps.
-    "output-kl": Objective("KL of the model's next-token distribution from the dense one", 1e-3, 2),
+    "output-kl": Objective(lr=1e-3, passes=2),
 }
-"""The objectives of the ``objective`` setting of ``learnable``, by name."""
+"""The objectives of the ``objective`` setting of ``learnable`` (described above), by name."""
 
 
 @dataclass(frozen=True)
@@ -343,6 +340,8 @@ def _learn_block_by_block(
     normed: bool,
     progress: bool,
 ) -> list[BlockFit]:
+    """``block-mse`` (``normed`` False) and ``block-normed``: one block after the other, each
+    fed the output of the calibrated sparse blocks before it."""
     blocks = decoder_blocks(handle.model, list(corrected))
     handle.remove()
     dense_inputs, kwargs = _block_inputs(handle.model, blocks, windows)
@@ -387,6 +386,8 @@ def _learn_end_to_end(
     settings: CalibrationSettings,
     progress: bool,
 ) -> list[BlockFit]:
+    """``output-kl``: every correction at once, one window per step; kept only if the mean KL over
+    the windows fell."""
     model, device = handle.model, input_device(handle.model)
     parameters = [p for layer in corrected.values() for p in layer.correction.parameters()]
 
