@@ -134,7 +134,7 @@ def test_calibrate_writes_a_recipe_that_eval_reads(monkeypatch, capsys, local_mo
     common = ["--model", str(model), "--dataset", str(text), "--seqlen", "32"]
     code, output = run(
         monkeypatch, capsys, "calibrate", *common, "--pattern", "2:4", "--mitigation", "shift+learnable",
-        "--calib-windows", "3", "--calib-steps", "2", "--lr", "1e-3", "--out", str(recipe),
+        "--objective", "block-mse", "--calib-windows", "3", "--calib-steps", "2", "--lr", "1e-3", "--out", str(recipe),
     )  # fmt: skip
     assert code in (0, None), output
     assert "model.layers.1" in output and (recipe / "tensors.safetensors").exists()
@@ -143,7 +143,7 @@ def test_calibrate_writes_a_recipe_that_eval_reads(monkeypatch, capsys, local_mo
     )
     assert code in (0, None), output
     rows = json.loads(out.read_text())["rows"]
-    assert [r["label"] for r in rows] == ["dense", "2:4 amber shift+learnable"]
+    assert [r["label"] for r in rows] == ["dense", "2:4 amber shift+learnable objective=block-mse"]
     assert rows[1]["config"]["calibration"]["text"]["windows"] == 3
 
 
