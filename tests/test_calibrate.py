@@ -7,7 +7,14 @@ from actsparse import ActsparseError, SparsityConfig, sparsify
 from actsparse.calibrate import CalibrationSettings, decoder_blocks
 from actsparse.corrections import Learnable, Shift
 
-CONFIG = SparsityConfig(pattern="2:4", criterion="amber", mitigation=(Shift(), Learnable(objective="block-mse")))
+CONFIG = SparsityConfig(
+    pattern="2:4", criterion="amber", mitigation=(Shift(), Learnable(objective="block-mse"))
+)
+
+
+# Random tokens on a random model: a fit does not carry over to a held-out window of other random
+# tokens in a few steps, so the tests of the fit itself judge it on the windows fitted (holdout=0);
+# the held-out judgement has its own tests below.
 
 
 @pytest.fixture
@@ -19,10 +26,12 @@ def test_calibration_fits_every_block_and_folds(llama, tokens, calibration):
     weights = {name: p.clone() for name, p in llama.named_parameters()}
     with torch.no_grad():
         dense = llama(tokens, use_cache=False).logits
-    handle = sparsify(llama, CONFIG, calibration, calibration_settings=CalibrationSettings(steps=6, lr=1e-3))
+    handle = sparsify(
+        llama, CONFIG, calibration, calibration_settings=CalibrationSettings(steps=6, lr=1e-3, holdout=0.0)
+    )
     blocks = handle.calibration["blocks"]
     assert [b["block"] for b in blocks] == ["model.layers.0", "model.layers.1"]
-    assert all(b["steps"] == 6 and b["kept"] and b["loss_after"] < b["loss_before"] for b in blocks)
+    assert all(b["steps"] == 6 and b["kept_step"] > 0 and b["loss_after"] < b["loss_before"] for b in blocks)
     assert all(layer.folded for layer in handle.layers.values())
     moved = [layer.correction.shift.abs().max() > 0 for layer in handle.layers.values()]
     assert all(moved)
@@ -36,17 +45,19 @@ def test_calibration_fits_every_block_and_folds(llama, tokens, calibration):
 
 def test_a_fit_that_makes_a_block_worse_is_undone(llama, calibration):
     # On this tiny random model a learning rate of 1e-2 overshoots in both blocks.
-    handle = sparsify(llama, CONFIG, calibration, calibration_settings=CalibrationSettings(steps=6, lr=1e-2))
-    assert not any(b["kept"] for b in handle.calibration["blocks"])
+    handle = sparsify(
+        llama, CONFIG, calibration, calibration_settings=CalibrationSettings(steps=6, lr=1e-2, holdout=0.0)
+    )
+    assert not any(b["kept_step"] for b in handle.calibration["blocks"])
     assert all(b["loss_after"] == b["loss_before"] for b in handle.calibration["blocks"])
     for layer in handle.layers.values():
         assert torch.equal(layer.correction.scale, torch.ones_like(layer.correction.scale))
         assert torch.equal(layer.correction.shift, torch.zeros_like(layer.correction.shift))
 
 
-def test_default_steps_are_one_pass_over_the_windows(llama, calibration):
-    handle = sparsify(llama, CONFIG, calibration)
-    assert [b["steps"] for b in handle.calibration["blocks"]] == [4, 4]
+def test_default_steps_are_one_pass_over_the_fitted_windows(llama, calibration):
+    handle = sparsify(llama, CONFIG, calibration)  # 4 windows: 3 fitted, 1 held out
+    assert [b["steps"] for b in handle.calibration["blocks"]] == [3, 3]
 
 
 def test_a_diverging_block_is_named_and_the_model_left_dense(llama, tokens, calibration):
@@ -72,7 +83,13 @@ def test_decoder_blocks_must_hold_the_layers(llama):
 
 @pytest.mark.parametrize(
     "settings, message",
-    [({"steps": 0}, "at least 1"), ({"lr": 0.0}, "must be positive"), ({"warmup": 1.0}, "outside")],
+    [
+        ({"steps": 0}, "at least 1"),
+        ({"lr": 0.0}, "must be positive"),
+        ({"warmup": 1.0}, "outside"),
+        ({"holdout": 1.0}, "outside"),
+        ({"checks": 0}, "at least 1"),
+    ],
 )
 def test_bad_settings(settings, message):
     with pytest.raises(ActsparseError, match=message):
@@ -84,12 +101,19 @@ def test_the_normed_objective_measures_each_block_through_the_norm_that_reads_it
 
     blocks = decoder_blocks(llama, ["model.layers.0.mlp.up_proj"])
     readers = _reading_norms(llama, blocks, calibration[0])
-    assert readers == {"model.layers.0": llama.model.layers[1].input_layernorm, "model.layers.1": llama.model.norm}
-    config = SparsityConfig(pattern="2:4", criterion="amber", mitigation=(Learnable(objective="block-normed"),))
-    handle = sparsify(llama, config, calibration, calibration_settings=CalibrationSettings(steps=6, lr=1e-3))
+    assert readers == {
+        "model.layers.0": llama.model.layers[1].input_layernorm,
+        "model.layers.1": llama.model.norm,
+    }
+    config = SparsityConfig(
+        pattern="2:4", criterion="amber", mitigation=(Learnable(objective="block-normed"),)
+    )
+    handle = sparsify(
+        llama, config, calibration, calibration_settings=CalibrationSettings(steps=6, lr=1e-3, holdout=0.0)
+    )
     blocks = handle.calibration["blocks"]
     assert [b["block"] for b in blocks] == ["model.layers.0", "model.layers.1"]
-    assert all(b["kept"] and b["loss_after"] < b["loss_before"] for b in blocks)
+    assert all(b["kept_step"] and b["loss_after"] < b["loss_before"] for b in blocks)
     assert all(not p.requires_grad for layer in handle.layers.values() for p in layer.correction.parameters())
     assert all(p.requires_grad for p in llama.model.norm.parameters())
 
@@ -105,9 +129,11 @@ def test_the_output_kl_objective_fits_every_layer_together_and_lowers_the_kl(lla
         before = _kl(llama(calibration, use_cache=False).logits, dense).item()
         handle.remove()
     config = SparsityConfig(pattern="2:4", criterion="amber", mitigation=(Learnable(objective="output-kl"),))
-    handle = sparsify(llama, config, calibration, calibration_settings=CalibrationSettings(steps=24, lr=1e-3))
+    handle = sparsify(
+        llama, config, calibration, calibration_settings=CalibrationSettings(steps=24, lr=1e-3, holdout=0.0)
+    )
     [fit] = handle.calibration["blocks"]
-    assert fit["block"] == "model" and fit["steps"] == 24 and fit["kept"]
+    assert fit["block"] == "model" and fit["steps"] == 24 and fit["kept_step"]
     assert fit["loss_before"] == pytest.approx(before, rel=1e-4)  # the KL of plain sparsity, per window
     with torch.no_grad():
         after = _kl(llama(calibration, use_cache=False).logits, dense).item()
@@ -121,3 +147,29 @@ def test_the_output_kl_objective_fits_every_layer_together_and_lowers_the_kl(lla
 def test_an_unknown_objective_is_refused():
     with pytest.raises(ActsparseError, match="Unknown objective 'mse'; choose one of block-mse"):
         SparsityConfig(pattern="2:4", mitigation=(Learnable(objective="mse"),))
+
+
+def test_calibration_holds_out_the_last_windows_to_judge_the_fit():
+    assert CalibrationSettings().split(4) == (range(3), range(3, 4))
+    assert CalibrationSettings(holdout=0.5).split(8) == (range(4), range(4, 8))
+    assert CalibrationSettings(holdout=0.9).split(4) == (range(1), range(1, 4))  # one is always fitted
+    assert CalibrationSettings().split(1) == (range(1), range(1))  # one window does both
+    assert CalibrationSettings(holdout=0.0).split(4) == (range(4), range(4))
+
+
+def test_a_fit_ends_at_its_best_held_out_check_not_at_its_last_step():
+    from actsparse.calibrate import _fit
+
+    value = torch.nn.Parameter(torch.zeros(1))
+    seen = []
+
+    def held_loss() -> float:  # the held-out text wants 0.5; the fitted text wants 1
+        seen.append(value.item())
+        return (value.item() - 0.5) ** 2
+
+    settings = CalibrationSettings(steps=40, lr=0.05, warmup=0.0, checks=8)
+    fit = _fit("block", [value], lambda step: (value - 1).pow(2).sum(), held_loss, settings, 0.0, False)
+    assert len(seen) == 9 and seen[-1] > 0.9  # checked at the start and 8 times; the fit went past 0.5
+    best = min(range(1, 9), key=lambda check: abs(seen[check] - 0.5))
+    assert fit.kept_step == 5 * best and value.item() == seen[best]
+    assert fit.loss_before == 0.25 and fit.loss_after == (seen[best] - 0.5) ** 2

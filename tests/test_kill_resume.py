@@ -36,7 +36,9 @@ def results(name, out):
             row.pop("prepare_seconds")  # a duration, never the same twice
         return document["rows"], document["text"]
     if name == "calibrate":
-        return (out / "tensors.safetensors").read_bytes(), json.loads((out / "recipe.json").read_text())
+        recipe = json.loads((out / "recipe.json").read_text())
+        recipe["calibration"].pop("seconds")  # a duration, never the same twice
+        return (out / "tensors.safetensors").read_bytes(), recipe
     return {p.name: p.read_text() for p in sorted((out / "configs").glob("*.json"))}, (
         out / "sweep.csv"
     ).read_text()

@@ -12,6 +12,9 @@
   next-token distribution from the dense one (the dense distribution recomputed for every step).
 
 All use AdamW with warm-up, cosine decay and gradient clipping, one calibration window per step.
+The last calibration windows are held out of the fit to judge it: the corrections end at the point
+of the fit where the objective on those windows was least, so what is kept also helps on text the
+fit did not see (and nothing is kept when nothing helped).
 """
 
 from __future__ import annotations
@@ -59,18 +62,23 @@ class CalibrationSettings:
 
     Args:
         steps: optimiser steps (per block for the block objectives), one calibration window each
-            (batch 1); None means the objective's passes over the calibration windows (one for
-            the block objectives, two for ``output-kl``).
+            (batch 1); None means the objective's passes over the fitted calibration windows (one
+            for the block objectives, two for ``output-kl``).
         lr: peak learning rate of AdamW (betas 0.9, 0.95; no weight decay); None means the
             objective's (5e-3 for the block objectives, 1e-3 for ``output-kl``).
         warmup: share of the steps over which the learning rate rises linearly (then cosine decay).
         clip: maximum gradient norm.
         explode: a step loss this many times the loss before calibration (or 0.1% of the dense
             output's own size, if that is larger) stops the run.
+        holdout: share of the calibration windows (the last ones, at least one) that the fit
+            never steps on; the objective on them judges the fit. 0 (or a single window) judges
+            the fit on the windows it is fitted to.
+        checks: how often the held-out objective is measured: at the start and after every
+            ``1/checks`` of the steps.
 
-    A block (or, for ``output-kl``, the model) whose corrections end with a larger error on the
-    calibration windows than it started with gets its corrections reset (``BlockFit.kept`` is
-    False), so calibration never makes it worse on the data it sees.
+    Each block (or, for ``output-kl``, the model) keeps its corrections as they were at the check
+    with the least held-out objective — as they started (``BlockFit.kept_step`` 0) when no check
+    beat the start — so calibration never makes it worse on text it did not fit.
     """
 
     steps: int | None = None
@@ -78,6 +86,8 @@ class CalibrationSettings:
     warmup: float = 0.03
     clip: float = 1.0
     explode: float = 100.0
+    holdout: float = 0.25
+    checks: int = 4
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
@@ -88,12 +98,24 @@ class CalibrationSettings:
             raise ActsparseError(f"Learning rate {self.lr:g} must be positive; use e.g. 1e-3.")
         if not 0 <= self.warmup < 1:
             raise ActsparseError(f"Warm-up share {self.warmup:g} is outside [0, 1); use e.g. 0.03.")
+        if not 0 <= self.holdout < 1:
+            raise ActsparseError(f"Held-out share {self.holdout:g} is outside [0, 1); use e.g. 0.25.")
+        if self.checks < 1:
+            raise ActsparseError(f"Held-out checks {self.checks} must be at least 1; use e.g. 4.")
 
     def for_objective(self, objective: str, windows: int) -> CalibrationSettings:
         """These settings with the steps and learning rate left open taken from ``objective``, for
-        ``windows`` calibration windows."""
+        ``windows`` calibration windows (the passes are over the windows fitted on)."""
         defaults = OBJECTIVES[objective]
-        return replace(self, steps=self.steps or defaults.passes * windows, lr=self.lr or defaults.lr)
+        steps = self.steps or defaults.passes * len(self.split(windows)[0])
+        return replace(self, steps=steps, lr=self.lr or defaults.lr)
+
+    def split(self, windows: int) -> tuple[range, range]:
+        """The indices of the windows fitted on and of the held-out windows that judge the fit."""
+        held = min(max(1, round(self.holdout * windows)), windows - 1) if self.holdout else 0
+        if held == 0:
+            return range(windows), range(windows)
+        return range(windows - held), range(windows - held, windows)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,14 +123,15 @@ class CalibrationSettings:
 
 @dataclass(frozen=True)
 class BlockFit:
-    """The objective on one block (or on the whole model, ``block="model"`` for ``output-kl``)
-    before and after its fit, on the calibration windows."""
+    """The objective on the held-out calibration windows of one block (or of the whole model,
+    ``block="model"`` for ``output-kl``) before its fit and as kept, the steps run, and the step
+    whose corrections were kept (0: none helped, the corrections are as they started)."""
 
     block: str
     loss_before: float
     loss_after: float
     steps: int
-    kept: bool
+    kept_step: int
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,6 +204,10 @@ def _run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]) -
         return torch.stack([_output(block(x[None], **kwargs))[0] for x in inputs])
 
 
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""A block objective: ``loss(sparse_output, dense_output)``."""
+
+
 def _mse(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(sparse.float(), dense.float())
 
@@ -219,26 +246,32 @@ def _training_only(model: nn.Module, parameters: list[nn.Parameter]) -> Iterator
             parameter.requires_grad_(True)
 
 
-def _optimise(
+def _fit(
     name: str,
     parameters: list[nn.Parameter],
     step_loss: Callable[[int], torch.Tensor],
-    steps: int,
+    held_loss: Callable[[], float],
     settings: CalibrationSettings,
-    reference: float,
+    scale: float,
     progress: bool,
-) -> None:
-    """``steps`` AdamW steps on ``step_loss(step)``; a loss far above ``reference`` stops the run."""
+) -> BlockFit:
+    """``settings.steps`` AdamW steps on ``step_loss(step)``, checked ``settings.checks`` times on
+    ``held_loss()``; ``parameters`` end as they were at the best check (the start if none was
+    better). A step loss far above the start (or ``scale``, if larger) stops the run."""
+    steps = settings.steps
+    before = best = held_loss()
+    kept_step, kept = 0, [parameter.detach().clone() for parameter in parameters]
+    checkpoints = {math.ceil(steps * check / settings.checks) for check in range(1, settings.checks + 1)}
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, round(settings.warmup * steps), steps)
     for step in tqdm(range(steps), desc=name, unit="step", disable=not progress, leave=False):
         loss = step_loss(step)
         value = loss.item()
-        if not math.isfinite(value) or value > settings.explode * reference:
+        if not math.isfinite(value) or value > settings.explode * max(before, scale):
             where = "the model" if name == "model" else f"block {name}"
             raise ActsparseError(
                 f"Calibration of {where} diverged at step {step + 1} (loss {value:.3g} against "
-                f"{reference:.3g} at the start); lower the learning rate (--lr), "
+                f"{before:.3g} at the start); lower the learning rate (--lr), "
                 "or check the model runs in float32."
             )
         loss.backward()
@@ -246,23 +279,13 @@ def _optimise(
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-
-
-def _undo_unless_better(
-    name: str,
-    parameters: list[nn.Parameter],
-    start: list[torch.Tensor],
-    before: float,
-    after: float,
-    steps: int,
-) -> BlockFit:
-    """Keep the fitted ``parameters`` if they lowered the objective, else restore ``start``."""
-    if after <= before:
-        return BlockFit(name, before, after, steps, True)
+        if step + 1 in checkpoints and (held := held_loss()) < best:
+            best, kept_step = held, step + 1
+            kept = [parameter.detach().clone() for parameter in parameters]
     with torch.no_grad():
-        for parameter, value in zip(parameters, start):
+        for parameter, value in zip(parameters, kept):
             parameter.copy_(value)
-    return BlockFit(name, before, before, steps, False)
+    return BlockFit(name, before, best, steps, kept_step)
 
 
 def _calibrate_block(
@@ -276,27 +299,24 @@ def _calibrate_block(
     settings: CalibrationSettings,
     progress: bool,
 ) -> tuple[BlockFit, torch.Tensor]:
-    """Fit one block's corrections on ``loss``; keep them only if they lower it. Returns the fit
-    and the block's sparse outputs (the next block's inputs)."""
-    start_outputs = _run_block(block, inputs, kwargs)
-    with torch.no_grad():
-        before = loss(start_outputs, targets).item()
-        scale = loss(torch.zeros_like(targets), targets).item()  # the dense output's own size
+    """Fit one block's corrections on ``loss`` over the fitted windows, judged on the held-out
+    ones. Returns the fit and the block's sparse outputs (the next block's inputs)."""
+    fitted, held = settings.split(len(inputs))
+
+    def held_loss() -> float:
+        return loss(_run_block(block, inputs[held], kwargs), targets[held]).item()
+
     if not parameters:
-        return BlockFit(name, before, before, 0, False), start_outputs
-    start = [parameter.detach().clone() for parameter in parameters]
-    steps = settings.steps
+        return BlockFit(name, held_loss(), held_loss(), 0, 0), _run_block(block, inputs, kwargs)
+    with torch.no_grad():
+        scale = 1e-3 * loss(torch.zeros_like(targets), targets).item()  # of the dense output's own size
 
     def step_loss(step: int) -> torch.Tensor:
-        index = step % len(inputs)
+        index = fitted[step % len(fitted)]
         return loss(_output(block(inputs[index][None], **kwargs)), targets[index][None])
 
-    _optimise(name, parameters, step_loss, steps, settings, max(before, 1e-3 * scale), progress)
-    outputs = _run_block(block, inputs, kwargs)
-    with torch.no_grad():
-        after = loss(outputs, targets).item()
-    fit = _undo_unless_better(name, parameters, start, before, after, steps)
-    return fit, outputs if fit.kept else start_outputs
+    fit = _fit(name, parameters, step_loss, held_loss, settings, scale, progress)
+    return fit, _run_block(block, inputs, kwargs)
 
 
 def _reading_norms(
@@ -386,29 +406,35 @@ def _learn_end_to_end(
     settings: CalibrationSettings,
     progress: bool,
 ) -> list[BlockFit]:
-    """``output-kl``: every correction at once, one window per step; kept only if the mean KL over
-    the windows fell."""
+    """``output-kl``: every correction at once, one fitted window per step, judged by the mean KL
+    over the held-out windows."""
     model, device = handle.model, input_device(handle.model)
     parameters = [p for layer in corrected.values() for p in layer.correction.parameters()]
+    fitted, held = settings.split(len(windows))
 
     def window_kl(index: int) -> torch.Tensor:
-        tokens = windows[index % len(windows)][None].to(device)
+        tokens = windows[index][None].to(device)
         handle.remove()
         with torch.no_grad():
             dense = model(tokens, use_cache=False).logits
         handle.attach()
         return _kl(model(tokens, use_cache=False).logits, dense)
 
-    def mean_kl() -> float:
+    def held_kl() -> float:
         with torch.no_grad():
-            return sum(window_kl(i).item() for i in range(len(windows))) / len(windows)
+            return sum(window_kl(index).item() for index in held) / len(held)
 
-    before = mean_kl()
-    start = [parameter.detach().clone() for parameter in parameters]
-    steps = settings.steps
     with _training_only(model, parameters):
-        _optimise("model", parameters, window_kl, steps, settings, max(before, 1e-3), progress)
-    return [_undo_unless_better("model", parameters, start, before, mean_kl(), steps)]
+        fit = _fit(
+            "model",
+            parameters,
+            lambda step: window_kl(fitted[step % len(fitted)]),
+            held_kl,
+            settings,
+            1e-3,
+            progress,
+        )
+    return [fit]
 
 
 def learn_corrections(

@@ -122,7 +122,15 @@ CalibStepsOpt = Annotated[
     typer.Option(
         min=1,
         help="Learnable corrections: optimiser steps (per block for the block objectives; default: one pass "
-        "over the windows for those, two for output-kl).",
+        "over the fitted windows for those, two for output-kl).",
+    ),
+]
+HoldoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--calib-holdout",
+        help="Learnable corrections: share of the calibration windows held out of the fit to judge it; "
+        "the corrections are kept as they were where the objective on them was least (0: judge on the fitted windows).",
     ),
 ]
 LrOpt = Annotated[
@@ -255,6 +263,7 @@ def eval_command(
     calib_windows: CalibWindowsOpt = 16,
     calib_steps: CalibStepsOpt = None,
     lr: LrOpt = None,
+    calib_holdout: HoldoutOpt = 0.25,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
@@ -289,7 +298,7 @@ def eval_command(
     values (pattern × criterion × policy × mitigation × ...), plus weight pruning per pattern.
     Each variant is prepared (measured, calibrated) once and serves perplexity, tasks and generation.
     """
-    settings = CalibrationSettings(steps=calib_steps, lr=lr)
+    settings = CalibrationSettings(steps=calib_steps, lr=lr, holdout=calib_holdout)
     configs = _variants(config, variant, variants, recipe, weights)
     task_names = _split(tasks)
     if task_names or task_dir is not None:
@@ -355,6 +364,7 @@ def calibrate(
     calib_windows: CalibWindowsOpt = 32,
     calib_steps: CalibStepsOpt = None,
     lr: LrOpt = None,
+    calib_holdout: HoldoutOpt = 0.25,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
@@ -366,7 +376,7 @@ def calibrate(
     the result with `actsparse eval --recipe DIR`; in Python, `sparsify(model, recipe=load_recipe(DIR))`.
     """
     sparsity = config.one()
-    settings = CalibrationSettings(steps=calib_steps, lr=lr)
+    settings = CalibrationSettings(steps=calib_steps, lr=lr, holdout=calib_holdout)
     check_recipe_target(out)
     part = calibration_text(dataset, calib_dataset)
     with output_lock(out):
@@ -382,12 +392,16 @@ def calibrate(
         recipe.save(out)
     blocks = (handle.calibration or {}).get("blocks", [])
     if blocks:
-        table = Table(title=f"{model}: {sparsity.label}, calibration objective on the calibration windows")
-        for column in ("block", "before", "after", "change"):
+        table = Table(
+            title=f"{model}: {sparsity.label}, calibration objective on the held-out calibration windows"
+        )
+        for column in ("block", "before", "after", "change", "kept at step"):
             table.add_column(column, justify="left" if column == "block" else "right", no_wrap=True)
         for block in blocks:
             before, after = block["loss_before"], block["loss_after"]
-            table.add_row(block["block"], f"{before:.4g}", f"{after:.4g}", f"{after / before - 1:+.1%}")
+            change = f"{after / before - 1:+.1%}" if before else "–"
+            kept = f"{block['kept_step']} of {block['steps']}" if block["kept_step"] else "none kept"
+            table.add_row(block["block"], f"{before:.4g}", f"{after:.4g}", change, kept)
         console.print(table)
     console.print(
         f"Recipe for {sparsity.label} saved to {out}; evaluate it with `actsparse eval --recipe {out}`."
@@ -415,6 +429,7 @@ def sweep(
     calib_windows: CalibWindowsOpt = 16,
     calib_steps: CalibStepsOpt = None,
     lr: LrOpt = None,
+    calib_holdout: HoldoutOpt = 0.25,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
@@ -446,7 +461,7 @@ def sweep(
     if config_file is not None:
         config = ConfigOptions({**config.given, **read_sweep_file(config_file)}, config.defaults, "sweep")
     configs = config.configs()
-    settings = CalibrationSettings(steps=calib_steps, lr=lr)
+    settings = CalibrationSettings(steps=calib_steps, lr=lr, holdout=calib_holdout)
     dtype = resolve_dtype(dtype, device)  # the manifest and every record name the dtype that ran
     check_device_map(device_map, device)
     data = SweepData(
