@@ -2,7 +2,7 @@
 
 import pytest
 
-from actsparse import SparsityConfig, evaluate, load_model
+from actsparse import CalibrationSettings, SparsityConfig, evaluate, load_model
 from actsparse.corrections import Learnable
 from actsparse.data import load_text, token_windows
 
@@ -47,7 +47,11 @@ def test_corrections_fitted_end_to_end_lower_the_kl_more_than_block_by_block(nam
         )
         for objective in ("block-mse", "output-kl")
     ]
-    _, plain, block_mse, output_kl = evaluate(model, windows, configs, calibration, progress=False)
+    # 8 passes over the 6 fitted windows (2 held out): at output-kl's careful default learning
+    # rate, the objective's two passes over so few short windows barely move the corrections.
+    settings = CalibrationSettings(steps=48)
+    _, plain, block_mse, output_kl = evaluate(
+        model, windows, configs, calibration, calibration_settings=settings, progress=False
+    )
     assert output_kl.config["calibration"]["blocks"][0]["kept_step"] > 0
-    # measured (plain → block-mse → output-kl): SmolLM2 0.1606 → 0.1463 → 0.1273; Gemma 0.1911 → 0.1837 → 0.1549
     assert output_kl.kl_to_dense < min(0.9 * plain.kl_to_dense, block_mse.kl_to_dense)
