@@ -132,7 +132,7 @@ def test_kl_policy_keeps_the_share_sparse_with_the_layers_of_least_output_kl(lla
     assert chosen == set(budget_layers(kl, flops, total, 0.5)) and 0.5 <= share < 1
 
 
-def test_kl_policy_measurement_is_kept_for_later_runs_with_the_same_model_and_windows(llama, measurements_store):
+def test_kl_policy_measurement_is_kept_for_later_runs_with_the_same_model_and_measured_windows(llama, measurements_store):
     calibration = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(8))
     config = SparsityConfig(pattern="2:4", policy=OutputKl(flop_share=0.5, kl_windows=2))
     calls = []
@@ -146,6 +146,7 @@ def test_kl_policy_measurement_is_kept_for_later_runs_with_the_same_model_and_wi
     measured = len(calls)
     assert measured > 0 and len(list(measurements_store.glob("*.json"))) == 1
     assert described(calibration) == first and len(calls) == measured  # read back: no forward pass
+    assert described(calibration[:2]) == first and len(calls) == measured  # only kl_windows=2 are read
     described(calibration.flip(0))  # other windows: measured anew
     assert len(calls) > measured and len(list(measurements_store.glob("*.json"))) == 2
     with torch.no_grad():

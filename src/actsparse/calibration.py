@@ -42,7 +42,8 @@ class Measurements:
     what is measured), calling ``compute(windows)`` the first time; measurements run the model on
     ``batch_size`` windows at a time. ``get(key, compute, stored=model)`` also keeps a JSON-ready
     value in the cache folder (``measurements/``), under the key, the model's weights and the
-    windows' tokens, so a later run with the same model, windows and key reads it back.
+    windows' tokens, so a later run with the same model, windows and key reads it back; with
+    ``reads=n`` only the first ``n`` windows' tokens count, for a measurement that reads no more.
     """
 
     def __init__(self, windows: torch.Tensor | None, batch_size: int = 1) -> None:
@@ -51,11 +52,17 @@ class Measurements:
         self._values: dict[str, Any] = {}
 
     def get(
-        self, key: Any, compute: Callable[[torch.Tensor | None], T], stored: nn.Module | None = None
+        self,
+        key: Any,
+        compute: Callable[[torch.Tensor | None], T],
+        stored: nn.Module | None = None,
+        reads: int | None = None,
     ) -> T:
         text = json.dumps(key, sort_keys=True)
         if text not in self._values:
-            path = None if stored is None or self.windows is None else self._stored_path(text, stored)
+            path = None
+            if stored is not None and self.windows is not None:
+                path = self._stored_path(text, stored, self.windows[:reads])
             if path is not None and path.exists():
                 self._values[text] = json.loads(path.read_text(encoding="utf-8"))["value"]
             else:
@@ -64,9 +71,10 @@ class Measurements:
                     write_json_atomic(path, {"key": key, "value": self._values[text]})
         return self._values[text]
 
-    def _stored_path(self, key: str, model: nn.Module) -> Path:
+    @staticmethod
+    def _stored_path(key: str, model: nn.Module, windows: torch.Tensor) -> Path:
         digest = hashlib.sha256(key.encode())
-        digest.update(self.windows.numpy().tobytes())
+        digest.update(windows.numpy().tobytes())
         weights_digest(model, digest)
         return measurements_dir() / f"{digest.hexdigest()}.json"
 

@@ -101,6 +101,8 @@ def plan(
                 model, calibration, candidates, config, statistics, windows, measurements.batch_size
             ),
             stored=model,  # minutes to measure: kept in the cache for later runs
+            # the first `windows` windows are all it reads, unless a correction's statistics saw more
+            reads=None if statistics else windows,
         )
         return measured["values"]
 
