@@ -2,13 +2,13 @@
 # The tables of docs/quality.md: calibrate the learnable rows once into recipes (on the sotu
 # calibration split, 1790–2000), then evaluate them beside the training-free rows on two texts the
 # calibration never saw: the sotu evaluation split (2001–2021) and the emails evaluation split.
-#   bash docs/quality.sh smollm2-135m 16 4     # model, windows (calibration and evaluation), batch
-#   bash docs/quality.sh gemma3-270m 8 2
+#   bash docs/quality.sh smollm2-135m 16 4      # model, evaluation windows, batch, calibration windows
+#   bash docs/quality.sh gemma3-270m 8 2 16     # (calibration windows default to evaluation windows)
 set -euo pipefail
-model=${1:-smollm2-135m} windows=${2:-16} batch=${3:-4}
+model=${1:-smollm2-135m} windows=${2:-16} batch=${3:-4} calib_windows=${4:-${2:-16}}
 actsparse=${ACTSPARSE:-.venv/bin/actsparse}
 recipes=results/quality/$model
-common=(--model "$model" --calib-windows "$windows" --batch-size "$batch" --device cpu --dtype float32)
+common=(--model "$model" --calib-windows "$calib_windows" --batch-size "$batch" --device cpu --dtype float32)
 calibrated=(
   "8:16-block-mse|--pattern 8:16 --objective block-mse"
   "8:16-block-normed|--pattern 8:16 --objective block-normed"
