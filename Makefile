@@ -21,7 +21,7 @@ setup: $(STAMP)
 	$(VENV)/bin/actsparse prepare --model smollm2-135m --dataset sotu
 
 # The demo's best 8:16 row: the kl layer policy at 55% of linear FLOPs with learnable corrections,
-# calibrated once (about 10 minutes on 2 cores) into a recipe in actsparse's cache.
+# calibrated once (about 8 minutes on 2 cores) into a recipe in actsparse's cache.
 CACHE := $(or $(ACTSPARSE_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/actsparse)
 DEMO_RECIPE := $(CACHE)/recipes/demo-smollm2-135m-8-16-kl-learnable
 
