@@ -5,7 +5,7 @@
 #   bash docs/quality.sh smollm2-135m 16 4      # model, evaluation windows, batch, calibration windows
 #   bash docs/quality.sh gemma3-270m 8 2 16     # (calibration windows default to evaluation windows)
 set -euo pipefail
-model=${1:-smollm2-135m} windows=${2:-16} batch=${3:-4} calib_windows=${4:-${2:-16}}
+model=${1:-smollm2-135m} windows=${2:-16} batch=${3:-4} calib_windows=${4:-$windows}
 actsparse=${ACTSPARSE:-.venv/bin/actsparse}
 recipes=results/quality/$model
 common=(--model "$model" --calib-windows "$calib_windows" --batch-size "$batch" --device cpu --dtype float32)
