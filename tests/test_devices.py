@@ -38,7 +38,7 @@ def _logits(model, tokens):
         return model(tokens, use_cache=False).logits
 
 
-@pytest.mark.parametrize("mitigation", ["none", "smoothquant+shift", "learnable"])
+@pytest.mark.parametrize("mitigation", ["none", "smoothquant+shift", "permute", "learnable"])
 def test_an_offloaded_model_is_sparsified_calibrated_and_restored_like_one_in_memory(
     llama, offloaded_llama, tokens, mitigation
 ):

@@ -239,10 +239,11 @@ def test_models_give_the_emulated_logits(model, criterion, mitigation, tokens, r
 
 
 @needs_kernel
-def test_learned_corrections_and_smoothing_run_through_the_kernel(llama, tokens):
+@pytest.mark.parametrize("mitigation", ["smoothquant+shift+learnable", "smoothquant+permute+shift+learnable"])
+def test_learned_corrections_and_smoothing_run_through_the_kernel(llama, tokens, mitigation):
     calibration = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
     settings = CalibrationSettings(steps=3, lr=1e-3)
-    config = SparsityConfig(pattern="2:4", mitigation="smoothquant+shift+learnable")
+    config = SparsityConfig(pattern="2:4", mitigation=mitigation)
     handle = sparsify(llama, config, calibration, calibration_settings=settings)
     expected = logits(llama, tokens)
     recipe = handle.recipe()

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
-from actsparse.corrections import Shift
+from actsparse.corrections import Shift, balanced_groups
 from actsparse.layers import SparseLinear
 from actsparse.ops import apply_pattern
 
@@ -140,3 +140,55 @@ def test_learned_corrections_start_as_the_plain_layer():
 def test_unsupported_learnable_combinations(settings, message):
     with pytest.raises(ActsparseError, match=message):
         SparsityConfig(**settings)
+
+
+def test_balanced_groups_deal_the_ranks_back_and_forth_across_the_groups():
+    # importance ranks 10 > 0 > 1 > … > 9: width 11 in groups of 4 leaves a tail of 3, which takes
+    # the three most important (10, 0, 1); the rest are dealt 2 → g0, 3 → g1, 4 → g1, 5 → g0, …
+    importance = torch.tensor([9.0, 8, 7, 6, 5, 4, 3, 2, 1, 0, 10])
+    order = balanced_groups(importance, 4)
+    assert order.tolist() == [2, 5, 6, 9, 3, 4, 7, 8, 10, 0, 1]
+    groups = balanced_groups(torch.arange(64.0), 16).reshape(4, 16)
+    ranks = 63 - groups  # every group holds one channel of each round of four ranks
+    assert all(sorted((ranks // 4).tolist()[g]) == list(range(16)) for g in range(4))
+
+
+def permuted(weight: torch.Tensor, mean_square: torch.Tensor, pattern: str = "2:4", **settings) -> SparseLinear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight.data = weight
+    config = SparsityConfig(pattern=pattern, criterion="magnitude", mitigation="permute", **settings)
+    return SparseLinear(linear, "up_proj", config, {"input_mean_square": mean_square})
+
+
+def test_permute_lets_each_group_keep_its_typically_large_inputs():
+    # Channels 0–3 are typically large. In the model's order they share the first group, which
+    # keeps only two of them; regrouped, each group holds two large and two small channels.
+    x = torch.tensor([[[3.0, 3.1, 3.2, 3.3, 1.0, 1.1, 1.2, 1.3]] * 2])
+    mean_square = torch.tensor([9.0, 9, 9, 9, 1, 1, 1, 1])
+    plain = layer(SparsityConfig(pattern="2:4", criterion="magnitude"), torch.eye(8))
+    torch.testing.assert_close(plain(x)[0, 0], torch.tensor([0, 0, 3.2, 3.3, 0, 0, 1.2, 1.3]))
+    regrouped = permuted(torch.eye(8), mean_square)
+    torch.testing.assert_close(regrouped(x)[0, 0], torch.tensor([3.0, 3.1, 3.2, 3.3, 0, 0, 0, 0]))
+
+
+def test_permute_leaves_every_product_of_the_layer_as_it_was():
+    torch.manual_seed(0)
+    weight = torch.randn(24, 32)
+    regrouped = permuted(weight, torch.rand(32), "8:16", phase="all")
+    x = torch.randn(2, 5, 32)
+    kept = regrouped.sparsify_input(x[..., regrouped.input_order], regrouped.channel_factor)
+    assert (kept != 0).sum() == x.numel() // 2  # 8 of 16 in every regrouped group
+    torch.testing.assert_close(regrouped(x), F.linear(kept, regrouped.weight))
+    unpermuted = torch.zeros_like(x).index_copy(-1, regrouped.input_order, kept)
+    torch.testing.assert_close(regrouped(x), F.linear(unpermuted, weight))  # the model's own order
+
+
+def test_permute_puts_the_most_important_inputs_in_the_dense_tail():
+    mean_square = torch.tensor([1.0, 1, 1, 1, 1, 1, 1, 1, 1, 5])
+    regrouped = permuted(torch.eye(10), mean_square, remainder="dense")
+    assert regrouped.input_order[-2:].tolist() == [9, 0]
+
+
+def test_permute_is_refused_without_groups():
+    with pytest.raises(ActsparseError, match="unstructured sparsity has none"):
+        SparsityConfig(pattern="unstructured:0.5", mitigation="permute")

@@ -129,3 +129,23 @@ def input_abs_max(
 
     observe_inputs(model, windows, layers, observe, purpose, batch_size=batch_size)
     return maxima
+
+
+def input_mean_square(
+    model: nn.Module,
+    windows: torch.Tensor | None,
+    layers: dict[str, nn.Linear],
+    purpose: str,
+    batch_size: int = 1,
+) -> dict[str, torch.Tensor]:
+    """Per-input-channel mean of ``X_:,j²`` of every layer over the calibration windows' tokens."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        current = x.float().square().sum(dim=0)
+        sums[name] = current if name not in sums else sums[name] + current
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    observe_inputs(model, windows, layers, observe, purpose, batch_size=batch_size)
+    return {name: total / counts[name] for name, total in sums.items()}

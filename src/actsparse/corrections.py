@@ -2,7 +2,7 @@
 
 A ``SparseLinear`` runs its corrections around the backend's sparse product::
 
-    every call:       x = c.every_call(x)                  smoothing (X / s)
+    every call:       x = c.every_call(x)                  smoothing (X / s), channel order
     sparsified call:  c.before_selection(call)             learned shift, the token's shift η
                       kept = select(call.input)            (backend)
                       kept = c.kept_values(call, kept)     restored variance, learned scale
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from actsparse.calibration import Measurements, input_abs_max
+from actsparse.calibration import Measurements, input_abs_max, input_mean_square
 from actsparse.errors import ActsparseError
 from actsparse.quant import smoothing_scale
 from actsparse.registry import Piece, Registry, setting
@@ -167,6 +167,76 @@ class Outstanding(_Smoothing):
     description: ClassVar[str] = "Outstanding-sparse: the inverse smoothing scale (α 0.1)"
     inverse: ClassVar[bool] = True
     smooth_alpha: float = setting(0.1, "α of the smoothing scale (smoothquant 0.5, outstanding 0.1).")
+
+
+# ---- channel order -----------------------------------------------------------------------------
+
+
+def balanced_groups(importance: torch.Tensor, m: int) -> torch.Tensor:
+    """An order of a layer's input channels in which every group of ``m`` consecutive positions
+    holds channels of every rank of ``importance``: from most to least important, the channels
+    are dealt across the groups back and forth (groups 0, 1, …, G−1, then G−1, …, 0, and so on).
+    When the width is not a multiple of ``m`` the ``width % m`` most important channels take the
+    tail, which stays dense."""
+    groups, tail = divmod(importance.numel(), m)
+    ranked = importance.argsort(descending=True, stable=True)
+    rounds = ranked[tail:].reshape(m, groups).clone()  # round r deals ranks r·G … r·G + G − 1
+    rounds[1::2] = rounds[1::2].flip(-1)
+    return torch.cat([rounds.t().flatten(), ranked[:tail]])
+
+
+@CORRECTIONS.register
+@dataclass(frozen=True)
+class Permute(Correction):
+    """Choose which inputs share a group of M: each sparse layer's input channels are reordered
+    (``x[..., order]``, and the weight's columns with them, so every product is unchanged) so that
+    each group mixes channels that are typically large with ones that are typically small, ranked
+    by their mean squared selection score on calibration text (``balanced_groups``). In the
+    model's own order, neighbouring channels that are both large compete for the same N places."""
+
+    name: ClassVar[str] = "permute"
+    description: ClassVar[str] = "reorder input channels so each group of M mixes large and small ones"
+    stage: ClassVar[int] = 5
+    needs_calibration: ClassVar[bool] = True
+    statistics: ClassVar[tuple[str, ...]] = ("input_mean_square",)
+
+    def check(self, config: SparsityConfig) -> None:
+        if config.parsed_pattern.unstructured:
+            raise ActsparseError(
+                "The permute correction chooses the groups of an N:M pattern and unstructured "
+                "sparsity has none; choose an N:M pattern or drop permute."
+            )
+
+    def measure(
+        self, model: nn.Module, layers: dict[str, nn.Linear], measurements: Measurements
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        means = measurements.get(
+            ("input_mean_square", sorted(layers)),
+            lambda windows: input_mean_square(
+                model, windows, layers, "permute statistics", measurements.batch_size
+            ),
+        )
+        return {name: {"input_mean_square": value} for name, value in means.items()}
+
+    def transform_weight(
+        self, layer: SparseLinear, weight: torch.Tensor, statistics: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        if not layer.sparse:
+            layer.register_buffer("input_order", None, persistent=False)
+            return weight
+        mean_square = statistics["input_mean_square"].to(weight.device)
+        smoothing = getattr(layer, "input_scale", None)
+        if smoothing is not None:  # smoothed first: selection sees X / s
+            mean_square = mean_square / smoothing.float().square()
+        weight_factor = layer.criterion.weight_factor
+        if weight_factor is not None:
+            mean_square = mean_square * weight_factor(weight).square()
+        order = balanced_groups(mean_square, layer.pattern.m)
+        layer.register_buffer("input_order", order, persistent=False)
+        return weight.detach()[:, order]
+
+    def every_call(self, layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
+        return x if layer.input_order is None else x[..., layer.input_order]
 
 
 # ---- training-free corrections of each token ---------------------------------------------------
