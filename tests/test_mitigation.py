@@ -153,7 +153,9 @@ def test_balanced_groups_deal_the_ranks_back_and_forth_across_the_groups():
     assert all(sorted((ranks // 4).tolist()[g]) == list(range(16)) for g in range(4))
 
 
-def permuted(weight: torch.Tensor, mean_square: torch.Tensor, pattern: str = "2:4", **settings) -> SparseLinear:
+def permuted(
+    weight: torch.Tensor, mean_square: torch.Tensor, pattern: str = "2:4", **settings
+) -> SparseLinear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     linear.weight.data = weight
     config = SparsityConfig(pattern=pattern, criterion="magnitude", mitigation="permute", **settings)
