@@ -20,14 +20,15 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 	$(VENV)/bin/actsparse prepare --model smollm2-135m --dataset sotu
 
-# The demo's best 8:16 row: the kl layer policy at 55% of linear FLOPs with learnable corrections,
-# calibrated once (about 8 minutes on 2 cores) into a recipe in actsparse's cache.
+# The demo's best 8:16 row: the kl layer policy at 55% of linear FLOPs with the inputs regrouped
+# (permute) and learnable corrections, calibrated once (about 8 minutes on 2 cores) into a recipe
+# in actsparse's cache.
 CACHE := $(or $(ACTSPARSE_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/actsparse)
-DEMO_RECIPE := $(CACHE)/recipes/demo-smollm2-135m-8-16-kl-learnable
+DEMO_RECIPE := $(CACHE)/recipes/demo-smollm2-135m-8-16-kl-permute-learnable
 
 $(DEMO_RECIPE)/recipe.json: | setup
 	$(VENV)/bin/actsparse calibrate --model smollm2-135m --dataset sotu --pattern 8:16 --criterion amber \
-		--policy kl --kl-windows 2 --mitigation learnable --calib-windows 16 --batch-size 4 --out $(DEMO_RECIPE)
+		--policy kl --kl-windows 2 --mitigation permute+learnable --calib-windows 16 --batch-size 4 --out $(DEMO_RECIPE)
 
 demo: setup $(DEMO_RECIPE)/recipe.json
 	$(VENV)/bin/actsparse eval --model smollm2-135m --dataset sotu --recipe $(DEMO_RECIPE) \

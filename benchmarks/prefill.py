@@ -4,7 +4,8 @@
 
 Times a prefill of --tokens tokens (one sequence, no KV cache kept) of the dense model, of the model
 with every decoder projection sparsified through the compiled sparse GEMM (cpu-kernel), of the same
-emulated (zeros multiplied densely), of the dense model with its linear layers on oneDNN
+emulated (zeros multiplied densely), of the same with the ``permute`` correction (each call's
+input gathered into the calibrated channel order first), of the dense model with its linear layers on oneDNN
 (``torch.utils.mkldnn``), and of the cpu-kernel model with its dense LM head on oneDNN too (so that
 only the projections differ from the oneDNN row); then the dense model and the cpu-kernel model in
 bfloat16 (dense bfloat16 runs on oneDNN, with AMX where the CPU has it). All interleaved round by
@@ -50,6 +51,8 @@ def main() -> None:
     kernel_model, emulated_model = copy.deepcopy(model), copy.deepcopy(model)
     sparsify(kernel_model, kernel_config)
     sparsify(emulated_model, config)
+    permuted_model = copy.deepcopy(model)  # the order's values do not change the time: calibrated on ids
+    sparsify(permuted_model, replace(kernel_config, mitigation="permute"), ids)
     onednn_model = mkldnn.to_mkldnn(copy.deepcopy(model))
     onednn_head = copy.deepcopy(model)
     onednn_head.lm_head = mkldnn.to_mkldnn(onednn_head.lm_head)
@@ -66,6 +69,7 @@ def main() -> None:
         "dense (F.linear)": lambda: prefill(model),
         f"{config.label}, cpu-kernel": lambda: prefill(kernel_model),
         f"{config.label}, emulated": lambda: prefill(emulated_model),
+        f"{config.label} permute, cpu-kernel": lambda: prefill(permuted_model),
         "dense, oneDNN linear layers": lambda: prefill(onednn_model),
         f"{config.label}, cpu-kernel, oneDNN LM head": lambda: prefill(onednn_head),
         "dense, bfloat16": lambda: prefill(bfloat16_model),
