@@ -16,6 +16,7 @@ are its settings) and ``@CORRECTIONS.register``; nothing else changes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -107,6 +108,23 @@ CORRECTIONS: Registry[type[Correction]] = Registry("mitigation")
 """The corrections by name, in the order they are spelled and shown."""
 
 
+def per_layer_statistic(
+    statistic: str,
+    observe: Callable[..., dict[str, torch.Tensor]],
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    measurements: Measurements,
+    purpose: str,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``{layer: {statistic: tensor}}`` from ``observe(model, windows, layers, purpose, batch_size)``
+    (``actsparse.calibration``), measured once per ``measurements`` and shared by every variant."""
+    values = measurements.get(
+        (statistic, sorted(layers)),
+        lambda windows: observe(model, windows, layers, purpose, measurements.batch_size),
+    )
+    return {name: {statistic: value} for name, value in values.items()}
+
+
 # ---- smoothing ---------------------------------------------------------------------------------
 
 
@@ -128,13 +146,9 @@ class _Smoothing(Correction):
     def measure(
         self, model: nn.Module, layers: dict[str, nn.Linear], measurements: Measurements
     ) -> dict[str, dict[str, torch.Tensor]]:
-        maxima = measurements.get(
-            ("input_max", sorted(layers)),
-            lambda windows: input_abs_max(
-                model, windows, layers, f"{self.name} smoothing", measurements.batch_size
-            ),
+        return per_layer_statistic(
+            "input_max", input_abs_max, model, layers, measurements, f"{self.name} smoothing"
         )
-        return {name: {"input_max": value} for name, value in maxima.items()}
 
     def transform_weight(
         self, layer: SparseLinear, weight: torch.Tensor, statistics: dict[str, torch.Tensor]
@@ -210,13 +224,9 @@ class Permute(Correction):
     def measure(
         self, model: nn.Module, layers: dict[str, nn.Linear], measurements: Measurements
     ) -> dict[str, dict[str, torch.Tensor]]:
-        means = measurements.get(
-            ("input_mean_square", sorted(layers)),
-            lambda windows: input_mean_square(
-                model, windows, layers, "permute statistics", measurements.batch_size
-            ),
+        return per_layer_statistic(
+            "input_mean_square", input_mean_square, model, layers, measurements, "permute statistics"
         )
-        return {name: {"input_mean_square": value} for name, value in means.items()}
 
     def transform_weight(
         self, layer: SparseLinear, weight: torch.Tensor, statistics: dict[str, torch.Tensor]
