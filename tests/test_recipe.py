@@ -18,16 +18,21 @@ CONFIG = SparsityConfig(
 )
 
 
+def calibrate_and_save(llama, tokens, config, folder):
+    """Calibrate ``config`` on ``llama``, save its recipe in ``folder``; the calibrated logits."""
+    calibration = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
+    handle = sparsify(llama, config, calibration, calibration_settings=CalibrationSettings(steps=3, lr=1e-3))
+    with torch.no_grad():
+        logits = llama(tokens, use_cache=False).logits
+    handle.recipe().save(folder)
+    handle.remove()
+    return logits
+
+
 @pytest.fixture
 def saved(llama, tokens, tmp_path):
     """A calibrated recipe folder and the logits of the model it was calibrated on."""
-    calibration = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
-    handle = sparsify(llama, CONFIG, calibration, calibration_settings=CalibrationSettings(steps=3, lr=1e-3))
-    with torch.no_grad():
-        logits = llama(tokens, use_cache=False).logits
-    handle.recipe().save(tmp_path / "recipe")
-    handle.remove()
-    return tmp_path / "recipe", logits
+    return tmp_path / "recipe", calibrate_and_save(llama, tokens, CONFIG, tmp_path / "recipe")
 
 
 def test_round_trip_is_bit_identical(llama, tokens, saved):
@@ -130,12 +135,7 @@ def test_a_regrouped_recipe_round_trips_bit_for_bit(llama, tokens, tmp_path):
     # The channel order is not saved: it is derived again from the saved statistics and weights,
     # after smoothing, and the learned corrections live in that order.
     config = SparsityConfig(pattern="8:16", criterion="amber", mitigation="smoothquant+permute+learnable")
-    calibration = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
-    handle = sparsify(llama, config, calibration, calibration_settings=CalibrationSettings(steps=3, lr=1e-3))
-    with torch.no_grad():
-        logits = llama(tokens, use_cache=False).logits
-    handle.recipe().save(tmp_path / "recipe")
-    handle.remove()
+    logits = calibrate_and_save(llama, tokens, config, tmp_path / "recipe")
     recipe = load_recipe(tmp_path / "recipe")
     assert any(name.endswith(".input_mean_square") for name in recipe.tensors)
     with sparsify(llama, recipe=recipe), torch.no_grad():
