@@ -155,3 +155,59 @@ def test_kl_policy_measurement_is_kept_for_later_runs_with_the_same_model_and_me
     described(calibration)
     assert len(calls) > count and len(list(measurements_store.glob("*.json"))) == 3
     hook.remove()
+
+
+def test_rest_pattern_gives_the_layers_the_policy_leaves_out_the_denser_pattern(llama, tokens):
+    import re
+
+    from actsparse.flops import flop_report
+    from actsparse.targets import linear_flops
+
+    calibration = torch.randint(0, 128, (4, 20), generator=torch.Generator().manual_seed(8))
+    policy = OutputKl(flop_share=0.3, kl_windows=2)
+    alone = sparsify(llama, SparsityConfig(pattern="2:4", policy=policy), calibration)
+    chosen = set(alone.policy_layers)
+    alone.remove()
+    mixed = SparsityConfig(pattern="2:4", policy=policy, rest_pattern="3:4")
+    with sparsify(llama, mixed, calibration) as handle:
+        assert set(handle.policy_layers) == chosen  # the same ranking and choice as without it
+        rest = set(handle.layers) - chosen
+        assert rest and {str(handle.layers[n].pattern) for n in rest} == {"3:4"}
+        assert set(handle.describe()["skipped_layers"]) == rest
+        report = flop_report(llama, handle)
+        with torch.no_grad():
+            logits = llama(tokens, use_cache=False).logits
+    removed = sum(
+        linear_flops(layer) * (0.5 if name in chosen else 0.25) for name, layer in handle.originals.items()
+    )
+    assert report.sparse_share == 1 and report.removed_share == pytest.approx(
+        removed / report.linear_flops_per_token
+    )
+
+    def only(names):  # a layer filter matching exactly ``names``
+        return tuple(f"^{re.escape(name)}$" for name in names)
+
+    # the same as two handles on disjoint layers, one per pattern, made one at a time and attached together
+    by_hand = []
+    for pattern, names in (("2:4", chosen), ("3:4", rest)):
+        by_hand.append(sparsify(llama, SparsityConfig(pattern=pattern, include=only(names))))
+        by_hand[-1].remove()
+    for handle in by_hand:
+        handle.attach()
+    with torch.no_grad():
+        assert torch.equal(llama(tokens, use_cache=False).logits, logits)
+    for handle in by_hand:
+        handle.remove()
+
+
+def test_rest_pattern_needs_a_policy_that_leaves_layers_out():
+    with pytest.raises(ActsparseError, match="policy=all leaves none"):
+        SparsityConfig(pattern="8:16", rest_pattern="12:16")
+    with pytest.raises(ActsparseError, match="cpu-kernel backend takes M up to 64"):
+        SparsityConfig(pattern="8:16", policy="kl", rest_pattern="96:128", backend="cpu-kernel")
+    with pytest.raises(ActsparseError, match="permute correction"):
+        SparsityConfig(pattern="8:16", policy="kl", rest_pattern="unstructured:0.7", mitigation="permute")
+    config = SparsityConfig(pattern="8:16", policy="kl", rest_pattern=" 12 : 16 ")
+    assert config.rest_pattern == "12:16" and "rest=12:16" in config.label
+    assert SparsityConfig.from_dict(config.to_dict()) == config
+    assert "rest_pattern" not in SparsityConfig(policy="kl").to_dict()  # older keys stay as they were

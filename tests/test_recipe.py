@@ -140,3 +140,20 @@ def test_a_regrouped_recipe_round_trips_bit_for_bit(llama, tokens, tmp_path):
     assert any(name.endswith(".input_mean_square") for name in recipe.tensors)
     with sparsify(llama, recipe=recipe), torch.no_grad():
         assert torch.equal(llama(tokens, use_cache=False).logits, logits)
+
+
+def test_a_mixed_pattern_recipe_round_trips_bit_for_bit(llama, tokens, tmp_path):
+    from actsparse.policy import OutputKl
+
+    config = SparsityConfig(
+        pattern="2:4",
+        rest_pattern="3:4",
+        policy=OutputKl(flop_share=0.4, kl_windows=2),
+        mitigation="permute+learnable",
+    )
+    logits = calibrate_and_save(llama, tokens, config, tmp_path / "recipe")
+    recipe = load_recipe(tmp_path / "recipe")
+    with sparsify(llama, recipe=recipe) as handle, torch.no_grad():
+        assert torch.equal(llama(tokens, use_cache=False).logits, logits)
+        patterns = {str(layer.pattern) for layer in handle.layers.values()}
+        assert patterns == {"2:4", "3:4"} and set(handle.policy_layers) == set(recipe.sparse_layers)

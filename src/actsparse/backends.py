@@ -97,11 +97,11 @@ class CpuKernel(Backend):
     )
 
     def refusal(self, config: SparsityConfig) -> str | None:
-        pattern = config.parsed_pattern
-        if pattern.unstructured:
-            return "runs N:M patterns only; choose an N:M pattern"
-        if not pattern.dense and pattern.m > kernels.MAX_GROUP:
-            return f"takes M up to {kernels.MAX_GROUP}; choose a smaller group"
+        for pattern in config.layer_patterns:
+            if pattern.unstructured:
+                return "runs N:M patterns only; choose an N:M pattern"
+            if not pattern.dense and pattern.m > kernels.MAX_GROUP:
+                return f"takes M up to {kernels.MAX_GROUP}; choose a smaller group"
         if config.quant != "none":
             return "computes in float32 and does not quantise; drop quant='w8a8'"
         for correction in config.mitigation:

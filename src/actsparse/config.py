@@ -55,6 +55,9 @@ class SparsityConfig:
             refuses, ``"dense"`` keeps the last ``in % M`` inputs dense.
         policy: which target layers are sparsified: a ``Policy`` or its name
             (``actsparse.policy.POLICIES``: all, amber, budget, kl) with default settings.
+        rest_pattern: the pattern of the target layers the policy leaves out: ``"dense"``, or a
+            denser N:M (``"12:16"``) for a mixed pattern, the sparser ``pattern`` on the layers the
+            policy chose and ``rest_pattern`` on the others.
         mitigation: the corrections (``actsparse.corrections.CORRECTIONS``), as pieces or spelled
             with ``+`` (``"shift+var"``, ``"smoothquant+shift+learnable"``); ``"none"`` for none.
         quant: ``"w8a8"`` adds int8 weights per output channel and int8 activations per token
@@ -84,6 +87,10 @@ class SparsityConfig:
         metadata=_about("When in_features is not a multiple of M: error, or dense (tail dense)."),
     )
     policy: Policy = field(default="all", metadata=_about("Which target layers are sparsified: {policies}."))
+    rest_pattern: str = field(
+        default="dense",
+        metadata=_about("Pattern of the target layers the policy leaves out: dense, or N:M (12:16) to mix patterns."),
+    )
     mitigation: tuple[Correction, ...] = field(
         default=(), metadata=_about("Corrections, joined with + (shift+var): none, {corrections}.")
     )
@@ -96,11 +103,14 @@ class SparsityConfig:
     )
     backend: str = field(default="emulated", metadata=_about("How products are computed: {backends}."))
     parsed_pattern: Pattern = field(init=False, repr=False, compare=False)
+    parsed_rest_pattern: Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "parsed_pattern", parse_pattern(self.pattern))
         set_(self, "pattern", str(self.parsed_pattern))
+        set_(self, "parsed_rest_pattern", parse_pattern(self.rest_pattern))
+        set_(self, "rest_pattern", str(self.parsed_rest_pattern))
         for name in ("include", "exclude", "quant_exclude"):
             set_(self, name, tuple(getattr(self, name)))
         set_(self, "policy", _policy(self.policy))
@@ -113,6 +123,11 @@ class SparsityConfig:
         if self.quant not in QUANTS:
             raise ActsparseError(f"Unknown quantisation '{self.quant}'; choose one of {', '.join(QUANTS)}.")
         self.policy.check()
+        if not self.parsed_rest_pattern.dense and self.policy.name == "all":
+            raise ActsparseError(
+                f"rest_pattern {self.rest_pattern} applies to the target layers a layer policy leaves "
+                "out, and policy=all leaves none; choose a policy (kl, budget, amber) or drop rest_pattern."
+            )
         for correction in self.mitigation:
             correction.check(self)
         if refusal := BACKENDS.get(self.backend).refusal(self):
@@ -126,6 +141,13 @@ class SparsityConfig:
                 ) from None
 
     @property
+    def layer_patterns(self) -> tuple[Pattern, ...]:
+        """The patterns the sparse layers take: ``pattern``, and ``rest_pattern`` unless dense."""
+        if self.parsed_rest_pattern.dense:
+            return (self.parsed_pattern,)
+        return (self.parsed_pattern, self.parsed_rest_pattern)
+
+    @property
     def mitigation_name(self) -> str:
         """The corrections spelled out, e.g. ``"shift+var"`` (``"none"`` without any)."""
         return "+".join(c.name for c in self.mitigation) or "none"
@@ -136,6 +158,8 @@ class SparsityConfig:
         parts = [self.pattern] if self.parsed_pattern.dense else [self.pattern, self.criterion]
         if self.policy.name != "all":
             parts.append(f"policy={self.policy.name}")
+        if not self.parsed_rest_pattern.dense:
+            parts.append(f"rest={self.rest_pattern}")
         if self.mitigation:
             parts.append(self.mitigation_name)
         for piece in (self.policy, *self.mitigation):
@@ -165,6 +189,8 @@ class SparsityConfig:
         data["mitigation"] = [c.to_dict() for c in self.mitigation]
         for name in ("include", "exclude", "quant_exclude"):
             data[name] = list(data[name])
+        if self.parsed_rest_pattern.dense:  # configs without it keep the form (and keys) they had
+            del data["rest_pattern"]
         return data
 
     @classmethod

@@ -215,7 +215,7 @@ class Permute(Correction):
     statistics: ClassVar[tuple[str, ...]] = ("input_mean_square",)
 
     def check(self, config: SparsityConfig) -> None:
-        if config.parsed_pattern.unstructured:
+        if any(pattern.unstructured for pattern in config.layer_patterns):
             raise ActsparseError(
                 "The permute correction chooses the groups of an N:M pattern and unstructured "
                 "sparsity has none; choose an N:M pattern or drop permute."

@@ -40,14 +40,21 @@ class SparsityHandle:
     def label(self) -> str:
         return self.config.label
 
+    @property
+    def policy_layers(self) -> list[str]:
+        """The layers sparse at ``config.pattern``: all the policy chose (the others are dense or at
+        ``config.rest_pattern``)."""
+        main = self.config.parsed_pattern
+        return [name for name, layer in self.layers.items() if layer.sparse and layer.pattern == main]
+
     def describe(self) -> dict[str, Any]:
-        """The configuration and, under a layer policy, the layers it skipped and why."""
+        """The configuration and, under a layer policy, the layers it left out (dense, or at
+        ``rest_pattern``) and why."""
         description: dict[str, Any] = {"kind": "activations", **self.config.to_dict()}
         if self.sensitivity is not None:
             description["sensitivity"] = self.sensitivity
-            description["skipped_layers"] = [
-                name for name in self.sensitivity if not (name in self.layers and self.layers[name].sparse)
-            ]
+            chosen = set(self.policy_layers)
+            description["skipped_layers"] = [name for name in self.sensitivity if name not in chosen]
         if self.calibration is not None:
             description["calibration"] = self.calibration
         return description
@@ -66,7 +73,7 @@ class SparsityHandle:
         return Recipe(
             config=self.config,
             model=model_fingerprint(self.model),
-            sparse_layers=[name for name, layer in self.layers.items() if layer.sparse],
+            sparse_layers=self.policy_layers,
             tensors=tensors,
             sensitivity=self.sensitivity,
             calibration=self.calibration,

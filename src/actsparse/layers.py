@@ -16,6 +16,7 @@ from actsparse.devices import carry_hook, materialized, offloaded
 from actsparse.errors import ActsparseError
 from actsparse.kernels import triton_select
 from actsparse.ops import apply_pattern
+from actsparse.patterns import Pattern
 from actsparse.quant import quantize_activation, quantize_weight
 
 
@@ -60,16 +61,18 @@ class SparseLinear(nn.Linear):
         name: str,
         config: SparsityConfig,
         statistics: dict[str, torch.Tensor] | None = None,
-        sparse: bool = True,
+        pattern: Pattern | None = None,
     ) -> None:
         """Wrap ``linear`` (named ``name`` in its model) after checking the pattern fits it.
 
         ``statistics`` are this layer's calibration statistics (``{"input_max": ...}`` for
-        smoothing); ``sparse=False`` wraps a layer only for its smoothing and quantisation.
+        smoothing); ``pattern`` is this layer's own (``config.pattern`` when None; a layer a policy
+        leaves out takes ``config.rest_pattern``), and a dense one wraps a layer only for its
+        smoothing and quantisation.
         """
-        pattern = config.parsed_pattern
+        pattern = config.parsed_pattern if pattern is None else pattern
         if (
-            sparse
+            not pattern.dense
             and not pattern.unstructured
             and linear.in_features % pattern.m
             and config.remainder == "error"
@@ -83,7 +86,7 @@ class SparseLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.name = name
         self.config = config
-        self.sparse = sparse and not pattern.dense
+        self.sparse = not pattern.dense
         self.pattern = pattern
         self.criterion = get_criterion(config.criterion)
         self.backend = get_backend(config.backend)

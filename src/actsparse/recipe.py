@@ -57,7 +57,9 @@ def _sha256(path: Path) -> str:
 class Recipe:
     """A configuration, the layers it sparsifies, and its calibrated tensors, for one model.
 
-    Tensor names are ``<layer>.input_max`` (smoothing) and ``<layer>.correction.<name>`` (learned).
+    ``sparse_layers`` are the layers the policy chose, sparse at ``config.pattern``; the config's
+    other target layers take its ``rest_pattern``. Tensor names are ``<layer>.input_max``
+    (smoothing) and ``<layer>.correction.<name>`` (learned).
     """
 
     config: SparsityConfig

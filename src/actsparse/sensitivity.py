@@ -28,13 +28,19 @@ _EPS = 1e-12
 
 
 def sensitivity_config(config: SparsityConfig) -> SparsityConfig:
-    """What a sensitivity measures under ``config``: its pattern, criterion and training-free
-    corrections (smoothing included), emulated, without quantisation and before anything is learned.
-    Calibration windows have many tokens, so every call is sparsified under either phase: one
-    measurement serves both."""
+    """What a sensitivity measures under ``config``: its pattern (each layer alone at it, the rest
+    dense, whatever ``rest_pattern``), criterion and training-free corrections (smoothing included),
+    emulated, without quantisation and before anything is learned. Calibration windows have many
+    tokens, so every call is sparsified under either phase: one measurement serves both."""
     mitigation = tuple(c for c in config.mitigation if not c.learned)
     return replace(
-        config, quant="none", policy="all", backend="emulated", mitigation=mitigation, phase="prefill"
+        config,
+        quant="none",
+        policy="all",
+        rest_pattern="dense",
+        backend="emulated",
+        mitigation=mitigation,
+        phase="prefill",
     )
 
 

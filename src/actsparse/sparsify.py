@@ -33,7 +33,8 @@ from actsparse.targets import linear_flops, linear_layers, target_layers
 
 @dataclass(frozen=True)
 class Plan:
-    """What planning decided: the layers made sparse, per-layer calibration statistics, and the
+    """What planning decided: the layers the policy chose (sparse at ``config.pattern``; the other
+    candidates take ``config.rest_pattern``), per-layer calibration statistics, and the
     sensitivities the policy measured (None when it measured none)."""
 
     sparse_layers: list[str]
@@ -125,15 +126,22 @@ def _recipe_plan(recipe: Recipe, candidates: dict[str, nn.Linear]) -> Plan:
 def insert(
     model: nn.Module, config: SparsityConfig, candidates: dict[str, nn.Linear], planned: Plan
 ) -> SparsityHandle:
-    """Phase 2: wrap the planned layers (every candidate under W8A8, the skipped ones dense) and
-    attach them."""
+    """Phase 2: wrap the planned layers at ``config.pattern`` and the other candidates at
+    ``config.rest_pattern`` (dense ones only under W8A8), and attach them."""
     chosen = set(planned.sparse_layers)
-    wrapped = candidates if config.quant != "none" else {n: l for n, l in candidates.items() if n in chosen}
+    patterns = {
+        name: config.parsed_pattern if name in chosen else config.parsed_rest_pattern for name in candidates
+    }
+    wrapped = {
+        name: linear
+        for name, linear in candidates.items()
+        if not patterns[name].dense or config.quant != "none"
+    }
     layers: dict[str, SparseLinear] = {}
     try:
         for name, linear in wrapped.items():
             layers[name] = SparseLinear(
-                linear, name, config, planned.statistics.get(name), sparse=name in chosen
+                linear, name, config, planned.statistics.get(name), patterns[name]
             )
     except BaseException:
         for layer in layers.values():  # the originals get their weights back as they were
