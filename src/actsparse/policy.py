@@ -109,7 +109,10 @@ class Policy(Piece):
 POLICIES: Registry[type[Policy]] = Registry("policy")
 """The layer policies by name."""
 
-_SHARE_HELP = "Share of linear FLOPs (LM head excluded) the amber and budget policies keep sparse."
+_SHARE_HELP = (
+    "Share of linear FLOPs (LM head excluded) the amber, budget and kl policies keep sparse at pattern "
+    "(the rest dense, or at rest_pattern)."
+)
 
 
 def _check_share(share: float) -> None:

@@ -127,7 +127,7 @@ def insert(
     model: nn.Module, config: SparsityConfig, candidates: dict[str, nn.Linear], planned: Plan
 ) -> SparsityHandle:
     """Phase 2: wrap the planned layers at ``config.pattern`` and the other candidates at
-    ``config.rest_pattern`` (dense ones only under W8A8), and attach them."""
+    ``config.rest_pattern`` (when it is dense, only under W8A8), and attach them."""
     chosen = set(planned.sparse_layers)
     patterns = {
         name: config.parsed_pattern if name in chosen else config.parsed_rest_pattern for name in candidates
@@ -135,7 +135,7 @@ def insert(
     wrapped = {
         name: linear
         for name, linear in candidates.items()
-        if not patterns[name].dense or config.quant != "none"
+        if name in chosen or not patterns[name].dense or config.quant != "none"
     }
     layers: dict[str, SparseLinear] = {}
     try:
