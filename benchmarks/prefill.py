@@ -5,7 +5,9 @@
 Times a prefill of --tokens tokens (one sequence, no KV cache kept) of the dense model, of the model
 with every decoder projection sparsified through the compiled sparse GEMM (cpu-kernel), of the same
 emulated (zeros multiplied densely), of the same with the ``permute`` correction (each call's
-input gathered into the calibrated channel order first), of the dense model with its linear layers on oneDNN
+input gathered into the calibrated channel order first), of a mixed pattern (--pattern on the 10%
+of linear FLOPs the budget policy finds least sensitive, --rest-pattern on the other projections:
+``rest_pattern``), of the dense model with its linear layers on oneDNN
 (``torch.utils.mkldnn``), and of the cpu-kernel model with its dense LM head on oneDNN too (so that
 only the projections differ from the oneDNN row); then the dense model and the cpu-kernel model in
 bfloat16 (dense bfloat16 runs on oneDNN, with AMX where the CPU has it). All interleaved round by
@@ -26,6 +28,7 @@ from torch.utils import mkldnn
 
 from actsparse import SparsityConfig, kernels, load_model, sparsify
 from actsparse.cpu import this_cpu
+from actsparse.policy import Budget
 
 
 def main() -> None:
@@ -33,6 +36,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--pattern", default="8:16")
     parser.add_argument("--criterion", default="amber")
+    parser.add_argument("--rest-pattern", default="12:16")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
@@ -53,6 +57,9 @@ def main() -> None:
     sparsify(emulated_model, config)
     permuted_model = copy.deepcopy(model)  # the order's values do not change the time: calibrated on ids
     sparsify(permuted_model, replace(kernel_config, mitigation="permute"), ids)
+    mixed_config = replace(kernel_config, policy=Budget(flop_share=0.1), rest_pattern=args.rest_pattern)
+    mixed_model = copy.deepcopy(model)  # which layers take which pattern barely changes the time
+    sparsify(mixed_model, mixed_config, ids)
     onednn_model = mkldnn.to_mkldnn(copy.deepcopy(model))
     onednn_head = copy.deepcopy(model)
     onednn_head.lm_head = mkldnn.to_mkldnn(onednn_head.lm_head)
@@ -70,6 +77,7 @@ def main() -> None:
         f"{config.label}, cpu-kernel": lambda: prefill(kernel_model),
         f"{config.label}, emulated": lambda: prefill(emulated_model),
         f"{config.label} permute, cpu-kernel": lambda: prefill(permuted_model),
+        f"{args.pattern} on 10%, {args.rest_pattern} rest, cpu-kernel": lambda: prefill(mixed_model),
         "dense, oneDNN linear layers": lambda: prefill(onednn_model),
         f"{config.label}, cpu-kernel, oneDNN LM head": lambda: prefill(onednn_head),
         "dense, bfloat16": lambda: prefill(bfloat16_model),

@@ -7,9 +7,12 @@
 #   bash docs/quality.sh smollm2-135m 16 4                        # model, evaluation windows, batch,
 #   bash docs/quality.sh gemma3-270m 8 2 16                       # calibration windows (default: evaluation windows)
 #   TABLE=channel-order bash docs/quality.sh smollm2-135m 16 4
+# LASTWORD (default 300) is how many lastword questions each row answers; 0 leaves the task out.
 set -euo pipefail
 model=${1:-smollm2-135m} windows=${2:-16} batch=${3:-4} calib_windows=${4:-$windows}
 table=${TABLE:-quality}
+tasks=(--tasks lastword --limit "${LASTWORD:-300}")
+if [ "${LASTWORD:-300}" = 0 ]; then tasks=(); fi
 actsparse=${ACTSPARSE:-.venv/bin/actsparse}
 recipes=results/quality/$model  # named by their settings, so tables share them
 common=(--model "$model" --calib-windows "$calib_windows" --batch-size "$batch" --device cpu --dtype float32)
@@ -23,6 +26,6 @@ while IFS='|' read -r name options; do
 done < "docs/variants/$table-recipes.txt"
 for text in sotu emails; do
   "$actsparse" eval "${common[@]}" --dataset "$text" --calib-dataset sotu --windows "$windows" \
-    --variants "docs/variants/$table.txt" "${made[@]}" --tasks lastword --limit 300 \
+    --variants "docs/variants/$table.txt" "${made[@]}" "${tasks[@]}" \
     --out "docs/results/$table-$model-$text.json" --markdown "docs/results/$table-$model-$text.md"
 done
