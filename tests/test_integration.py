@@ -29,14 +29,23 @@ def test_larger_groups_are_better_at_equal_density(smollm2_rows):
     assert kl["16:32 magnitude"] < kl["8:16 magnitude"] < kl["2:4 magnitude"]
 
 
+def model_and_windows(name, calibration_windows=8):
+    """The real model ``name``, calibration windows (128 tokens, calibration split) and evaluation
+    windows (4 × 256 tokens, evaluation split) of the sotu text."""
+    model, tokenizer = load_model(name)
+    calibration = token_windows(
+        tokenizer, load_text("sotu", "calibration"), seqlen=128, max_windows=calibration_windows
+    )
+    windows = token_windows(tokenizer, load_text("sotu", "evaluation"), seqlen=256, max_windows=4)
+    return model, calibration, windows
+
+
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_corrections_fitted_end_to_end_lower_the_kl_more_than_block_by_block(name):
     # Corrections on the first four blocks only, so the test stays short; calibration and
     # evaluation use different splits of the text. On Gemma the block-wise MSE is spent on a few
     # residual channels of huge magnitude; the end-to-end KL objective is not.
-    model, tokenizer = load_model(name)
-    calibration = token_windows(tokenizer, load_text("sotu", "calibration"), seqlen=128, max_windows=8)
-    windows = token_windows(tokenizer, load_text("sotu", "evaluation"), seqlen=256, max_windows=4)
+    model, calibration, windows = model_and_windows(name)
     first_blocks = (r"layers\.[0-3]\..*_proj$",)
     configs = [SparsityConfig(pattern="8:16", criterion="amber", include=first_blocks)] + [
         SparsityConfig(
@@ -61,9 +70,7 @@ def test_corrections_fitted_end_to_end_lower_the_kl_more_than_block_by_block(nam
 def test_regrouped_channels_lower_the_kl_of_every_pattern(name):
     # In the models' own channel order, inputs that are large together share groups; dealt across
     # the groups by their calibration statistics, each group keeps more of what matters.
-    model, tokenizer = load_model(name)
-    calibration = token_windows(tokenizer, load_text("sotu", "calibration"), seqlen=128, max_windows=8)
-    windows = token_windows(tokenizer, load_text("sotu", "evaluation"), seqlen=256, max_windows=4)
+    model, calibration, windows = model_and_windows(name)
     configs = [
         SparsityConfig(pattern=pattern, criterion="amber", mitigation=mitigation)
         for pattern in ("2:4", "8:16")
@@ -84,9 +91,7 @@ def test_a_mixed_pattern_beats_one_pattern_on_fewer_layers_at_equal_removed_flop
     from actsparse.policy import Budget
     from actsparse.sparsify import sparsify
 
-    model, tokenizer = load_model(name)
-    calibration = token_windows(tokenizer, load_text("sotu", "calibration"), seqlen=128, max_windows=4)
-    windows = token_windows(tokenizer, load_text("sotu", "evaluation"), seqlen=256, max_windows=4)
+    model, calibration, windows = model_and_windows(name, calibration_windows=4)
     configs = [
         SparsityConfig(pattern="8:16", criterion="amber", policy=Budget(flop_share=0.55)),
         SparsityConfig(
