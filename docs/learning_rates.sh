@@ -8,7 +8,7 @@
 set -euo pipefail
 model=${1:-smollm2-135m} batch=${2:-4} windows=${3:-16}
 actsparse=${ACTSPARSE:-.venv/bin/actsparse}
-common=(--model "$model" --batch-size "$batch" --device cpu --dtype float32)
+common=(--model "$model" --calib-sample start --batch-size "$batch" --device cpu --dtype float32)
 recipes=()
 for lr in 1e-3 3e-4 1e-4; do
   out=results/learning-rates/$model/$lr

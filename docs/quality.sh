@@ -8,14 +8,18 @@
 #   bash docs/quality.sh gemma3-270m 8 2 16                       # calibration windows (default: evaluation windows)
 #   TABLE=channel-order bash docs/quality.sh smollm2-135m 16 4
 # LASTWORD (default 300) is how many lastword questions each row answers; 0 leaves the task out.
+# CALIB_SAMPLE (default start: the tables of docs/quality.md before "Calibration windows" take the
+# split's first windows) is --calib-sample: spread takes them evenly across the split.
 set -euo pipefail
 model=${1:-smollm2-135m} windows=${2:-16} batch=${3:-4} calib_windows=${4:-$windows}
 table=${TABLE:-quality}
 tasks=(--tasks lastword --limit "${LASTWORD:-300}")
 if [ "${LASTWORD:-300}" = 0 ]; then tasks=(); fi
 actsparse=${ACTSPARSE:-.venv/bin/actsparse}
-recipes=results/quality/$model  # named by their settings, so tables share them
-common=(--model "$model" --calib-windows "$calib_windows" --batch-size "$batch" --device cpu --dtype float32)
+sample=${CALIB_SAMPLE:-start}
+recipes=results/quality/$model/$sample  # named by their settings, so tables share them
+common=(--model "$model" --calib-windows "$calib_windows" --calib-sample "$sample"
+        --batch-size "$batch" --device cpu --dtype float32)
 made=()
 while IFS='|' read -r name options; do
   if [ ! -f "$recipes/$name/recipe.json" ]; then  # a recipe made once serves both texts
