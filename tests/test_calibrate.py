@@ -144,9 +144,31 @@ def test_the_output_kl_objective_fits_every_layer_together_and_lowers_the_kl(lla
         assert torch.equal(parameter, weights[name]) and parameter.requires_grad
 
 
+@pytest.mark.parametrize("objective", ["block-mse", "output-kl"])
+def test_input_only_corrections_leave_the_output_ones_neutral(llama, calibration, objective):
+    config = SparsityConfig(
+        pattern="2:4", criterion="amber", mitigation=(Learnable(objective=objective, learn="input"),)
+    )
+    handle = sparsify(
+        llama, config, calibration, calibration_settings=CalibrationSettings(steps=4, lr=1e-3, holdout=0.0)
+    )
+    corrections = [layer.correction for layer in handle.layers.values()]
+    assert all(torch.count_nonzero(c.shift) and torch.any(c.scale != 1) for c in corrections)
+    assert not any(
+        torch.count_nonzero(c.output_scale) or torch.count_nonzero(c.output_bias) for c in corrections
+    )
+    assert "learn=input" in config.label  # results say what was fitted
+    handle.remove()
+
+
 def test_an_unknown_objective_is_refused():
     with pytest.raises(ActsparseError, match="Unknown objective 'mse'; choose one of block-mse"):
         SparsityConfig(pattern="2:4", mitigation=(Learnable(objective="mse"),))
+
+
+def test_unknown_learned_parts_are_refused():
+    with pytest.raises(ActsparseError, match="Unknown learn='output'; choose one of input"):
+        SparsityConfig(pattern="2:4", mitigation=(Learnable(learn="output"),))
 
 
 def test_calibration_holds_out_the_last_windows_to_judge_the_fit():

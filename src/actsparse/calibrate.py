@@ -377,7 +377,7 @@ def _learn_block_by_block(
             parameter
             for name, layer in corrected.items()
             if name.startswith(block_name + ".")
-            for parameter in layer.correction.parameters()
+            for parameter in layer.correction.learned_parameters()
         ]
         loss = _normed_mse(readers[block_name]) if normed else _mse
         with _training_only(handle.model, parameters):
@@ -410,7 +410,7 @@ def _learn_end_to_end(
     """``output-kl``: every correction at once, one fitted window per step, judged by the mean KL
     over the held-out windows."""
     model, device = handle.model, input_device(handle.model)
-    parameters = [p for layer in corrected.values() for p in layer.correction.parameters()]
+    parameters = [p for layer in corrected.values() for p in layer.correction.learned_parameters()]
     fitted, held = settings.split(len(windows))
 
     def window_kl(index: int) -> torch.Tensor:

@@ -332,6 +332,10 @@ class LearnedCorrection(nn.Module):
     """
 
     TENSORS = ("scale", "shift", "output_scale", "output_bias")
+    PARTS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "input": ("scale", "shift"),
+        "output": ("output_scale", "output_bias"),
+    }
 
     def __init__(
         self,
@@ -339,8 +343,10 @@ class LearnedCorrection(nn.Module):
         out_features: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        learn: str = "input+output",
     ) -> None:
         super().__init__()
+        self.learn = learn
         # Trainable only while calibration fits them (``actsparse.calibrate``).
         like = {"dtype": dtype, "device": device}
         self.scale = nn.Parameter(torch.ones(in_features, **like), requires_grad=False)
@@ -348,6 +354,10 @@ class LearnedCorrection(nn.Module):
         self.output_scale = nn.Parameter(torch.zeros(out_features, **like), requires_grad=False)
         self.output_bias = nn.Parameter(torch.zeros(out_features, **like), requires_grad=False)
         self.folded = False
+
+    def learned_parameters(self) -> list[nn.Parameter]:
+        """The tensors calibration fits: those of the parts in ``learn`` (the others stay neutral)."""
+        return [getattr(self, name) for part in self.learn.split("+") for name in self.PARTS[part]]
 
     def selection_factor(self, factor: torch.Tensor | None) -> torch.Tensor:
         """The criterion's per-channel factor times ``|scale|``: selection sees the scaled input."""
@@ -370,6 +380,10 @@ class LearnedCorrection(nn.Module):
         )
 
 
+LEARNABLE_PARTS = ("input+output", "input")
+"""What learnable corrections may fit (``Learnable.learn``)."""
+
+
 @CORRECTIONS.register
 @dataclass(frozen=True)
 class Learnable(Correction):
@@ -388,6 +402,11 @@ class Learnable(Correction):
         "all layers together), block-mse (each block's output, one block at a time), or block-normed "
         "(each block's output after the norm that reads it next).",
     )
+    learn: str = setting(
+        "input+output",
+        "Learnable corrections fit: input+output (input shift and scale, output scale and bias) or "
+        "input (the input shift and scale alone, as in the mitigation study).",
+    )
 
     def check(self, config: SparsityConfig) -> None:
         from actsparse.calibrate import OBJECTIVES
@@ -395,6 +414,10 @@ class Learnable(Correction):
         if self.objective not in OBJECTIVES:
             raise ActsparseError(
                 f"Unknown objective '{self.objective}'; choose one of {', '.join(OBJECTIVES)}."
+            )
+        if self.learn not in LEARNABLE_PARTS:
+            raise ActsparseError(
+                f"Unknown learn='{self.learn}'; choose one of {', '.join(LEARNABLE_PARTS)}."
             )
         if any(c.rescales_kept for c in config.mitigation):
             raise ActsparseError(
@@ -411,7 +434,7 @@ class Learnable(Correction):
         if layer.sparse:
             weight = layer.weight
             layer.correction = LearnedCorrection(
-                layer.in_features, layer.out_features, weight.dtype, weight.device
+                layer.in_features, layer.out_features, weight.dtype, weight.device, self.learn
             )
 
     @staticmethod
