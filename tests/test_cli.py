@@ -128,6 +128,27 @@ def test_mitigation_option_expands_to_settings():
     assert all(c.include == ("proj",) for c in configs)
 
 
+def test_sensitivity_ranks_by_what_the_policy_ranks(monkeypatch, capsys, local_model, tmp_path):
+    model, text = local_model
+    common = ["--model", str(model), "--dataset", str(text), "--seqlen", "32", "--calib-windows", "2"]
+    results = {}
+    for policy in ("budget", "kl"):
+        out = tmp_path / f"{policy}.json"
+        code, output = run(
+            monkeypatch, capsys, "sensitivity", *common, "--pattern", "2:4", "--policy", policy, "--out", str(out)
+        )  # fmt: skip
+        assert code in (0, None), output
+        results[policy] = json.loads(out.read_text())
+        assert "Least summed" in output
+    assert results["budget"]["cost"] == "‖Y − Y'‖ / ‖Y‖" and results["kl"]["cost"] == "output KL"
+    assert results["kl"]["sensitivity"] != results["budget"]["sensitivity"]
+    rows = results["kl"]["least_cost_by_share"]
+    assert rows[-1]["flop_share"] == 1.0 and rows[-1]["summed_cost"] == pytest.approx(
+        sum(results["kl"]["sensitivity"].values())
+    )
+    assert [row["summed_cost"] for row in rows] == sorted(row["summed_cost"] for row in rows)
+
+
 def test_calibrate_writes_a_recipe_that_eval_reads(monkeypatch, capsys, local_model, tmp_path):
     model, text = local_model
     recipe, out = tmp_path / "recipe", tmp_path / "eval.json"

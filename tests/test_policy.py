@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
-from actsparse.policy import AmberRule, OutputKl, amber_layers, budget_layers
+from actsparse.policy import AmberRule, OutputKl, amber_layers, budget_layers, least_cost_by_share
 from actsparse.sensitivity import layer_sensitivity
 
 
@@ -95,6 +95,20 @@ def test_policies_need_calibration(llama):
         sparsify(llama, SparsityConfig(policy="budget"))
 
 
+def test_least_cost_by_share_sums_the_costs_of_the_layers_budget_chooses():
+    costs = {"a": 0.5, "b": 0.1, "c": 0.2, "d": 0.05}
+    flops = {"a": 40, "b": 20, "c": 20, "d": 10}
+    rows = least_cost_by_share(costs, flops, 100, [0.1, 0.3, 0.5, 0.9, 1.0])
+    assert [row["flop_share"] for row in rows] == [0.1, 0.3, 0.5, 0.9]  # 1.0 is out of reach
+    for row in rows:
+        chosen = budget_layers(costs, flops, 100, row["flop_share"])
+        assert row["layers"] == len(chosen) and row["summed_cost"] == pytest.approx(
+            sum(costs[n] for n in chosen)
+        )
+        assert row["sparse_flop_share"] >= row["flop_share"]
+    assert [row["summed_cost"] for row in rows] == pytest.approx([0.1, 0.15, 0.35, 0.85])
+
+
 def test_output_kl_is_the_kl_that_evaluation_reports_for_the_layer_alone(llama):
     import re
 
@@ -132,7 +146,9 @@ def test_kl_policy_keeps_the_share_sparse_with_the_layers_of_least_output_kl(lla
     assert chosen == set(budget_layers(kl, flops, total, 0.5)) and 0.5 <= share < 1
 
 
-def test_kl_policy_measurement_is_kept_for_later_runs_with_the_same_model_and_measured_windows(llama, measurements_store):
+def test_kl_policy_measurement_is_kept_for_later_runs_with_the_same_model_and_measured_windows(
+    llama, measurements_store
+):
     calibration = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(8))
     config = SparsityConfig(pattern="2:4", policy=OutputKl(flop_share=0.5, kl_windows=2))
     calls = []

@@ -51,6 +51,7 @@ from actsparse.paths import (
     write_json_atomic,
     write_text_atomic,
 )
+from actsparse.policy import least_cost_by_share
 from actsparse.recipe import check_recipe_target, load_recipe
 from actsparse.sparsify import insert, measure_sensitivity, plan, sparsify
 from actsparse.sweep import (
@@ -506,6 +507,10 @@ def sweep(
     )
 
 
+SENSITIVITY_SHARES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 1.0]
+"""The FLOP shares ``actsparse sensitivity`` reports the least summed cost at."""
+
+
 @app.command()
 @config_options()
 def sensitivity(
@@ -524,15 +529,18 @@ def sensitivity(
         "results/sensitivity.json"
     ),
 ) -> None:
-    """Relative output error ‖Y − Y'‖/‖Y‖ of every target layer sparsified alone, most sensitive first."""
+    """Every target layer sparsified alone, most costly first, by what the policy ranks: the relative
+    output error ‖Y − Y'‖/‖Y‖, or the model's output KL under --policy kl; then, for each FLOP
+    share, the least summed cost of layers reaching it (the layers the budget or kl policy chooses)."""
     sparsity = config.one()
     _check_file_outputs(out)
     part = calibration_text(dataset, calib_dataset)
     with output_lock(out):
         loaded, tokenizer = load_model(model, dtype, seqlen, device, device_map)
         calibration, calibrated_by = calibration_windows(tokenizer, part, seqlen, calib_windows, calib_sample)
-        sensitivities = measure_sensitivity(loaded, sparsity, calibration, batch_size)
-        ranked = sorted(sensitivities.items(), key=lambda kv: -kv[1])
+        costs, choice = measure_sensitivity(loaded, sparsity, calibration, batch_size)
+        ranked = sorted(costs.items(), key=lambda kv: -kv[1])
+        by_share = least_cost_by_share(costs, choice.flops, choice.total_flops, SENSITIVITY_SHARES)
         write_json_atomic(
             out,
             {
@@ -540,15 +548,31 @@ def sensitivity(
                 "config": sparsity.to_dict(),
                 "calibration_text": calibrated_by,
                 "calibration_windows": len(calibration),
+                "cost": sparsity.policy.cost_name,
                 "sensitivity": dict(ranked),
+                "least_cost_by_share": by_share,
             },
         )
+    cost = sparsity.policy.cost_name
     table = Table(title=f"{model}: sensitivity to {sparsity.label} ({len(calibration)} calibration windows)")
-    for column, justify in (("rank", "right"), ("layer", "left"), ("‖Y − Y'‖ / ‖Y‖", "right")):
+    for column, justify in (("rank", "right"), ("layer", "left"), (cost, "right")):
         table.add_column(column, justify=justify, no_wrap=True)
     for rank, (name, value) in enumerate(ranked, 1):
         table.add_row(str(rank), name, f"{value:.4f}")
     console.print(table)
+    shares = Table(
+        title=f"Least summed {cost} of the layers reaching each share of linear FLOPs (each alone)"
+    )
+    for column in ("flop share", "sparse FLOPs", "layers", f"summed {cost}"):
+        shares.add_column(column, justify="right", no_wrap=True)
+    for row in by_share:
+        shares.add_row(
+            f"{row['flop_share']:.0%}",
+            f"{row['sparse_flop_share']:.1%}",
+            str(row["layers"]),
+            f"{row['summed_cost']:.4f}",
+        )
+    console.print(shares)
     console.print(f"Saved to {out}")
 
 

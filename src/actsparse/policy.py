@@ -79,6 +79,28 @@ def budget_layers(
     return [name for name in sensitivity if name in chosen]
 
 
+def least_cost_by_share(
+    costs: dict[str, float], flops: dict[str, int], total_flops: int, shares: list[float]
+) -> list[dict[str, float]]:
+    """For each share of ``total_flops``, the set of layers ``budget_layers`` chooses and the sum of
+    their ``costs`` (each measured alone), up to the share the candidates reach."""
+    reachable = sum(flops.values()) / total_flops
+    frontier = []
+    for share in shares:
+        if share > reachable:
+            break
+        chosen = budget_layers(costs, flops, total_flops, share)
+        frontier.append(
+            {
+                "flop_share": share,
+                "sparse_flop_share": sum(flops[name] for name in chosen) / total_flops,
+                "layers": len(chosen),
+                "summed_cost": sum(costs[name] for name in chosen),
+            }
+        )
+    return frontier
+
+
 @dataclass(frozen=True)
 class LayerChoice:
     """What a policy chooses from: the candidate layers' FLOPs per token, the model's total linear
@@ -98,9 +120,14 @@ class Policy(Piece):
     """Which of the target layers are sparsified; ``needs_calibration`` when it measures first."""
 
     needs_calibration: ClassVar[bool] = False
+    cost_name: ClassVar[str] = "‖Y − Y'‖ / ‖Y‖"
 
     def choose(self, choice: LayerChoice) -> list[str]:
         raise NotImplementedError
+
+    def costs(self, choice: LayerChoice) -> dict[str, float]:
+        """What the policy ranks the candidates by (``cost_name``), each sparsified alone."""
+        return choice.sensitivity()
 
     def check(self) -> None:
         """Refuse settings out of range, with one sentence."""
@@ -171,6 +198,7 @@ class OutputKl(Policy):
     name: ClassVar[str] = "kl"
     description: ClassVar[str] = "the set of layers reaching flop_share whose output KL, each alone, is least"
     needs_calibration: ClassVar[bool] = True
+    cost_name: ClassVar[str] = "output KL"
     flop_share: float = setting(0.55, _SHARE_HELP)
     kl_windows: int = setting(
         4, "Calibration windows on which the kl policy measures each layer's output KL."
@@ -181,7 +209,8 @@ class OutputKl(Policy):
         if self.kl_windows < 1:
             raise ActsparseError(f"kl_windows {self.kl_windows} must be at least 1; use e.g. 4.")
 
+    def costs(self, choice: LayerChoice) -> dict[str, float]:
+        return choice.output_kl(self.kl_windows)
+
     def choose(self, choice: LayerChoice) -> list[str]:
-        return budget_layers(
-            choice.output_kl(self.kl_windows), choice.flops, choice.total_flops, self.flop_share
-        )
+        return budget_layers(self.costs(choice), choice.flops, choice.total_flops, self.flop_share)

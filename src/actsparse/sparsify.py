@@ -71,15 +71,62 @@ def _sensitivity(
     )
 
 
+def _output_kl(
+    model: nn.Module,
+    config: SparsityConfig,
+    candidates: dict[str, nn.Linear],
+    statistics: dict[str, dict[str, torch.Tensor]],
+    measurements: Measurements,
+    windows: int,
+) -> dict[str, float]:
+    """The model's output KL with each candidate alone sparse, on the first ``windows`` windows of
+    ``measurements``; kept in the cache folder, since it takes minutes."""
+    key = ("output_kl", sensitivity_config(config).to_dict(), sorted(candidates), windows)
+    return measurements.get(
+        key,
+        lambda calibration: layer_output_kl(
+            model, calibration, candidates, config, statistics, windows, measurements.batch_size
+        ),
+        stored=model,
+        # the first `windows` windows are all it reads, unless a correction's statistics saw more
+        reads=None if statistics else windows,
+    )
+
+
+def _layer_choice(
+    model: nn.Module,
+    config: SparsityConfig,
+    candidates: dict[str, nn.Linear],
+    statistics: dict[str, dict[str, torch.Tensor]],
+    measurements: Measurements,
+    measured: dict[str, dict[str, float]],
+) -> LayerChoice:
+    """What ``config.policy`` chooses from; whatever it measures is also kept in ``measured``."""
+
+    def sensitivity() -> dict[str, float]:
+        measured["values"] = _sensitivity(model, config, candidates, statistics, measurements)
+        return measured["values"]
+
+    def output_kl(windows: int) -> dict[str, float]:
+        measured["values"] = _output_kl(model, config, candidates, statistics, measurements, windows)
+        return measured["values"]
+
+    flops = {name: linear_flops(layer) for name, layer in candidates.items()}
+    total = sum(linear_flops(layer) for layer in linear_layers(model).values())
+    return LayerChoice(flops, total, sensitivity, output_kl)
+
+
 def measure_sensitivity(
     model: nn.Module, config: SparsityConfig, calibration: torch.Tensor | None, batch_size: int = 1
-) -> dict[str, float]:
-    """Each target layer's relative output error under ``config`` when sparsified alone, measured
-    on ``calibration`` windows run ``batch_size`` at a time."""
+) -> tuple[dict[str, float], LayerChoice]:
+    """Each target layer's cost when sparsified alone, as ``config.policy`` ranks it (the output KL
+    for the kl policy, else the relative output error), measured on ``calibration`` windows run
+    ``batch_size`` at a time; with the layers' FLOPs it chose from."""
     measurements = Measurements(calibration, batch_size)
     candidates = target_layers(model, config)
     statistics = _statistics(model, config, candidates, measurements)
-    return _sensitivity(model, config, candidates, statistics, measurements)
+    choice = _layer_choice(model, config, candidates, statistics, measurements, {})
+    return config.policy.costs(choice), choice
 
 
 def plan(
@@ -89,27 +136,8 @@ def plan(
     statistic once per ``measurements``) and choose the sparse layers."""
     statistics = _statistics(model, config, candidates, measurements)
     measured: dict[str, dict[str, float]] = {}  # what the policy measured, as the handle describes it
-
-    def sensitivity() -> dict[str, float]:
-        measured["values"] = _sensitivity(model, config, candidates, statistics, measurements)
-        return measured["values"]
-
-    def output_kl(windows: int) -> dict[str, float]:
-        key = ("output_kl", sensitivity_config(config).to_dict(), sorted(candidates), windows)
-        measured["values"] = measurements.get(
-            key,
-            lambda calibration: layer_output_kl(
-                model, calibration, candidates, config, statistics, windows, measurements.batch_size
-            ),
-            stored=model,  # minutes to measure: kept in the cache for later runs
-            # the first `windows` windows are all it reads, unless a correction's statistics saw more
-            reads=None if statistics else windows,
-        )
-        return measured["values"]
-
-    flops = {name: linear_flops(layer) for name, layer in candidates.items()}
-    total = sum(linear_flops(layer) for layer in linear_layers(model).values())
-    chosen = config.policy.choose(LayerChoice(flops, total, sensitivity, output_kl))
+    choice = _layer_choice(model, config, candidates, statistics, measurements, measured)
+    chosen = config.policy.choose(choice)
     return Plan(chosen, statistics, measured.get("values"))
 
 
