@@ -416,9 +416,7 @@ class Learnable(Correction):
                 f"Unknown objective '{self.objective}'; choose one of {', '.join(OBJECTIVES)}."
             )
         if self.learn not in LEARNABLE_PARTS:
-            raise ActsparseError(
-                f"Unknown learn='{self.learn}'; choose one of {', '.join(LEARNABLE_PARTS)}."
-            )
+            raise ActsparseError(f"Unknown learn='{self.learn}'; choose one of {', '.join(LEARNABLE_PARTS)}.")
         if any(c.rescales_kept for c in config.mitigation):
             raise ActsparseError(
                 "Mitigation var+learnable is not supported: the learned per-channel scale already "

@@ -168,9 +168,7 @@ def insert(
     layers: dict[str, SparseLinear] = {}
     try:
         for name, linear in wrapped.items():
-            layers[name] = SparseLinear(
-                linear, name, config, planned.statistics.get(name), patterns[name]
-            )
+            layers[name] = SparseLinear(linear, name, config, planned.statistics.get(name), patterns[name])
     except BaseException:
         for layer in layers.values():  # the originals get their weights back as they were
             layer.backend.detach(layer)
