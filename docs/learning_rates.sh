@@ -14,7 +14,7 @@ for lr in 1e-3 3e-4 1e-4; do
   out=results/learning-rates/$model/$lr
   if [ ! -f "$out/recipe.json" ]; then
     "$actsparse" calibrate "${common[@]}" --dataset sotu --calib-windows 16 --pattern 8:16 --criterion amber \
-      --policy kl --kl-windows 2 --mitigation learnable --objective output-kl --lr "$lr" --out "$out"
+      --policy kl --kl-windows 2 --mitigation learnable --objective output-kl --learn input+output --lr "$lr" --out "$out"
   fi
   recipes+=(--recipe "$out")
 done

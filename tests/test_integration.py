@@ -56,8 +56,8 @@ def test_corrections_fitted_end_to_end_lower_the_kl_more_than_block_by_block(nam
         )
         for objective in ("block-mse", "output-kl")
     ]
-    # 8 passes over the 6 fitted windows (2 held out): at output-kl's careful default learning
-    # rate, the objective's two passes over so few short windows barely move the corrections.
+    # 8 passes over the 6 fitted windows (2 held out): the objective's two passes over so few
+    # short windows barely move the corrections.
     settings = CalibrationSettings(steps=48)
     _, plain, block_mse, output_kl = evaluate(
         model, windows, configs, calibration, calibration_settings=settings, progress=False

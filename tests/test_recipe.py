@@ -1,6 +1,7 @@
 """Recipes: saved and loaded bit for bit, and refused when they do not fit."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -119,7 +120,28 @@ def test_a_format_1_recipe_still_loads_bit_for_bit(llama, tokens, saved):
     assert description["format"] == 2 and description["config"]["policy"]["name"] == "amber"
     (folder / "recipe.json").write_text(json.dumps(description | {"format": 1, "config": FORMAT_1_CONFIG}))
     recipe = load_recipe(folder)
-    assert recipe.config == CONFIG
+    assert recipe.config == as_saved_before_learn(CONFIG)
+    with sparsify(llama, recipe=recipe), torch.no_grad():
+        assert torch.equal(llama(tokens, use_cache=False).logits, logits)
+
+
+def as_saved_before_learn(config: SparsityConfig) -> SparsityConfig:
+    """``config`` with its learnable corrections fitting the output too, as all did before ``learn``."""
+    mitigation = tuple(
+        replace(c, learn="input+output") if c.name == "learnable" else c for c in config.mitigation
+    )
+    return replace(config, mitigation=mitigation)
+
+
+def test_a_recipe_saved_before_learn_existed_reads_as_fitting_the_output_too(llama, tokens, saved):
+    folder, logits = saved
+    description = json.loads((folder / "recipe.json").read_text())
+    assert CONFIG.mitigation[-1].learn == "input"  # the default now
+    [learnable] = [piece for piece in description["config"]["mitigation"] if piece["name"] == "learnable"]
+    del learnable["learn"]  # as saved before the setting existed
+    (folder / "recipe.json").write_text(json.dumps(description))
+    recipe = load_recipe(folder)
+    assert recipe.config == as_saved_before_learn(CONFIG) and "learn=input+output" in recipe.config.label
     with sparsify(llama, recipe=recipe), torch.no_grad():
         assert torch.equal(llama(tokens, use_cache=False).logits, logits)
 

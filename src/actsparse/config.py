@@ -24,7 +24,7 @@ from actsparse.criteria import CRITERIA, get_criterion
 from actsparse.errors import ActsparseError
 from actsparse.patterns import Pattern, parse_pattern
 from actsparse.policy import POLICIES, Policy
-from actsparse.registry import Piece, Registry, build_piece, own_settings, piece_from_dict
+from actsparse.registry import Piece, Registry, build_piece, own_settings, piece_from_dict, stored_piece
 
 DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_proj$"
 """The decoder's attention and MLP projections in Llama, Gemma, Qwen2, Mistral and their kin."""
@@ -248,7 +248,7 @@ def _from_flat(data: dict[str, Any]) -> dict[str, Any]:
     )
 
     def piece(cls: type[Piece]) -> Piece:
-        return build_piece(cls, {k: v for k, v in own_settings(cls, settings).items() if v is not None})
+        return stored_piece(cls, {k: v for k, v in own_settings(cls, settings).items() if v is not None})
 
     data["policy"] = piece(POLICIES.get(data.get("policy", "all")))
     data["mitigation"] = tuple(piece(cls) for cls in parse_mitigation(spelled or "none"))

@@ -343,7 +343,7 @@ class LearnedCorrection(nn.Module):
         out_features: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        learn: str = "input+output",
+        learn: str = "input",
     ) -> None:
         super().__init__()
         self.learn = learn
@@ -380,18 +380,20 @@ class LearnedCorrection(nn.Module):
         )
 
 
-LEARNABLE_PARTS = ("input+output", "input")
+LEARNABLE_PARTS = ("input", "input+output")
 """What learnable corrections may fit (``Learnable.learn``)."""
 
 
 @CORRECTIONS.register
 @dataclass(frozen=True)
 class Learnable(Correction):
-    """Per-channel input shift and scale and output scale and bias, calibrated block by block
-    (``actsparse.calibrate``) and folded into the layer's weight, bias and selection factor."""
+    """Per-channel input shift and scale (and, with ``learn="input+output"``, output scale and bias),
+    calibrated (``actsparse.calibrate``) and folded into the layer's weight, bias and selection factor."""
 
     name: ClassVar[str] = "learnable"
-    description: ClassVar[str] = "calibrated per-channel input shift/scale and output scale/bias, folded"
+    description: ClassVar[str] = "calibrated per-channel input shift/scale (and output scale/bias), folded"
+    # Recipes and results saved before ``learn`` existed fitted the output scale and bias too.
+    absent_means: ClassVar[dict[str, Any]] = {"learn": "input+output"}
     stage: ClassVar[int] = 10
     needs_calibration: ClassVar[bool] = True
     learned: ClassVar[bool] = True
@@ -403,9 +405,9 @@ class Learnable(Correction):
         "(each block's output after the norm that reads it next).",
     )
     learn: str = setting(
-        "input+output",
-        "Learnable corrections fit: input+output (input shift and scale, output scale and bias) or "
-        "input (the input shift and scale alone, as in the mitigation study).",
+        "input",
+        "Learnable corrections fit: input (the input shift and scale, as in the mitigation study) or "
+        "input+output (with an output scale and bias too, which on Gemma fit the calibration genre).",
     )
 
     def check(self, config: SparsityConfig) -> None:

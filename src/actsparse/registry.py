@@ -57,6 +57,9 @@ class Piece:
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    absent_means: ClassVar[dict[str, Any]] = {}
+    """What a stored piece that lacks a setting did: for settings added after such pieces were saved
+    whose default is not what those pieces did (``piece_from_dict`` reads them so)."""
 
     @classmethod
     def settings(cls) -> list[dataclasses.Field]:
@@ -82,8 +85,12 @@ P = TypeVar("P", bound=Piece)
 def piece_from_dict(registry: Registry[type[P]], data: dict[str, Any]) -> P:
     """Rebuild a piece from ``Piece.to_dict``."""
     data = dict(data)
-    cls = registry.get(data.pop("name"))
-    return build_piece(cls, data)
+    return stored_piece(registry.get(data.pop("name")), data)
+
+
+def stored_piece(cls: type[P], settings: dict[str, Any]) -> P:
+    """A piece from stored ``settings``: those it lacks take ``cls.absent_means``, then the defaults."""
+    return build_piece(cls, {**cls.absent_means, **settings})
 
 
 def own_settings(cls: type[Piece], settings: dict[str, Any]) -> dict[str, Any]:
