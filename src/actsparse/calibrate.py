@@ -53,7 +53,8 @@ OBJECTIVES = {
     # Every vector of every layer moves at once: with the output scale and bias fitted too
     # (learn=input+output), Gemma 3 270M's KL on text of another genre rose at 1e-3 and 3e-4 and
     # fell at 1e-4; the input vectors alone (the default) lower it at 1e-3 on both models and
-    # texts, where at 1e-4 they barely move (docs/quality.md).
+    # texts when fitted on 64 windows spread over the calibration text, where at 1e-4 they barely
+    # move (on 16 windows of one era Gemma's rose at 1e-3 too; docs/quality.md).
     "output-kl": Objective(lr=1e-3, passes=2),
 }
 """The objectives of the ``objective`` setting of ``learnable`` (described above), by name."""
