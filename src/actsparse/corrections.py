@@ -329,6 +329,7 @@ class LearnedCorrection(nn.Module):
     per channel (learnable diagonal scale, which also multiplies the selection score), and the
     output is corrected per channel (``Y(1 + a) + b``). ``fold`` turns all of it into one weight,
     bias and channel factor, so inference only subtracts ``shift`` before the usual selection.
+    ``learn`` names the parts calibration fits (``PARTS``, joined with ``+``); the rest stay neutral.
     """
 
     TENSORS = ("scale", "shift", "output_scale", "output_bias")
@@ -341,9 +342,9 @@ class LearnedCorrection(nn.Module):
         self,
         in_features: int,
         out_features: int,
+        learn: str,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        learn: str = "input",
     ) -> None:
         super().__init__()
         self.learn = learn
@@ -434,7 +435,7 @@ class Learnable(Correction):
         if layer.sparse:
             weight = layer.weight
             layer.correction = LearnedCorrection(
-                layer.in_features, layer.out_features, weight.dtype, weight.device, self.learn
+                layer.in_features, layer.out_features, self.learn, weight.dtype, weight.device
             )
 
     @staticmethod
