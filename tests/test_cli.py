@@ -164,7 +164,8 @@ def test_calibrate_writes_a_recipe_that_eval_reads(monkeypatch, capsys, local_mo
     )
     assert code in (0, None), output
     rows = json.loads(out.read_text())["rows"]
-    assert [r["label"] for r in rows] == ["dense", "2:4 amber shift+learnable objective=block-mse"]
+    # fitted at 1e-3, not block-mse's 5e-3: the label says so
+    assert [r["label"] for r in rows] == ["dense", "2:4 amber shift+learnable objective=block-mse lr=0.001"]
     assert rows[1]["config"]["calibration"]["text"]["windows"] == 3
     assert rows[1]["config"]["calibration"]["text"]["sample"] == "spread"
 

@@ -93,6 +93,11 @@ class Correction(Piece):
         """Fit what this correction learns on the attached model; returns a JSON-ready record."""
         return None
 
+    def calibration_label(self, record: dict[str, Any]) -> list[str]:
+        """Words for table labels from a calibration ``record`` (what ``calibrate`` returned, or a
+        recipe kept): how it was fitted where that differs from the defaults."""
+        return []
+
     def fold(self, layer: SparseLinear) -> None:
         """Turn what was learned into the layer's sparse-call operands (inference form)."""
 
@@ -471,6 +476,12 @@ class Learnable(Correction):
         fits = learn_corrections(handle, windows, settings, self.objective)
         used = settings.for_objective(self.objective, len(windows))
         return {"settings": used.to_dict(), "blocks": [fit.to_dict() for fit in fits]}
+
+    def calibration_label(self, record: dict[str, Any]) -> list[str]:
+        from actsparse.calibrate import OBJECTIVES
+
+        lr = record.get("settings", {}).get("lr")
+        return [f"lr={lr:g}"] if lr is not None and lr != OBJECTIVES[self.objective].lr else []
 
     def fold(self, layer: SparseLinear) -> None:
         correction = layer.correction

@@ -38,7 +38,12 @@ class SparsityHandle:
 
     @property
     def label(self) -> str:
-        return self.config.label
+        """The configuration's label, and what calibration ran at unlike the defaults (a learning
+        rate other than its objective's: ``lr=0.0001``), so recipes that differ in it are told
+        apart."""
+        record = self.calibration or {}
+        words = [word for piece in self.config.mitigation for word in piece.calibration_label(record)]
+        return " ".join([self.config.label, *words])
 
     @property
     def policy_layers(self) -> list[str]:
