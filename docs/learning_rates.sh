@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
-# The learning-rate table of docs/quality.md: the kl policy's 8:16 at 55% of linear FLOPs with
-# learnable corrections fitted end to end (output-kl) at three peak learning rates, each on 16 sotu
-# calibration windows (the last 4 held out), evaluated beside no correction on the sotu and emails
-# evaluation splits.
+# The learning-rate tables of docs/quality.md: the kl policy's 8:16 at 55% of linear FLOPs with
+# learnable corrections fitted end to end (output-kl) at several peak learning rates on sotu
+# calibration windows (the last quarter held out), evaluated beside no correction on the same
+# layers (the policy measured on the same calibration windows) on the sotu and emails evaluation
+# splits.
 #   bash docs/learning_rates.sh smollm2-135m 4 16   # model, batch, evaluation windows
 #   bash docs/learning_rates.sh gemma3-270m 2 8
+# The environment picks the table: the first one (the defaults) fitted learn=input+output on the
+# split's first 16 windows; the spread one is
+#   SAMPLE=spread CALIB_WINDOWS=32 LEARN=input LRS="1e-3 1e-4" bash docs/learning_rates.sh gemma3-270m 2 8
 set -euo pipefail
 model=${1:-smollm2-135m} batch=${2:-4} windows=${3:-16}
+sample=${SAMPLE:-start} calib_windows=${CALIB_WINDOWS:-16} learn=${LEARN:-input+output}
 actsparse=${ACTSPARSE:-.venv/bin/actsparse}
-common=(--model "$model" --calib-sample start --batch-size "$batch" --device cpu --dtype float32)
+common=(--model "$model" --calib-sample "$sample" --calib-windows "$calib_windows" --batch-size "$batch"
+        --device cpu --dtype float32)
+table=learning-rates-$model  # the first table's name; the others say how they differ from it
+if [ "$sample/$calib_windows/$learn" != start/16/input+output ]; then
+  table=learning-rates-$sample-$calib_windows-$learn-$model
+fi
 recipes=()
-for lr in 1e-3 3e-4 1e-4; do
-  out=results/learning-rates/$model/$lr
+for lr in ${LRS:-1e-3 3e-4 1e-4}; do
+  out=results/learning-rates/$model/$sample-$calib_windows-$learn/$lr
   if [ ! -f "$out/recipe.json" ]; then
-    "$actsparse" calibrate "${common[@]}" --dataset sotu --calib-windows 16 --pattern 8:16 --criterion amber \
-      --policy kl --kl-windows 2 --mitigation learnable --objective output-kl --learn input+output --lr "$lr" --out "$out"
+    "$actsparse" calibrate "${common[@]}" --dataset sotu --pattern 8:16 --criterion amber --policy kl \
+      --kl-windows 2 --mitigation learnable --objective output-kl --learn "$learn" --lr "$lr" --out "$out"
   fi
   recipes+=(--recipe "$out")
 done
 for text in sotu emails; do
   "$actsparse" eval "${common[@]}" --dataset "$text" --calib-dataset sotu --windows "$windows" \
-    --calib-windows "$windows" --variant 'pattern=8:16 criterion=amber policy=kl kl_windows=2' "${recipes[@]}" \
-    --out "docs/results/learning-rates-$model-$text.json" --markdown "docs/results/learning-rates-$model-$text.md"
+    --variant 'pattern=8:16 criterion=amber policy=kl kl_windows=2' "${recipes[@]}" \
+    --out "docs/results/$table-$text.json" --markdown "docs/results/$table-$text.md"
 done

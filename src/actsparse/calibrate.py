@@ -52,9 +52,10 @@ OBJECTIVES = {
     "block-normed": Objective(lr=5e-3, passes=1),
     # Every vector of every layer moves at once: with the output scale and bias fitted too
     # (learn=input+output), Gemma 3 270M's KL on text of another genre rose at 1e-3 and 3e-4 and
-    # fell at 1e-4; the input vectors alone (the default) lower it at 1e-3 on both models and
-    # texts when fitted on 64 windows spread over the calibration text, where at 1e-4 they barely
-    # move (on 16 windows of one era Gemma's rose at 1e-3 too; docs/quality.md).
+    # fell at 1e-4. The input vectors alone (the default) lower it at 1e-3 and at 1e-4 on both
+    # models and texts when fitted on 16 to 64 windows spread over the calibration text, neither
+    # rate better everywhere; in a short fit (6 windows) only 1e-3 moves them. On 16 windows of
+    # one era Gemma's rose at 1e-3 (docs/quality.md, "The learning rate of the end-to-end fit").
     "output-kl": Objective(lr=1e-3, passes=2),
 }
 """The objectives of the ``objective`` setting of ``learnable`` (described above), by name."""
