@@ -31,6 +31,7 @@ def test_calibration_fits_every_block_and_folds(llama, tokens, calibration):
     )
     blocks = handle.calibration["blocks"]
     assert [b["block"] for b in blocks] == ["model.layers.0", "model.layers.1"]
+    assert handle.label == f"{CONFIG.label} lr=0.001"  # not block-mse's 5e-3
     assert all(b["steps"] == 6 and b["kept_step"] > 0 and b["loss_after"] < b["loss_before"] for b in blocks)
     assert all(layer.folded for layer in handle.layers.values())
     moved = [layer.correction.shift.abs().max() > 0 for layer in handle.layers.values()]
@@ -58,6 +59,7 @@ def test_a_fit_that_makes_a_block_worse_is_undone(llama, calibration):
 def test_default_steps_are_one_pass_over_the_fitted_windows(llama, calibration):
     handle = sparsify(llama, CONFIG, calibration)  # 4 windows: 3 fitted, 1 held out
     assert [b["steps"] for b in handle.calibration["blocks"]] == [3, 3]
+    assert handle.label == CONFIG.label  # fitted at the objective's own rate: nothing to add
 
 
 def test_a_diverging_block_is_named_and_the_model_left_dense(llama, tokens, calibration):
@@ -113,6 +115,7 @@ def test_the_normed_objective_measures_each_block_through_the_norm_that_reads_it
     )
     blocks = handle.calibration["blocks"]
     assert [b["block"] for b in blocks] == ["model.layers.0", "model.layers.1"]
+    assert handle.label == f"{CONFIG.label} lr=0.001"  # not block-mse's 5e-3
     assert all(b["kept_step"] and b["loss_after"] < b["loss_before"] for b in blocks)
     assert all(not p.requires_grad for layer in handle.layers.values() for p in layer.correction.parameters())
     assert all(p.requires_grad for p in llama.model.norm.parameters())
