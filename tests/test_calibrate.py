@@ -115,7 +115,6 @@ def test_the_normed_objective_measures_each_block_through_the_norm_that_reads_it
     )
     blocks = handle.calibration["blocks"]
     assert [b["block"] for b in blocks] == ["model.layers.0", "model.layers.1"]
-    assert handle.label == f"{CONFIG.label} lr=0.001"  # not block-mse's 5e-3
     assert all(b["kept_step"] and b["loss_after"] < b["loss_before"] for b in blocks)
     assert all(not p.requires_grad for layer in handle.layers.values() for p in layer.correction.parameters())
     assert all(p.requires_grad for p in llama.model.norm.parameters())
@@ -161,6 +160,17 @@ def test_input_only_corrections_leave_the_output_ones_neutral(llama, calibration
         torch.count_nonzero(c.output_scale) or torch.count_nonzero(c.output_bias) for c in corrections
     )
     handle.remove()
+
+
+def test_the_end_to_end_fit_takes_a_lower_rate_when_the_output_vectors_are_fitted_too(llama, calibration):
+    rates = {}
+    for learn in LEARNABLE_PARTS:
+        config = SparsityConfig(pattern="2:4", mitigation=(Learnable(learn=learn),))
+        handle = sparsify(llama, config, calibration, calibration_settings=CalibrationSettings(steps=2))
+        rates[learn] = handle.calibration["settings"]["lr"]
+        assert handle.label == config.label  # each its own default: no lr word
+        handle.remove()
+    assert rates == {"input": 1e-3, "input+output": 1e-4}
 
 
 def test_labels_say_when_the_output_corrections_are_fitted_too():

@@ -45,18 +45,26 @@ class Objective:
 
     lr: float
     passes: int
+    lr_with_output: float | None = None
+    """The peak learning rate when the output vectors are fitted too (``learn="input+output"``),
+    where it differs from ``lr``."""
+
+    def lr_for(self, learn: str) -> float:
+        """The peak learning rate for fitting the parts ``learn`` names (a ``learnable`` setting)."""
+        return self.lr_with_output if learn == "input+output" and self.lr_with_output else self.lr
 
 
 OBJECTIVES = {
     "block-mse": Objective(lr=5e-3, passes=1),
     "block-normed": Objective(lr=5e-3, passes=1),
-    # Every vector of every layer moves at once: with the output scale and bias fitted too
-    # (learn=input+output), Gemma 3 270M's KL on text of another genre rose at 1e-3 and 3e-4 and
-    # fell at 1e-4. The input vectors alone (the default) lower it at 1e-3 and at 1e-4 on both
-    # models and texts when fitted on 16 to 64 windows spread over the calibration text, neither
-    # rate better everywhere; in a short fit (6 windows) only 1e-3 moves them. On 16 windows of
-    # one era Gemma's rose at 1e-3 (docs/quality.md, "The learning rate of the end-to-end fit").
-    "output-kl": Objective(lr=1e-3, passes=2),
+    # Every vector of every layer moves at once. The input vectors alone (the default) lower the
+    # KL at 1e-3 and at 1e-4 on both models and texts when fitted on 16 to 64 windows spread over
+    # the calibration text, neither rate better everywhere; in a short fit (6 windows) only 1e-3
+    # moves them; on 16 windows of one era Gemma's rose at 1e-3. With the output scale and bias
+    # fitted too, Gemma 3 270M's KL did not fall at 1e-3 (16 windows of one era, 64 spread ones),
+    # rose on text of another genre at 3e-4, and fell on the calibration genre at 1e-4
+    # (docs/quality.md, "The learning rate of the end-to-end fit" and "What is learned").
+    "output-kl": Objective(lr=1e-3, passes=2, lr_with_output=1e-4),
 }
 """The objectives of the ``objective`` setting of ``learnable`` (described above), by name."""
 
@@ -70,7 +78,8 @@ class CalibrationSettings:
             (batch 1); None means the objective's passes over the fitted calibration windows (one
             for the block objectives, two for ``output-kl``).
         lr: peak learning rate of AdamW (betas 0.9, 0.95; no weight decay); None means the
-            objective's (5e-3 for the block objectives, 1e-3 for ``output-kl``).
+            objective's (5e-3 for the block objectives, 1e-3 for ``output-kl``, 1e-4 for it with
+            ``learn="input+output"``).
         warmup: share of the steps over which the learning rate rises linearly (then cosine decay).
         clip: maximum gradient norm.
         explode: a step loss this many times the loss before calibration (or 0.1% of the dense
@@ -108,12 +117,13 @@ class CalibrationSettings:
         if self.checks < 1:
             raise ActsparseError(f"Held-out checks {self.checks} must be at least 1; use e.g. 4.")
 
-    def for_objective(self, objective: str, windows: int) -> CalibrationSettings:
+    def for_objective(self, objective: str, windows: int, learn: str = "input") -> CalibrationSettings:
         """These settings with the steps and learning rate left open taken from ``objective``, for
-        ``windows`` calibration windows (the passes are over the windows fitted on)."""
+        ``windows`` calibration windows (the passes are over the windows fitted on) and the parts
+        ``learn`` fits."""
         defaults = OBJECTIVES[objective]
         steps = self.steps or defaults.passes * len(self.split(windows)[0])
-        return replace(self, steps=steps, lr=self.lr or defaults.lr)
+        return replace(self, steps=steps, lr=self.lr or defaults.lr_for(learn))
 
     def split(self, windows: int) -> tuple[range, range]:
         """The indices of the windows fitted on and of the held-out windows that judge the fit."""
@@ -447,16 +457,18 @@ def learn_corrections(
     windows: torch.Tensor | None,
     settings: CalibrationSettings | None = None,
     objective: str = "output-kl",
+    learn: str = "input",
     progress: bool = True,
 ) -> list[BlockFit]:
     """Fit the learned corrections of ``handle``'s layers on ``windows`` (the calibration split) by
-    ``objective`` (one of ``OBJECTIVES``); ``actsparse.sparsify.fold`` then folds them into the
-    layers. The model's own weights never change, and the handle is attached again at the end."""
+    ``objective`` (one of ``OBJECTIVES``), the parts ``learn`` names at the rate it defaults to;
+    ``actsparse.sparsify.fold`` then folds them into the layers. The model's own weights never
+    change, and the handle is attached again at the end."""
     if windows is None or len(windows) == 0:
         raise ActsparseError(
             "Learnable corrections need calibration text; pass calibration windows (--calib-windows)."
         )
-    settings = (settings or CalibrationSettings()).for_objective(objective, len(windows))
+    settings = (settings or CalibrationSettings()).for_objective(objective, len(windows), learn)
     corrected: dict[str, SparseLinear] = {
         name: layer for name, layer in handle.layers.items() if layer.correction is not None
     }

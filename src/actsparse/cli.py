@@ -150,7 +150,7 @@ HoldoutOpt = Annotated[
 LrOpt = Annotated[
     float | None,
     typer.Option(
-        help="Learnable corrections: peak AdamW learning rate (default: 5e-3 for the block objectives, 1e-3 for output-kl; 1e-4 suits learn=input+output)."
+        help="Learnable corrections: peak AdamW learning rate (default: 5e-3 for the block objectives, 1e-3 for output-kl, 1e-4 for it with learn=input+output)."
     ),
 ]
 

@@ -473,15 +473,16 @@ class Learnable(Correction):
     ) -> dict[str, Any]:
         from actsparse.calibrate import learn_corrections
 
-        fits = learn_corrections(handle, windows, settings, self.objective)
-        used = settings.for_objective(self.objective, len(windows))
+        fits = learn_corrections(handle, windows, settings, self.objective, self.learn)
+        used = settings.for_objective(self.objective, len(windows), self.learn)
         return {"settings": used.to_dict(), "blocks": [fit.to_dict() for fit in fits]}
 
     def calibration_label(self, record: dict[str, Any]) -> list[str]:
         from actsparse.calibrate import OBJECTIVES
 
         lr = record.get("settings", {}).get("lr")
-        return [f"lr={lr:g}"] if lr is not None and lr != OBJECTIVES[self.objective].lr else []
+        default = OBJECTIVES[self.objective].lr_for(self.learn)
+        return [f"lr={lr:g}"] if lr is not None and lr != default else []
 
     def fold(self, layer: SparseLinear) -> None:
         correction = layer.correction
