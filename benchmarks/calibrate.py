@@ -44,7 +44,6 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     print(f"model loaded: peak RSS {peak_rss_gib():.2f} GiB, {torch.get_num_threads()} threads")
     config = SparsityConfig(args.pattern, args.criterion, mitigation=args.mitigation)
-    objective = next(c.objective for c in config.mitigation if c.learned)
     runs = {"actsparse defaults": (args.windows, CalibrationSettings())}
     if args.reference:
         runs["authors' settings"] = (AUTHORS["windows"], AUTHORS["settings"])
@@ -56,7 +55,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         handle.remove()
         recipes.append(handle.recipe())
-        lr = settings.for_objective(objective, len(calibration)).lr
+        lr = handle.calibration["settings"]["lr"]  # the rate calibration used, as the recipe records it
         lines.append((name, len(calibration), lr, seconds, peak_rss_gib()))
         print(
             f"{name}: {len(calibration)} windows, {seconds:.0f} s, peak RSS {peak_rss_gib():.2f} GiB",
