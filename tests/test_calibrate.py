@@ -88,6 +88,8 @@ def test_decoder_blocks_must_hold_the_layers(llama):
     [
         ({"steps": 0}, "at least 1"),
         ({"lr": 0.0}, "must be positive"),
+        ({"lr": (1e-3, -1e-3)}, "Learning rate -0.001 must be positive"),
+        ({"lr": ()}, "No learning rate given"),
         ({"warmup": 1.0}, "outside"),
         ({"holdout": 1.0}, "outside"),
         ({"checks": 0}, "at least 1"),
@@ -96,6 +98,50 @@ def test_decoder_blocks_must_hold_the_layers(llama):
 def test_bad_settings(settings, message):
     with pytest.raises(ActsparseError, match=message):
         CalibrationSettings(**settings)
+
+
+def test_several_learning_rates_are_a_search_and_one_is_a_rate():
+    assert CalibrationSettings(lr=[1e-3]).lr == 1e-3 and CalibrationSettings(lr=1e-3).rates == (1e-3,)
+    search = CalibrationSettings(lr=[1e-3, 1e-4, 1e-3])
+    assert search.rates == (1e-3, 1e-4) and search.to_dict()["lr"] == [1e-3, 1e-4]
+    assert search.for_objective("output-kl", 8).rates == (1e-3, 1e-4)  # not replaced by the default
+    assert CalibrationSettings().for_objective("output-kl", 8).rates == (1e-3,)
+
+
+def test_a_rate_search_keeps_the_best_held_out_fit_of_any_rate(llama, calibration):
+    # On this tiny random model 1e-1 overshoots in both blocks and 1e-3 helps in both.
+    fitted = {}
+    for lr in (1e-3, (1e-1, 1e-3)):
+        settings = CalibrationSettings(steps=6, lr=lr, holdout=0.0)
+        handle = sparsify(llama, CONFIG, calibration, calibration_settings=settings)
+        fitted[lr] = (
+            handle.calibration["blocks"],
+            {name: layer.correction.shift.clone() for name, layer in handle.layers.items()},
+        )
+        handle.remove()
+    assert handle.label == f"{CONFIG.label} lr=0.1,0.001"
+    (single, single_shifts), (searched, searched_shifts) = fitted[1e-3], fitted[(1e-1, 1e-3)]
+    assert all(block["kept_step"] and block["lr"] == 1e-3 for block in searched)
+    assert searched == single  # the 1e-3 fit of the search is the 1e-3 fit itself
+    assert all(torch.equal(searched_shifts[name], shift) for name, shift in single_shifts.items())
+
+
+def test_a_rate_that_diverges_ends_its_run_and_the_others_stand(capsys):
+    from actsparse.calibrate import _fit
+
+    def fit_at(lr):
+        value = torch.nn.Parameter(torch.zeros(1))
+        settings = CalibrationSettings(steps=40, lr=lr, warmup=0.0, checks=8)
+        held_loss = lambda: (value.item() - 0.5) ** 2  # the fitted text wants 1
+        fit = _fit("block", [value], lambda step: (value - 1).pow(2).sum(), held_loss, settings, 0.0, False)
+        return fit, value.item()
+
+    slow, fast = fit_at(2e-3), fit_at(5e-2)
+    assert slow[0].loss_after > 2 * fast[0].loss_after  # 2e-3 moves too little in 40 steps
+    assert fit_at((1e6, 2e-3, 5e-2)) == fast and fast[0].lr == 5e-2
+    assert "diverged at lr 1e+06, step 2" in capsys.readouterr().out
+    with pytest.raises(ActsparseError, match=r"Calibration of block block diverged at lr 1e\+06, step 2"):
+        fit_at(1e6)
 
 
 def test_the_normed_objective_measures_each_block_through_the_norm_that_reads_it(llama, calibration):

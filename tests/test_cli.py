@@ -170,6 +170,22 @@ def test_calibrate_writes_a_recipe_that_eval_reads(monkeypatch, capsys, local_mo
     assert rows[1]["config"]["calibration"]["text"]["sample"] == "spread"
 
 
+def test_calibrate_searches_comma_separated_learning_rates(monkeypatch, capsys, local_model, tmp_path):
+    model, text = local_model
+    recipe = tmp_path / "recipe"
+    code, output = run(
+        monkeypatch, capsys, "calibrate", "--model", str(model), "--dataset", str(text), "--seqlen", "32",
+        "--pattern", "2:4", "--mitigation", "learnable", "--calib-windows", "3", "--calib-steps", "2",
+        "--lr", "1e-3, 1e-4", "--out", str(recipe),
+    )  # fmt: skip
+    assert code in (0, None), output
+    saved = json.loads((recipe / "recipe.json").read_text())["calibration"]
+    assert saved["settings"]["lr"] == [1e-3, 1e-4]
+    [fit] = saved["blocks"]
+    assert fit["kept_step"] and fit["lr"] in (1e-3, 1e-4)  # the step and rate the fit was kept at
+    assert f"{fit['kept_step']} of 2 at lr {fit['lr']:g}" in output
+
+
 def test_eval_with_a_missing_recipe(monkeypatch, capsys, tmp_path):
     code, output = run(monkeypatch, capsys, "eval", "--recipe", str(tmp_path / "none"))
     assert code == 2 and "is not a recipe folder" in " ".join(output.split()) and "Traceback" not in output

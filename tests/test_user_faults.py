@@ -164,6 +164,8 @@ def test_results_and_recipes_honour_the_umask(monkeypatch, capsys, local_model, 
             "quant_exclude filter 'nothing_matches' matches no linear layer",
         ),
         (["--steps", "2"], "No such option: --steps"),
+        (["--lr", "1e-3,fast"], "--lr '1e-3,fast' is not a learning rate; give a number (1e-3)"),
+        (["--lr", "1e-3,0"], "Learning rate 0 must be positive"),
     ],
 )
 def test_bad_values_end_in_one_line_before_any_work(

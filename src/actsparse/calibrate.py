@@ -14,7 +14,9 @@
 All use AdamW with warm-up, cosine decay and gradient clipping, one calibration window per step.
 The last calibration windows are held out of the fit to judge it: the corrections end at the point
 of the fit where the objective on those windows was least, so what is kept also helps on text the
-fit did not see (and nothing is kept when nothing helped).
+fit did not see (and nothing is kept when nothing helped). Given several learning rates, the fit
+runs once per rate from the same start and the held-out objective picks among all of them (a rate
+search: which rate suits a model is not known in advance).
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ class CalibrationSettings:
             for the block objectives, two for ``output-kl``).
         lr: peak learning rate of AdamW (betas 0.9, 0.95; no weight decay); None means the
             objective's (5e-3 for the block objectives, 1e-3 for ``output-kl``, 1e-4 for it with
-            ``learn="input+output"``).
+            ``learn="input+output"``). Several rates (a tuple) search: each is fitted from the same
+            start and the fit least on the held-out windows is kept, one fit's time per rate.
         warmup: share of the steps over which the learning rate rises linearly (then cosine decay).
         clip: maximum gradient norm.
         explode: a step loss this many times the loss before calibration (or 0.1% of the dense
@@ -91,12 +94,12 @@ class CalibrationSettings:
             ``1/checks`` of the steps.
 
     Each block (or, for ``output-kl``, the model) keeps its corrections as they were at the check
-    with the least held-out objective — as they started (``BlockFit.kept_step`` 0) when no check
-    beat the start — so calibration never makes it worse on text it did not fit.
+    with the least held-out objective, at any of the rates — as they started (``BlockFit.kept_step``
+    0) when no check beat the start — so calibration never makes it worse on text it did not fit.
     """
 
     steps: int | None = None
-    lr: float | None = None
+    lr: float | tuple[float, ...] | None = None
     warmup: float = 0.03
     clip: float = 1.0
     explode: float = 100.0
@@ -108,8 +111,14 @@ class CalibrationSettings:
             raise ActsparseError(
                 f"Calibration steps {self.steps} must be at least 1 (or omitted for the objective's default)."
             )
-        if self.lr is not None and not self.lr > 0:
-            raise ActsparseError(f"Learning rate {self.lr:g} must be positive; use e.g. 1e-3.")
+        if isinstance(self.lr, tuple | list):
+            if not self.lr:
+                raise ActsparseError("No learning rate given; give one (e.g. 1e-3) or several (1e-3,1e-4).")
+            rates = tuple(dict.fromkeys(float(rate) for rate in self.lr))
+            object.__setattr__(self, "lr", rates if len(rates) > 1 else rates[0])
+        for rate in self.rates:
+            if not rate > 0:
+                raise ActsparseError(f"Learning rate {rate:g} must be positive; use e.g. 1e-3.")
         if not 0 <= self.warmup < 1:
             raise ActsparseError(f"Warm-up share {self.warmup:g} is outside [0, 1); use e.g. 0.03.")
         if not 0 <= self.holdout < 1:
@@ -125,6 +134,14 @@ class CalibrationSettings:
         steps = self.steps or defaults.passes * len(self.split(windows)[0])
         return replace(self, steps=steps, lr=self.lr or defaults.lr_for(learn))
 
+    @property
+    def rates(self) -> tuple[float, ...]:
+        """The learning rates fitted: one, several (a search), or none while the objective's
+        default is still open."""
+        if self.lr is None:
+            return ()
+        return self.lr if isinstance(self.lr, tuple) else (self.lr,)
+
     def split(self, windows: int) -> tuple[range, range]:
         """The indices of the windows fitted on and of the held-out windows that judge the fit."""
         held = min(max(1, round(self.holdout * windows)), windows - 1) if self.holdout else 0
@@ -133,20 +150,23 @@ class CalibrationSettings:
         return range(windows - held), range(windows - held, windows)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings as JSON keeps them (several rates as a list)."""
+        return asdict(self) | {"lr": list(self.lr) if isinstance(self.lr, tuple) else self.lr}
 
 
 @dataclass(frozen=True)
 class BlockFit:
     """The objective on the held-out calibration windows of one block (or of the whole model,
-    ``block="model"`` for ``output-kl``) before its fit and as kept, the steps run, and the step
-    whose corrections were kept (0: none helped, the corrections are as they started)."""
+    ``block="model"`` for ``output-kl``) before its fit and as kept, the steps run per rate, the
+    step whose corrections were kept (0: none helped, the corrections are as they started) and the
+    learning rate of the fit they were kept from (None when none helped)."""
 
     block: str
     loss_before: float
     loss_after: float
     steps: int
     kept_step: int
+    lr: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -270,37 +290,52 @@ def _fit(
     scale: float,
     progress: bool,
 ) -> BlockFit:
-    """``settings.steps`` AdamW steps on ``step_loss(step)``, checked ``settings.checks`` times on
-    ``held_loss()``; ``parameters`` end as they were at the best check (the start if none was
-    better). A step loss far above the start (or ``scale``, if larger) stops the run."""
-    steps = settings.steps
+    """``settings.steps`` AdamW steps on ``step_loss(step)`` from the same start at every rate of
+    ``settings.rates``, checked ``settings.checks`` times on ``held_loss()``; ``parameters`` end as
+    they were at the best check of all (the start if none was better). A step loss far above the
+    start (or ``scale``, if larger) ends that rate's run; it is an error when it ends the only one."""
+    steps, rates = settings.steps, settings.rates
+    where = "the model" if name == "model" else f"block {name}"
+    start = [parameter.detach().clone() for parameter in parameters]
     before = best = held_loss()
-    kept_step, kept = 0, [parameter.detach().clone() for parameter in parameters]
+    kept_step, kept_rate, kept = 0, None, start
     checkpoints = {math.ceil(steps * check / settings.checks) for check in range(1, settings.checks + 1)}
-    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, round(settings.warmup * steps), steps)
-    for step in tqdm(range(steps), desc=name, unit="step", disable=not progress, leave=False):
-        loss = step_loss(step)
-        value = loss.item()
-        if not math.isfinite(value) or value > settings.explode * max(before, scale):
-            where = "the model" if name == "model" else f"block {name}"
-            raise ActsparseError(
-                f"Calibration of {where} diverged at step {step + 1} (loss {value:.3g} against "
-                f"{before:.3g} at the start); lower the learning rate (--lr), "
-                "or check the model runs in float32."
-            )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, settings.clip)
-        optimizer.step()
-        schedule.step()
+    diverged = []
+    for rate in rates:
+        with torch.no_grad():
+            for parameter, value in zip(parameters, start):
+                parameter.copy_(value)
+        optimizer = torch.optim.AdamW(parameters, lr=rate, betas=(0.9, 0.95), weight_decay=0.0)
+        schedule = get_cosine_schedule_with_warmup(optimizer, round(settings.warmup * steps), steps)
+        desc = name if len(rates) == 1 else f"{name} lr={rate:g}"
+        for step in tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False):
+            loss = step_loss(step)
+            value = loss.item()
+            if not math.isfinite(value) or value > settings.explode * max(before, scale):
+                diverged.append(
+                    f"at lr {rate:g}, step {step + 1} (loss {value:.3g} against {before:.3g} at the start)"
+                )
+                break
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, settings.clip)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step + 1 in checkpoints and (held := held_loss()) < best:
+                best, kept_step, kept_rate = held, step + 1, rate
+                kept = [parameter.detach().clone() for parameter in parameters]
         optimizer.zero_grad(set_to_none=True)
-        if step + 1 in checkpoints and (held := held_loss()) < best:
-            best, kept_step = held, step + 1
-            kept = [parameter.detach().clone() for parameter in parameters]
+    if len(diverged) == len(rates):
+        raise ActsparseError(
+            f"Calibration of {where} diverged {'; '.join(diverged)}; lower the learning rate (--lr), "
+            "or check the model runs in float32."
+        )
+    if diverged:
+        tqdm.write(f"Calibration of {where} diverged {'; '.join(diverged)}; the other rates' fits stand.")
     with torch.no_grad():
         for parameter, value in zip(parameters, kept):
             parameter.copy_(value)
-    return BlockFit(name, before, best, steps, kept_step)
+    return BlockFit(name, before, best, steps, kept_step, kept_rate)
 
 
 def _calibrate_block(

@@ -148,9 +148,10 @@ HoldoutOpt = Annotated[
     ),
 ]
 LrOpt = Annotated[
-    float | None,
+    str | None,
     typer.Option(
-        help="Learnable corrections: peak AdamW learning rate (default: 5e-3 for the block objectives, 1e-3 for output-kl, 1e-4 for it with learn=input+output)."
+        help="Learnable corrections: peak AdamW learning rate (default: 5e-3 for the block objectives, 1e-3 for output-kl, 1e-4 for it with learn=input+output); "
+        "several comma-separated rates (1e-3,1e-4) search: each is fitted and the fit best on the held-out calibration windows kept.",
     ),
 ]
 
@@ -222,6 +223,18 @@ def config_options(**defaults: Any) -> Callable[[Callable[..., Any]], Callable[.
 
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _calibration_settings(steps: int | None, lr: str | None, holdout: float) -> CalibrationSettings:
+    """The calibration settings of ``--calib-steps``, ``--lr`` (one rate or comma-separated rates)
+    and ``--calib-holdout``."""
+    try:
+        rates = tuple(float(rate) for rate in _split(lr)) if lr is not None else None
+    except ValueError:
+        raise ActsparseError(
+            f"--lr '{lr}' is not a learning rate; give a number (1e-3) or comma-separated numbers (1e-3,1e-4)."
+        ) from None
+    return CalibrationSettings(steps=steps, lr=rates, holdout=holdout)
 
 
 def _check_file_outputs(*paths: Path | None) -> None:
@@ -313,7 +326,7 @@ def eval_command(
     values (pattern × criterion × policy × mitigation × ...), plus weight pruning per pattern.
     Each variant is prepared (measured, calibrated) once and serves perplexity, tasks and generation.
     """
-    settings = CalibrationSettings(steps=calib_steps, lr=lr, holdout=calib_holdout)
+    settings = _calibration_settings(calib_steps, lr, calib_holdout)
     configs = _variants(config, variant, variants, recipe, weights)
     task_names = _split(tasks)
     if task_names or task_dir is not None:
@@ -393,7 +406,7 @@ def calibrate(
     the result with `actsparse eval --recipe DIR`; in Python, `sparsify(model, recipe=load_recipe(DIR))`.
     """
     sparsity = config.one()
-    settings = CalibrationSettings(steps=calib_steps, lr=lr, holdout=calib_holdout)
+    settings = _calibration_settings(calib_steps, lr, calib_holdout)
     check_recipe_target(out)
     part = calibration_text(dataset, calib_dataset)
     with output_lock(out):
@@ -417,6 +430,8 @@ def calibrate(
             before, after = block["loss_before"], block["loss_after"]
             change = f"{after / before - 1:+.1%}" if before else "–"
             kept = f"{block['kept_step']} of {block['steps']}" if block["kept_step"] else "none kept"
+            if block["kept_step"] and isinstance(settings.lr, tuple):
+                kept += f" at lr {block['lr']:g}"
             table.add_row(block["block"], f"{before:.4g}", f"{after:.4g}", change, kept)
         console.print(table)
     console.print(
@@ -478,7 +493,7 @@ def sweep(
     if config_file is not None:
         config = ConfigOptions({**config.given, **read_sweep_file(config_file)}, config.defaults, "sweep")
     configs = config.configs()
-    settings = CalibrationSettings(steps=calib_steps, lr=lr, holdout=calib_holdout)
+    settings = _calibration_settings(calib_steps, lr, calib_holdout)
     dtype = resolve_dtype(dtype, device)  # the manifest and every record name the dtype that ran
     check_device_map(device_map, device)
     data = SweepData(

@@ -481,8 +481,9 @@ class Learnable(Correction):
         from actsparse.calibrate import OBJECTIVES
 
         lr = record.get("settings", {}).get("lr")
-        default = OBJECTIVES[self.objective].lr_for(self.learn)
-        return [f"lr={lr:g}"] if lr is not None and lr != default else []
+        if lr is None or lr == OBJECTIVES[self.objective].lr_for(self.learn):
+            return []
+        return ["lr=" + ",".join(f"{rate:g}" for rate in (lr if isinstance(lr, list) else [lr]))]
 
     def fold(self, layer: SparseLinear) -> None:
         correction = layer.correction

@@ -39,8 +39,8 @@ class SparsityHandle:
     @property
     def label(self) -> str:
         """The configuration's label, and what calibration ran at unlike the defaults (a learning
-        rate other than its objective's: ``lr=0.0001``), so recipes that differ in it are told
-        apart."""
+        rate other than its objective's, ``lr=0.0001``, or the rates it searched, ``lr=0.001,0.0001``),
+        so recipes that differ in it are told apart."""
         record = self.calibration or {}
         words = [word for piece in self.config.mitigation for word in piece.calibration_label(record)]
         return " ".join([self.config.label, *words])
