@@ -494,11 +494,12 @@ def learn_corrections(
     objective: str = "output-kl",
     learn: str = "input",
     progress: bool = True,
-) -> list[BlockFit]:
+) -> dict[str, Any]:
     """Fit the learned corrections of ``handle``'s layers on ``windows`` (the calibration split) by
     ``objective`` (one of ``OBJECTIVES``), the parts ``learn`` names at the rate it defaults to;
     ``actsparse.sparsify.fold`` then folds them into the layers. The model's own weights never
-    change, and the handle is attached again at the end."""
+    change, and the handle is attached again at the end. Returns the calibration record: the
+    settings as run (defaults resolved) and every fit (``BlockFit``)."""
     if windows is None or len(windows) == 0:
         raise ActsparseError(
             "Learnable corrections need calibration text; pass calibration windows (--calib-windows)."
@@ -508,5 +509,8 @@ def learn_corrections(
         name: layer for name, layer in handle.layers.items() if layer.correction is not None
     }
     if objective == "output-kl":
-        return _learn_end_to_end(handle, corrected, windows, settings, progress)
-    return _learn_block_by_block(handle, corrected, windows, settings, objective == "block-normed", progress)
+        fits = _learn_end_to_end(handle, corrected, windows, settings, progress)
+    else:
+        normed = objective == "block-normed"
+        fits = _learn_block_by_block(handle, corrected, windows, settings, normed, progress)
+    return {"settings": settings.to_dict(), "blocks": [fit.to_dict() for fit in fits]}

@@ -473,9 +473,7 @@ class Learnable(Correction):
     ) -> dict[str, Any]:
         from actsparse.calibrate import learn_corrections
 
-        fits = learn_corrections(handle, windows, settings, self.objective, self.learn)
-        used = settings.for_objective(self.objective, len(windows), self.learn)
-        return {"settings": used.to_dict(), "blocks": [fit.to_dict() for fit in fits]}
+        return learn_corrections(handle, windows, settings, self.objective, self.learn)
 
     def calibration_label(self, record: dict[str, Any]) -> list[str]:
         from actsparse.calibrate import OBJECTIVES

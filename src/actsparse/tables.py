@@ -17,10 +17,13 @@ class ResultTable:
     rows: list[list[str]]
 
     def rich(self) -> Table:
-        """The table for the terminal."""
+        """The table for the terminal. Where it is too narrow (or 120 columns, when the output is
+        not a terminal), long labels wrap and every figure stays whole."""
         table = Table(title=self.title)
-        for index, column in enumerate(self.columns):
-            table.add_column(column, justify="left" if index == 0 else "right", no_wrap=True)
+        table.add_column(self.columns[0], overflow="fold")
+        for index, column in enumerate(self.columns[1:], start=1):
+            widest = max((len(row[index]) for row in self.rows), default=0)
+            table.add_column(column, justify="right", no_wrap=True, min_width=widest)
         for row in self.rows:
             table.add_row(*row)
         return table
