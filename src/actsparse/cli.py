@@ -422,7 +422,7 @@ def calibrate(
     blocks = (handle.calibration or {}).get("blocks", [])
     if blocks:
         table = Table(
-            title=f"{model}: {sparsity.label}, calibration objective on the held-out calibration windows"
+            title=f"{model}: {handle.label}, calibration objective on the held-out calibration windows"
         )
         for column in ("block", "before", "after", "change", "kept at step"):
             table.add_column(column, justify="left" if column == "block" else "right", no_wrap=True)
@@ -435,7 +435,7 @@ def calibrate(
             table.add_row(block["block"], f"{before:.4g}", f"{after:.4g}", change, kept)
         console.print(table)
     console.print(
-        f"Recipe for {sparsity.label} saved to {out}; evaluate it with `actsparse eval --recipe {out}`."
+        f"Recipe for {handle.label} saved to {out}; evaluate it with `actsparse eval --recipe {out}`."
     )
 
 
