@@ -9,6 +9,7 @@
 # The environment picks the table: the first one (the defaults) fitted learn=input+output on the
 # split's first 16 windows; the spread one is
 #   SAMPLE=spread CALIB_WINDOWS=32 LEARN=input LRS="1e-3 1e-4" bash docs/learning_rates.sh gemma3-270m 2 8
+# An entry of LRS with commas (1e-3,1e-4) is one recipe that searches those rates.
 set -euo pipefail
 model=${1:-smollm2-135m} batch=${2:-4} windows=${3:-16}
 sample=${SAMPLE:-start} calib_windows=${CALIB_WINDOWS:-16} learn=${LEARN:-input+output}
