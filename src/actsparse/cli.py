@@ -150,6 +150,7 @@ HoldoutOpt = Annotated[
 LrOpt = Annotated[
     str | None,
     typer.Option(
+        metavar="LR[,LR...]",
         help="Learnable corrections: peak AdamW learning rate (default: 5e-3 for the block objectives, 1e-3 for output-kl, 1e-4 for it with learn=input+output); "
         "several comma-separated rates (1e-3,1e-4) search: each is fitted and the fit best on the held-out calibration windows kept.",
     ),
