@@ -122,7 +122,9 @@ def test_a_rate_search_keeps_the_best_held_out_fit_of_any_rate(llama, calibratio
     assert handle.label == f"{CONFIG.label} lr=0.1,0.001"
     (single, single_shifts), (searched, searched_shifts) = fitted[1e-3], fitted[(1e-1, 1e-3)]
     assert all(block["kept_step"] and block["lr"] == 1e-3 for block in searched)
-    assert searched == single  # the 1e-3 fit of the search is the 1e-3 fit itself
+    for alone, among in zip(single, searched):  # the 1e-3 fit of the search is the 1e-3 fit itself
+        assert among == {**alone, "by_rate": among["by_rate"]}
+        assert among["by_rate"][1] == alone["by_rate"][0] and among["by_rate"][0][1] > among["loss_after"]
     assert all(torch.equal(searched_shifts[name], shift) for name, shift in single_shifts.items())
 
 
@@ -138,7 +140,10 @@ def test_a_rate_that_diverges_ends_its_run_and_the_others_stand(capsys):
 
     slow, fast = fit_at(2e-3), fit_at(5e-2)
     assert slow[0].loss_after > 2 * fast[0].loss_after  # 2e-3 moves too little in 40 steps
-    assert fit_at((1e6, 2e-3, 5e-2)) == fast and fast[0].lr == 5e-2
+    searched = fit_at((1e6, 2e-3, 5e-2))
+    assert searched[1] == fast[1] and searched[0].lr == fast[0].lr == 5e-2
+    assert searched[0].kept_step == fast[0].kept_step and searched[0].loss_after == fast[0].loss_after
+    assert searched[0].by_rate == ((1e6, None), (2e-3, slow[0].loss_after), (5e-2, fast[0].loss_after))
     assert "diverged at lr 1e+06, step 2" in capsys.readouterr().out
     with pytest.raises(ActsparseError, match=r"Calibration of block block diverged at lr 1e\+06, step 2"):
         fit_at(1e6)

@@ -184,6 +184,8 @@ def test_calibrate_searches_comma_separated_learning_rates(monkeypatch, capsys, 
     [fit] = saved["blocks"]
     assert fit["kept_step"] and fit["lr"] in (1e-3, 1e-4)  # the step and rate the fit was kept at
     assert f"{fit['kept_step']} of 2 at lr {fit['lr']:g}" in output
+    assert [lr for lr, _ in fit["by_rate"]] == [1e-3, 1e-4]  # each rate's least held-out KL, shown too
+    assert ", ".join(f"{lr:g}: {least:.4g}" for lr, least in fit["by_rate"]) in output
     assert "Recipe for 2:4 amber learnable lr=0.001,0.0001 saved to" in " ".join(output.split())
 
 

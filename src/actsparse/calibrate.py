@@ -158,8 +158,9 @@ class CalibrationSettings:
 class BlockFit:
     """The objective on the held-out calibration windows of one block (or of the whole model,
     ``block="model"`` for ``output-kl``) before its fit and as kept, the steps run per rate, the
-    step whose corrections were kept (0: none helped, the corrections are as they started) and the
-    learning rate of the fit they were kept from (None when none helped)."""
+    step whose corrections were kept (0: none helped, the corrections are as they started), the
+    learning rate of the fit they were kept from (None when none helped), and for every rate
+    fitted its least held-out objective (None when it diverged before its first check)."""
 
     block: str
     loss_before: float
@@ -167,6 +168,7 @@ class BlockFit:
     steps: int
     kept_step: int
     lr: float | None = None
+    by_rate: tuple[tuple[float, float | None], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -300,8 +302,9 @@ def _fit(
     before = best = held_loss()
     kept_step, kept_rate, kept = 0, None, start
     checkpoints = {math.ceil(steps * check / settings.checks) for check in range(1, settings.checks + 1)}
-    diverged = []
+    diverged, by_rate = [], []
     for rate in rates:
+        rate_best = None
         with torch.no_grad():
             for parameter, value in zip(parameters, start):
                 parameter.copy_(value)
@@ -321,10 +324,15 @@ def _fit(
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            if step + 1 in checkpoints and (held := held_loss()) < best:
+            if step + 1 not in checkpoints:
+                continue
+            held = held_loss()
+            rate_best = held if rate_best is None else min(rate_best, held)
+            if held < best:
                 best, kept_step, kept_rate = held, step + 1, rate
                 kept = [parameter.detach().clone() for parameter in parameters]
         optimizer.zero_grad(set_to_none=True)
+        by_rate.append((rate, rate_best))
     if len(diverged) == len(rates):
         raise ActsparseError(
             f"Calibration of {where} diverged {'; '.join(diverged)}; lower the learning rate (--lr), "
@@ -335,7 +343,7 @@ def _fit(
     with torch.no_grad():
         for parameter, value in zip(parameters, kept):
             parameter.copy_(value)
-    return BlockFit(name, before, best, steps, kept_step, kept_rate)
+    return BlockFit(name, before, best, steps, kept_step, kept_rate, tuple(by_rate))
 
 
 def _calibrate_block(

@@ -425,15 +425,22 @@ def calibrate(
         table = Table(
             title=f"{model}: {handle.label}, calibration objective on the held-out calibration windows"
         )
-        for column in ("block", "before", "after", "change", "kept at step"):
+        searched = isinstance(settings.lr, tuple)
+        columns = ["block", "before", "after", "change", "kept at step"]
+        if searched:
+            columns.append("least at each rate")
+        for column in columns:
             table.add_column(column, justify="left" if column == "block" else "right", no_wrap=True)
         for block in blocks:
             before, after = block["loss_before"], block["loss_after"]
             change = f"{after / before - 1:+.1%}" if before else "–"
             kept = f"{block['kept_step']} of {block['steps']}" if block["kept_step"] else "none kept"
-            if block["kept_step"] and isinstance(settings.lr, tuple):
-                kept += f" at lr {block['lr']:g}"
-            table.add_row(block["block"], f"{before:.4g}", f"{after:.4g}", change, kept)
+            row = [block["block"], f"{before:.4g}", f"{after:.4g}", change, kept]
+            if searched:
+                row[-1] += f" at lr {block['lr']:g}" if block["kept_step"] else ""
+                row.append(", ".join(f"{lr:g}: {'diverged' if least is None else f'{least:.4g}'}"
+                                     for lr, least in block["by_rate"]))  # fmt: skip
+            table.add_row(*row)
         console.print(table)
     console.print(
         f"Recipe for {handle.label} saved to {out}; evaluate it with `actsparse eval --recipe {out}`."
