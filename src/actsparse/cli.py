@@ -425,7 +425,7 @@ def calibrate(
         table = Table(
             title=f"{model}: {handle.label}, calibration objective on the held-out calibration windows"
         )
-        searched = isinstance(settings.lr, tuple)
+        searched = len(settings.rates) > 1
         columns = ["block", "before", "after", "change", "kept at step"]
         if searched:
             columns.append("least at each rate")
