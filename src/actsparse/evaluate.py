@@ -107,7 +107,9 @@ def evaluate(
     afterwards.
 
     With ``checkpoint``, the running totals are saved there (atomically) after every batch, and a
-    run of the same model, windows and configurations resumes from it; it is deleted at the end.
+    run of the same model, windows and configurations resumes from it. It stays after the last
+    window, so that a failure or a kill before the results are stored loses nothing (a rerun finds
+    every window done and returns at once): delete it once they are (``checkpoint.unlink()``).
     """
     handles = prepare_variants(model, configs, calibration, calibration_settings, progress, batch_size)
     for handle in handles:
@@ -150,8 +152,6 @@ def evaluate(
         rows.append(
             _row(handle.label, handle.describe(), totals, flop_report(model, handle), handle.prepare_seconds)
         )
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)
     return rows
 
 

@@ -21,7 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from actsparse.errors import ActsparseError
+from safetensors import SafetensorError
+
+from actsparse.errors import ActsparseError, shorten
 
 
 def cache_dir() -> Path:
@@ -56,17 +58,29 @@ def atomic_directory(target: Path, replaceable: Callable[[Path], bool] = lambda 
     when it is a file) the write is refused before anything changes.
     """
     check_replaceable(target, replaceable)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(target), dir=target.parent))
-    honour_umask(scratch)
+    scratch = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(target), dir=target.parent))
+        honour_umask(scratch)
         yield scratch
         check_replaceable(target, replaceable)
         if target.exists():
             shutil.rmtree(target)
         scratch.rename(target)
+    except (OSError, SafetensorError) as error:  # a full disk or a read-only place, at any step
+        raise write_error(target, error) from None
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def write_error(target: Path, error: BaseException) -> ActsparseError:
+    """The sentence for a write to ``target`` that failed with ``error`` (an ``OSError``, or
+    safetensors' error wrapping one), naming what to do; inside the cache it names
+    ``ACTSPARSE_CACHE``."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return ActsparseError(f"Could not write {target} ({shorten(reason)}); {_fix(target)}.")
 
 
 def check_replaceable(target: Path, replaceable: Callable[[Path], bool] = lambda path: True) -> None:
@@ -88,22 +102,46 @@ def check_file_target(path: Path) -> None:
         raise ActsparseError(f"{path} is a folder; give the path of a file to write.")
 
 
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, a path whose folder cannot be written (read-only, not a folder, or
+    not permitted): the nearest folder that exists on the way to ``path`` must be writable."""
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ActsparseError(
+            f"{folder} is a file, so nothing can be written under it; choose another path than {path}."
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ActsparseError(
+            f"{folder} cannot be written (read-only or not permitted), so {path} cannot be saved; "
+            f"{_fix(path)}."
+        )
+
+
+def _fix(target: Path) -> str:
+    """What to do when ``target`` cannot be written: inside the cache, move the cache."""
+    if target.absolute().is_relative_to(cache_dir().absolute()):
+        return "set ACTSPARSE_CACHE to a folder with room that you can write to"
+    return "free space there or choose a path you can write to"
+
+
 def write_text_atomic(path: Path | str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
     path = Path(path)
     check_file_target(path)
+    scratch = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "w", dir=path.parent, prefix=scratch_prefix(path), delete=False, encoding="utf-8"
-        ) as tmp:
-            tmp.write(text)
-        honour_umask(tmp.name)
-        os.replace(tmp.name, path)
-    except OSError as error:
-        raise ActsparseError(
-            f"Could not write {path} ({error.strerror or error}); choose a path you can write to."
-        ) from None
+        descriptor, scratch = tempfile.mkstemp(dir=path.parent, prefix=scratch_prefix(path))
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(text)
+        honour_umask(scratch)
+        os.replace(scratch, path)
+    except OSError as error:  # a full disk leaves no half-written scratch file behind
+        if scratch is not None:
+            Path(scratch).unlink(missing_ok=True)
+        raise write_error(path, error) from None
 
 
 def write_json_atomic(path: Path | str, data: Any) -> None:

@@ -29,7 +29,7 @@ from actsparse.calibrate import CalibrationSettings
 from actsparse.config import SparsityConfig, config_settings
 from actsparse.data import WindowSample, calibration_text, calibration_windows, evaluation_text, token_windows
 from actsparse.devices import resolve_device
-from actsparse.errors import ActsparseError
+from actsparse.errors import ActsparseError, shorten
 from actsparse.evaluate import evaluate
 from actsparse.hwcost import hardware_cost
 from actsparse.models import load_model
@@ -52,10 +52,20 @@ def read_sweep_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ActsparseError(f"Sweep file '{path}' must be a mapping such as pattern: \"2:4,8:16\".")
     known = [setting.name for setting in config_settings()]
-    if unknown := set(data) - set(known):
+    if unknown := set(map(str, data)) - set(known):
         raise ActsparseError(
-            f"Unknown key(s) {', '.join(sorted(unknown))} in sweep file '{path}'; known: {', '.join(known)}."
+            f"Unknown key(s) {shorten(', '.join(sorted(unknown)))} in sweep file '{path}'; "
+            f"known: {', '.join(known)}."
         )
+    for key, value in data.items():
+        # Only flat values: a nested list or mapping (YAML aliases nest lists cheaply, and expanded
+        # they can fill the memory) is refused before anything is expanded.
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(item, (str, int, float, bool)) for item in values):
+            raise ActsparseError(
+                f"'{key}' in sweep file '{path}' must be a value or a list of values (pattern: [\"2:4\", "
+                "\"8:16\"]), not a nested list or mapping; write the values out in one list."
+            )
     patterns = data.get("pattern", [])
     if not isinstance(patterns, (str, list)) or any(not isinstance(p, str) for p in patterns):
         raise ActsparseError(
@@ -185,7 +195,7 @@ def local_evaluations(data: SweepData, checkpoint: Path | None = None, group: in
     dense pass per window, so a configuration costs ``1 + 1/group`` forward passes instead of 2.
     The prepared configurations of a group are held together (their transformed weights with
     them, under smoothing, W8A8 or learned corrections); ``checkpoint`` keeps a group's running
-    totals, so an interrupted group resumes where it stopped."""
+    totals until its records are written, so an interrupted group resumes where it stopped."""
 
     def run(pending: list[SparsityConfig]) -> Iterator[tuple[SparsityConfig, list]]:
         size = group or max(len(pending), 1)
@@ -193,6 +203,8 @@ def local_evaluations(data: SweepData, checkpoint: Path | None = None, group: in
             configs = pending[start : start + size]
             dense, *rows = evaluate_configs(data, configs, checkpoint, progress=True)
             yield from ((config, [dense, row]) for config, row in zip(configs, rows))
+            if checkpoint is not None:  # the group's records are written: its totals may go
+                checkpoint.unlink(missing_ok=True)
 
     return run
 
