@@ -117,7 +117,7 @@ FORMAT_1_CONFIG = {  # actsparse 0.1's flat config of CONFIG, as its recipes hol
 def test_a_format_1_recipe_still_loads_bit_for_bit(llama, tokens, saved):
     folder, logits = saved
     description = json.loads((folder / "recipe.json").read_text())
-    assert description["format"] == 2 and description["config"]["policy"]["name"] == "amber"
+    assert description["format"] == 3 and description["config"]["policy"]["name"] == "amber"
     (folder / "recipe.json").write_text(json.dumps(description | {"format": 1, "config": FORMAT_1_CONFIG}))
     recipe = load_recipe(folder)
     assert recipe.config == as_saved_before_learn(CONFIG)
@@ -138,8 +138,8 @@ def test_a_recipe_saved_before_learn_existed_reads_as_fitting_the_output_too(lla
     description = json.loads((folder / "recipe.json").read_text())
     assert CONFIG.mitigation[-1].learn == "input"  # the default now
     [learnable] = [piece for piece in description["config"]["mitigation"] if piece["name"] == "learnable"]
-    del learnable["learn"]  # as saved before the setting existed
-    (folder / "recipe.json").write_text(json.dumps(description))
+    del learnable["learn"]  # as saved before the setting existed, in format 2
+    (folder / "recipe.json").write_text(json.dumps(description | {"format": 2}))
     recipe = load_recipe(folder)
     assert recipe.config == as_saved_before_learn(CONFIG) and "learn=input+output" in recipe.config.label
     with sparsify(llama, recipe=recipe), torch.no_grad():
@@ -149,7 +149,7 @@ def test_a_recipe_saved_before_learn_existed_reads_as_fitting_the_output_too(lla
 def test_a_recipe_of_an_unknown_format_is_refused(saved):
     description = json.loads((saved[0] / "recipe.json").read_text())
     (saved[0] / "recipe.json").write_text(json.dumps(description | {"format": 7}))
-    with pytest.raises(ActsparseError, match="format 7.*reads formats 1 and 2"):
+    with pytest.raises(ActsparseError, match="format 7.*reads formats 1, 2 and 3"):
         load_recipe(saved[0])
 
 

@@ -77,7 +77,7 @@ class SparsityHandle:
                     tensors[f"{name}.{key}"] = value.cpu()
         return Recipe(
             config=self.config,
-            model=model_fingerprint(self.model),
+            model=model_fingerprint(self.model, self.originals),
             sparse_layers=self.policy_layers,
             tensors=tensors,
             sensitivity=self.sensitivity,

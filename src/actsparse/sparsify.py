@@ -262,6 +262,7 @@ def sparsify(
         )
     candidates = target_layers(model, config)
     if recipe is not None:
+        recipe.check_layers(candidates)
         handle = insert(model, config, candidates, _recipe_plan(recipe, candidates))
         _load_tensors(handle, recipe)
         return handle
