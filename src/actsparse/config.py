@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any
 from actsparse.backends import BACKENDS
 from actsparse.corrections import CORRECTIONS, Correction, parse_mitigation
 from actsparse.criteria import CRITERIA, get_criterion
-from actsparse.errors import ActsparseError
+from actsparse.errors import ActsparseError, shorten
 from actsparse.patterns import Pattern, parse_pattern
 from actsparse.policy import POLICIES, Policy
 from actsparse.registry import Piece, Registry, build_piece, own_settings, piece_from_dict, stored_piece
@@ -107,12 +108,18 @@ class SparsityConfig:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        for name in ("criterion", "phase", "remainder", "quant", "backend"):
+            if not isinstance(getattr(self, name), str):
+                raise ActsparseError(
+                    f"{name} must be a name (a string such as {getattr(SparsityConfig, name)!r}), "
+                    f"not {shorten(repr(getattr(self, name)))}."
+                )
         set_(self, "parsed_pattern", parse_pattern(self.pattern))
         set_(self, "pattern", str(self.parsed_pattern))
         set_(self, "parsed_rest_pattern", parse_pattern(self.rest_pattern))
         set_(self, "rest_pattern", str(self.parsed_rest_pattern))
         for name in ("include", "exclude", "quant_exclude"):
-            set_(self, name, tuple(getattr(self, name)))
+            set_(self, name, _expressions(name, getattr(self, name)))
         set_(self, "policy", _policy(self.policy))
         set_(self, "mitigation", _mitigation(self.mitigation))
         get_criterion(self.criterion)
@@ -206,11 +213,26 @@ class SparsityConfig:
         return cls(**data)
 
 
+def _expressions(name: str, value: Any) -> tuple[str, ...]:
+    """A layer filter as a tuple of regular expressions: one string is one expression (not a
+    sequence of characters); anything but strings is refused."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (tuple, list)) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise ActsparseError(
+        f"{name} must be a regular expression or a list of them (e.g. {name}=['q_proj$']), "
+        f"not {shorten(repr(value))}."
+    )
+
+
 def _policy(value: Policy | str) -> Policy:
     if isinstance(value, Policy):
         return value
     if not isinstance(value, str):
-        raise ActsparseError(f"policy must be a Policy or one of {', '.join(POLICIES)}, not {value!r}.")
+        raise ActsparseError(
+            f"policy must be a Policy or one of {', '.join(POLICIES)}, not {shorten(repr(value))}."
+        )
     return POLICIES.get(value)()
 
 
@@ -218,6 +240,11 @@ def _mitigation(value: tuple[Correction | str, ...] | str) -> tuple[Correction, 
     """The corrections of ``value`` (a spelled string, or pieces and names), in registration order."""
     if isinstance(value, str):
         value = tuple(cls() for cls in parse_mitigation(value))
+    if not isinstance(value, (tuple, list)) or not all(isinstance(c, (Correction, str)) for c in value):
+        raise ActsparseError(
+            "mitigation must be spelled as text (shift+var), or be a tuple of Correction pieces and "
+            f"names, not {shorten(repr(value))}."
+        )
     pieces = [c if isinstance(c, Correction) else parse_mitigation(c)[0]() for c in value]
     order = list(CORRECTIONS)
     pieces.sort(key=lambda c: order.index(c.name) if c.name in order else len(order))
@@ -337,6 +364,21 @@ def _alternatives(setting: Setting, value: Any) -> list[Any]:
     return [_parsed(setting, v) for v in values]
 
 
+MAX_CONFIGURATIONS = 1024
+"""The most configurations one command plans (a cross product of settings, the lines of a variants
+file): each costs at least a pass over the evaluation windows, so more is a mistake in what was
+asked (a list spelled out too many times, say) rather than a plan; split a larger study into runs."""
+
+
+def check_plan_size(count: int) -> None:
+    """Refuse a plan of more than ``MAX_CONFIGURATIONS`` configurations, before any is built."""
+    if count > MAX_CONFIGURATIONS:
+        raise ActsparseError(
+            f"These settings plan {count:,} configurations, more than the {MAX_CONFIGURATIONS:,} one run "
+            "takes; give fewer values per setting, or split the study into several runs."
+        )
+
+
 def configs_from_settings(
     values: Mapping[str, Any], inherited: Mapping[str, Any] | None = None
 ) -> list[SparsityConfig]:
@@ -352,13 +394,15 @@ def configs_from_settings(
     given = {**(inherited or {}), **values}
     if unknown := set(given) - set(settings):
         raise ActsparseError(
-            f"Unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(settings)}."
+            f"Unknown setting(s) {shorten(', '.join(sorted(unknown)))}; known: {', '.join(settings)}."
         )
     top = {f.name for f in dataclasses.fields(SparsityConfig) if f.init}
     keys = list(given)
+    alternatives = [_alternatives(settings[k], given[k]) for k in keys]
+    check_plan_size(math.prod(len(values) for values in alternatives))
     used: set[str] = set()
     configs = []
-    for combination in itertools.product(*(_alternatives(settings[k], given[k]) for k in keys)):
+    for combination in itertools.product(*alternatives):
         chosen = dict(zip(keys, combination))
         pieces = {k: v for k, v in chosen.items() if k not in top}
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from actsparse.calibration import Measurements, input_abs_max, input_mean_square
-from actsparse.errors import ActsparseError
+from actsparse.errors import ActsparseError, shorten
 from actsparse.quant import smoothing_scale
 from actsparse.registry import Piece, Registry, setting
 
@@ -518,7 +518,7 @@ def parse_mitigation(text: str) -> tuple[type[Correction], ...]:
     parts = text.split("+")
     if not all(parts) or any(part not in CORRECTIONS for part in parts):
         raise ActsparseError(
-            f"Unknown mitigation '{text}'; use none, one of {', '.join(CORRECTIONS)}, or several "
+            f"Unknown mitigation '{shorten(text)}'; use none, one of {', '.join(CORRECTIONS)}, or several "
             "joined with + such as shift+var or smoothquant+shift+learnable."
         )
     return tuple(CORRECTIONS.get(part) for part in parts)

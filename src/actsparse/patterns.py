@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from actsparse.errors import ActsparseError
+from actsparse.errors import ActsparseError, shorten
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _UNSTRUCTURED = re.compile(r"^\s*unstructured\s*:\s*([0-9]*\.?[0-9]+)\s*$")
@@ -52,6 +52,10 @@ def parse_pattern(text: str | Pattern) -> Pattern:
     refuse anything else with a clear message."""
     if isinstance(text, Pattern):
         return text
+    if not isinstance(text, str):
+        raise ActsparseError(
+            f"Pattern {text!r} is a {type(text).__name__}, not text; write it as a string, e.g. '8:16'."
+        )
     if text.strip() == "dense":
         return Pattern(n=1, m=1)
     if match := _NM.match(text):
@@ -69,6 +73,6 @@ def parse_pattern(text: str | Pattern) -> Pattern:
             )
         return Pattern(unstructured_density=density)
     raise ActsparseError(
-        f"Pattern '{text}' is not understood; write N:M (keep N of every M, e.g. 8:16), "
+        f"Pattern '{shorten(text)}' is not understood; write N:M (keep N of every M, e.g. 8:16), "
         "unstructured:<density> (e.g. unstructured:0.5) or dense."
     )

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Generic, TypeVar
 
-from actsparse.errors import ActsparseError
+from actsparse.errors import ActsparseError, shorten
 
 T = TypeVar("T")
 
@@ -38,8 +38,10 @@ class Registry(Generic[T]):
         """The piece called ``name``; an unknown name is refused with the list of known ones."""
         try:
             return self._pieces[name]
-        except KeyError:
-            raise ActsparseError(f"Unknown {self.kind} '{name}'; choose one of {', '.join(self)}.") from None
+        except (KeyError, TypeError):  # TypeError: not even a name (a list, say)
+            raise ActsparseError(
+                f"Unknown {self.kind} {shorten(repr(name))}; choose one of {', '.join(self)}."
+            ) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._pieces

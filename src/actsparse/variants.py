@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from actsparse.baselines import WeightPruningConfig, WeightPruningHandle, prune_weights
 from actsparse.calibrate import CalibrationSettings
 from actsparse.calibration import Measurements
-from actsparse.config import SparsityConfig, configs_from_settings
-from actsparse.errors import ActsparseError
+from actsparse.config import SparsityConfig, check_plan_size, configs_from_settings
+from actsparse.errors import ActsparseError, shorten
 from actsparse.handle import SparsityHandle
 from actsparse.recipe import Recipe
 from actsparse.sparsify import sparsify
@@ -95,7 +95,14 @@ def parse_variant(spec: str, inherited: Mapping[str, Any] | None = None) -> list
     for word in spec.split():
         key, sep, text = word.partition("=")
         if not sep or not text:
-            raise ActsparseError(f"'{word}' in variant '{spec}' is not key=value, e.g. pattern=8:16.")
+            raise ActsparseError(
+                f"'{shorten(word)}' in variant '{shorten(spec)}' is not key=value, e.g. pattern=8:16."
+            )
+        if key in settings:
+            raise ActsparseError(
+                f"Variant '{shorten(spec)}' sets {shorten(key)} twice; give each setting once (several "
+                f"values are comma-separated: {shorten(key)}={settings[key]},{shorten(text)})."
+            )
         settings[key] = text
     if "weights" not in settings:
         return list(configs_from_settings(settings, inherited or {}))
@@ -103,7 +110,8 @@ def parse_variant(spec: str, inherited: Mapping[str, Any] | None = None) -> list
     known = {f.name for f in fields(WeightPruningConfig)}
     if unknown := set(settings) - known:
         raise ActsparseError(
-            f"Unknown setting(s) {', '.join(sorted(unknown))} in variant '{spec}'; known: {', '.join(sorted(known))}."
+            f"Unknown setting(s) {shorten(', '.join(sorted(unknown)))} in variant '{shorten(spec)}'; "
+            f"known: {', '.join(sorted(known))}."
         )
     arguments: dict[str, Any] = {k: v for k, v in (inherited or {}).items() if k in ("include", "exclude")}
     for key, text in settings.items():
@@ -120,13 +128,41 @@ def parse_variant(spec: str, inherited: Mapping[str, Any] | None = None) -> list
 
 
 def read_variants(path: Path, inherited: Mapping[str, Any] | None = None) -> list[Variant]:
-    """Variants from a text file: one spec per line; blank lines and ``#`` comments are skipped."""
+    """Variants from a text file: one spec per line; blank lines and ``#`` comments are skipped
+    (a UTF-8 byte-order mark too). A file with no variant, or of more than ``MAX_CONFIGURATIONS``,
+    is refused."""
     if not path.is_file():
         raise ActsparseError(
             f"Variants file '{path}' does not exist; pass a text file with one variant per line."
         )
-    lines = [line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    return [variant for line in lines if line for variant in parse_variant(line, inherited)]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ActsparseError(f"Variants file '{path}' is not UTF-8 text; pass a text file.") from None
+    variants: list[Variant] = []
+    for line in (line.split("#", 1)[0].strip() for line in text.splitlines()):
+        if line:
+            variants += parse_variant(line, inherited)
+            check_plan_size(len(variants))
+    if not variants:
+        raise ActsparseError(
+            f"Variants file '{path}' holds no variant (only blank lines and comments); write one per line, "
+            "e.g. pattern=8:16 criterion=amber."
+        )
+    return variants
+
+
+def unique_variants(variants: list[Variant]) -> list[Variant]:
+    """``variants`` without repeats, in their order: a variant given twice is prepared and evaluated
+    once (recipes count as the same when they are the same object)."""
+    seen: set[Any] = set()
+    unique = []
+    for variant in variants:
+        key = id(variant) if isinstance(variant, Recipe) else variant
+        if key not in seen:
+            seen.add(key)
+            unique.append(variant)
+    return unique
 
 
 def weight_variants(methods: list[str], patterns: list[str], inherited: Mapping[str, Any]) -> list[Variant]:
