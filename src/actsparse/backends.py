@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from actsparse import kernels
+from actsparse.errors import ActsparseError
 from actsparse.registry import Registry
 
 if TYPE_CHECKING:
@@ -33,6 +34,11 @@ class Backend:
     def refusal(self, config: SparsityConfig) -> str | None:
         """Why this backend cannot run ``config`` (a clause completing "The <name> backend ..."),
         or None."""
+        return None
+
+    def dtype_refusal(self, dtype: torch.dtype, device: torch.device) -> str | None:
+        """Why this backend cannot compute a model in ``dtype`` on ``device`` (a sentence naming
+        the fix), or None; asked before a model loads and again when a layer is prepared."""
         return None
 
     def prepare(self, layer: SparseLinear) -> Any:
@@ -109,9 +115,22 @@ class CpuKernel(Backend):
                 return f"does not rescale the kept values; drop the {correction.name} mitigation"
         return None
 
+    def dtype_refusal(self, dtype: torch.dtype, device: torch.device) -> str | None:
+        if kernels.AVAILABLE and device.type == "cpu" and dtype not in kernels.WEIGHT_DTYPES:
+            name = str(dtype).removeprefix("torch.")
+            return (
+                f"The cpu-kernel backend computes float32 or bfloat16, not {name} "
+                "(it would run emulated under the cpu-kernel name); load the model with --dtype float32 or "
+                "bfloat16, or use backend=emulated."
+            )
+        return None
+
     def prepare(self, layer: SparseLinear) -> kernels.PackedLinear | None:
         operands = layer.operands()
-        if not layer.sparse or layer.offloaded or not kernels.packs(operands.weight):
+        weight = operands.weight
+        if refusal := self.dtype_refusal(weight.dtype, weight.device):
+            raise ActsparseError(refusal)
+        if not layer.sparse or layer.offloaded or not kernels.packs(weight):
             return None
         return kernels.pack_linear(operands.weight, operands.bias, operands.row_sum)
 

