@@ -32,6 +32,13 @@ CHECK_TOKENS = 256
 MAX_COPIES = 2048
 """Most copies of a layer a decode timing passes through (tiny layers would need many more to fill
 the caches, each call costing Python time)."""
+TRUSTED_SPREAD = 1.5
+"""The most the slowest repeat of a timed product may take over its fastest for a verdict to be
+drawn from the timings: beyond it the machine is busy with other work, and its noise dwarfs the
+``PAYS_ABOVE`` margin."""
+VERDICT_TRIES = 3
+"""How many times a verdict's timings are taken before timings that vary beyond
+``TRUSTED_SPREAD`` end in no verdict."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,8 @@ class CallTiming:
     tokens: int
     sparse_ms: float
     dense_ms: dict[str, float]
+    spread: float = 1.0
+    """The largest ratio of a product's slowest repeat to its fastest (1: every repeat alike)."""
 
     @property
     def best_dense(self) -> tuple[str, float]:
@@ -114,10 +123,34 @@ class Verdict:
     bfloat16_ms: float | None = None
     """The dense prefill product in bfloat16, for a float32 model on a CPU that computes bfloat16
     itself (else None)."""
+    repeats: int = 5
+    tries: int = 1
+    """How many times the timings were taken (more when the first ones varied too much)."""
+
+    @property
+    def spread(self) -> float:
+        """The largest ratio of a timed product's slowest repeat to its fastest."""
+        return max(self.prefill.spread, self.decode.spread)
+
+    @property
+    def trusted(self) -> bool:
+        """True when the timings varied little enough (``TRUSTED_SPREAD``) to advise from."""
+        return self.spread <= TRUSTED_SPREAD
 
     def sentence(self) -> str:
-        """The verdict in plain words, with the figures behind it and what to use instead."""
+        """The verdict in plain words, with the figures behind it and what to use instead; no
+        advice when the timings varied beyond ``TRUSTED_SPREAD``."""
         dtype = str(self.dtype).removeprefix("torch.")
+        timed = f"{self.repeats} repeats a product, taken {self.tries} time{'s' if self.tries > 1 else ''}"
+        if not self.trusted:
+            return (
+                f"no verdict: the timings on this CPU varied too much to advise from (the slowest repeat "
+                f"of a product took {self.spread:.2f}× its fastest, over {timed}; a verdict needs at most "
+                f"{TRUSTED_SPREAD:g}×), so another program is probably using the CPU; run `actsparse info` "
+                f"again when it is idle. Layer {self.in_features} → {self.out_features} at {self.pattern} "
+                f"in {dtype}, as measured: {self.prefill.describe()}; {self.decode.describe()} "
+                f"({self.cpu.describe()})"
+            )
         if self.prefill.pays and self.decode.pays:
             text = "cpu-kernel pays on this CPU, in prefill and in decode"
         elif self.decode.pays:
@@ -136,7 +169,8 @@ class Verdict:
             f". Layer {self.in_features} → {self.out_features} at {self.pattern} in {dtype}: "
             f"{self.prefill.describe()}; {self.decode.describe()} (per layer, weights read from "
             "memory; in a whole model each layer's call also costs Python time, which on small "
-            "models takes much of the decode gain: benchmarks/decode.py generate measures it)."
+            "models takes much of the decode gain: benchmarks/decode.py generate measures it; "
+            f"the slowest repeat of a product took {self.spread:.2f}× its fastest, over {timed})."
         )
         best_prefill = min(self.prefill.sparse_ms, self.prefill.best_dense[1])
         if self.bfloat16_ms is not None and self.bfloat16_ms * PAYS_ABOVE < best_prefill:
@@ -156,15 +190,20 @@ class Verdict:
         return f"{text} ({self.cpu.describe()})"
 
 
-def median_ms(run: Callable[[], object], repeats: int) -> float:
-    """Median milliseconds of ``repeats`` calls of ``run``, after one warm-up call."""
+def timings_ms(run: Callable[[], object], repeats: int) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls of ``run``, after one warm-up call."""
     run()  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def median_ms(run: Callable[[], object], repeats: int) -> float:
+    """Median milliseconds of ``repeats`` calls of ``run``, after one warm-up call."""
+    return statistics.median(timings_ms(run, repeats))
 
 
 def decode_stack_bytes() -> int:
@@ -198,8 +237,12 @@ def time_products(
     weights = [weight] + [weight.clone() for _ in range(copies - 1)]
     stored = [packed] + [replace(packed, storage=packed.storage.clone()) for _ in range(copies - 1)]
 
+    spreads = []
+
     def per_layer_ms(run: Callable[[], object]) -> float:
-        return median_ms(run, repeats) / copies
+        times = timings_ms(run, repeats)
+        spreads.append(max(times) / max(min(times), 1e-9))
+        return statistics.median(times) / copies
 
     bfloat16 = None
     with torch.inference_mode():
@@ -219,7 +262,7 @@ def time_products(
         if dtype == torch.float32 and not decode and this_cpu().computes_bfloat16:
             x16, weight16 = x.bfloat16(), weight.bfloat16()
             bfloat16 = per_layer_ms(lambda: F.linear(x16, weight16))
-    return CallTiming(tokens, sparse, dense), bfloat16
+    return CallTiming(tokens, sparse, dense, max(spreads)), bfloat16
 
 
 def measure_verdict(
@@ -227,7 +270,14 @@ def measure_verdict(
 ) -> Verdict:
     """Time the cpu-kernel layer against the dense products on this CPU for one layer shape, in a
     prefill of ``CHECK_TOKENS`` tokens and a one-token decode step (see ``time_products``; the
-    decode timing holds up to 2 GiB of layer copies for a moment)."""
-    prefill, bfloat16 = time_products(in_features, out_features, n, m, dtype, CHECK_TOKENS, repeats)
-    decode, _ = time_products(in_features, out_features, n, m, dtype, 1, repeats)
-    return Verdict(this_cpu(), dtype, in_features, out_features, f"{n}:{m}", prefill, decode, bfloat16)
+    decode timing holds up to 2 GiB of layer copies for a moment). Timings that vary beyond
+    ``TRUSTED_SPREAD`` are taken again, up to ``VERDICT_TRIES`` times; the verdict of the last
+    try then gives no advice (``Verdict.trusted``)."""
+    for tries in range(1, VERDICT_TRIES + 1):
+        prefill, bfloat16 = time_products(in_features, out_features, n, m, dtype, CHECK_TOKENS, repeats)
+        decode, _ = time_products(in_features, out_features, n, m, dtype, 1, repeats)
+        shape = (in_features, out_features, f"{n}:{m}")
+        verdict = Verdict(this_cpu(), dtype, *shape, prefill, decode, bfloat16, repeats, tries)
+        if verdict.trusted:
+            break
+    return verdict
