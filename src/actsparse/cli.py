@@ -21,7 +21,7 @@ from typer._click.exceptions import ClickException  # typer vendors click; its e
 from actsparse.backends import get_backend
 from actsparse.calibrate import CalibrationSettings
 from actsparse.calibration import Measurements
-from actsparse.config import SparsityConfig, config_settings, configs_from_settings
+from actsparse.config import SparsityConfig, check_plan_size, config_settings, configs_from_settings
 from actsparse.cpu import measure_verdict
 from actsparse.data import (
     WindowSample,
@@ -30,12 +30,13 @@ from actsparse.data import (
     evaluation_text,
     token_windows,
 )
-from actsparse.devices import check_device_map
+from actsparse.devices import check_device_map, resolve_device
 from actsparse.errors import ActsparseError
 from actsparse.evaluate import evaluate, quality_table, results_document
 from actsparse.flops import flop_report
 from actsparse.generate import evaluate_generation
 from actsparse.models import (
+    DTYPES,
     EMBEDDED_MODELS,
     check_context,
     converted_dir,
@@ -47,12 +48,13 @@ from actsparse.models import (
 from actsparse.paths import (
     check_file_target,
     check_replaceable,
+    check_writable,
     output_lock,
     write_json_atomic,
     write_text_atomic,
 )
 from actsparse.policy import least_cost_by_share
-from actsparse.recipe import check_recipe_target, load_recipe
+from actsparse.recipe import Recipe, check_recipe_target, load_recipe
 from actsparse.sparsify import insert, measure_sensitivity, plan, sparsify
 from actsparse.sweep import (
     SweepData,
@@ -64,7 +66,14 @@ from actsparse.sweep import (
 )
 from actsparse.targets import target_layers
 from actsparse.tasks import check_tasks, evaluate_tasks
-from actsparse.variants import Variant, parse_variant, prepare_variants, read_variants, weight_variants
+from actsparse.variants import (
+    Variant,
+    parse_variant,
+    prepare_variants,
+    read_variants,
+    unique_variants,
+    weight_variants,
+)
 
 app = typer.Typer(
     help="Post-training N:M activation sparsity for Hugging Face causal language models.",
@@ -239,25 +248,51 @@ def _calibration_settings(steps: int | None, lr: str | None, holdout: float) -> 
 
 
 def _check_file_outputs(*paths: Path | None) -> None:
-    """Refuse, before any work, an output file path where a folder is."""
-    for path in paths:
-        if path is not None:
-            check_file_target(path)
+    """Refuse, before any work, an output file path where a folder is, in a folder that cannot be
+    written, or given for two outputs."""
+    given = [path for path in paths if path is not None]
+    for path in given:
+        check_file_target(path)
+        check_writable(path)
+    for index, path in enumerate(given):
+        if any(path.resolve() == other.resolve() for other in given[:index]):
+            raise ActsparseError(
+                f"{path} is given for two outputs (--out and --markdown), so one would overwrite the "
+                "other; give each its own path."
+            )
+
+
+def _check_backends(variants: list[Variant], dtype: str, device: str) -> str:
+    """Refuse, before the model loads, a backend that cannot compute the model in ``dtype`` (or
+    ``auto``'s choice) on ``device``; the dtype the model will load in."""
+    dtype = resolve_dtype(dtype, device)
+    for variant in variants:
+        sparsity = variant.config if isinstance(variant, Recipe) else variant
+        if isinstance(sparsity, SparsityConfig):
+            backend = get_backend(sparsity.backend)
+            if refusal := backend.dtype_refusal(DTYPES[dtype], resolve_device(device)):
+                raise ActsparseError(refusal)
+    return dtype
 
 
 def _variants(
     config: ConfigOptions, variant: list[str], variants: Path | None, recipes: list[Path], weights: str
 ) -> list[Variant]:
     """What `eval` compares with dense: --variant/--variants/--recipe, else the cross product of the
-    settings, plus weight pruning at each of its N:M patterns."""
+    settings, plus weight pruning at each of its N:M patterns; each variant once, at most
+    ``MAX_CONFIGURATIONS`` of them."""
     found: list[Variant] = [v for spec in variant for v in parse_variant(spec, config.given)]
     if variants is not None:
         found += read_variants(variants, config.given)
+    folders: dict[Path, Path] = {}  # a folder given twice is loaded once
     for folder in recipes:
+        folders.setdefault(folder.resolve(), folder)
+    for folder in folders.values():
         recipe = load_recipe(folder)
         found.append(recipe.with_backend(config.given["backend"]) if "backend" in config.given else recipe)
     if found:
-        return found
+        check_plan_size(len(found))
+        return unique_variants(found)
     configs: list[Variant] = list(config.configs())
     patterns = [c.pattern for c in configs if not (c.parsed_pattern.unstructured or c.parsed_pattern.dense)]
     return configs + weight_variants(_split(weights), list(dict.fromkeys(patterns)), config.given)
@@ -317,7 +352,9 @@ def eval_command(
             min=0, help="Prompts (cut from the evaluation text) for generation agreement; 0 skips it."
         ),
     ] = 0,
-    prompt_tokens: Annotated[int, typer.Option(min=1, help="Tokens per generation prompt.")] = 128,
+    prompt_tokens: Annotated[
+        int, typer.Option(min=2, help="Tokens per generation prompt, BOS included.")
+    ] = 128,
     new_tokens: Annotated[int, typer.Option(min=1, help="Greedy tokens generated per prompt.")] = 32,
 ) -> None:
     """Perplexity, KL to dense and top-1 agreement of the dense model and every variant; with
@@ -334,7 +371,7 @@ def eval_command(
         check_tasks(task_names, task_dir)
     _check_file_outputs(out, markdown)
     evaluation, part = evaluation_text(dataset), calibration_text(dataset, calib_dataset)
-    dtype = resolve_dtype(dtype, device)
+    dtype = _check_backends(configs, dtype, device)
     with output_lock(out):
         text = evaluation.text()
         longest = max(seqlen, prompt_tokens + new_tokens if generate else 0)
@@ -346,8 +383,10 @@ def eval_command(
                 tokenizer, part, seqlen, calib_windows, calib_sample
             )
         handles = prepare_variants(loaded, configs, calibration, settings, batch_size=batch_size)
-        # An interrupted run leaves its totals beside --out; the same command resumes from them.
-        rows = evaluate(loaded, tokens, handles, calibration, checkpoint=out.with_name(out.name + ".partial"),
+        # An interrupted run leaves its totals beside --out until the results are saved; the same
+        # command resumes from them.
+        checkpoint = out.with_name(out.name + ".partial")
+        rows = evaluate(loaded, tokens, handles, calibration, checkpoint=checkpoint,
                         calibration_settings=settings, batch_size=batch_size)  # fmt: skip
         if task_names:
             results = evaluate_tasks(
@@ -372,6 +411,7 @@ def eval_command(
         )
         if markdown is not None:
             write_text_atomic(markdown, table.markdown())
+        checkpoint.unlink(missing_ok=True)
     console.print(table.rich())
     console.print(
         "ppl: perplexity; KL: mean KL(dense ‖ sparse) per token; top-1: agreement with the dense model's "
@@ -407,6 +447,7 @@ def calibrate(
     the result with `actsparse eval --recipe DIR`; in Python, `sparsify(model, recipe=load_recipe(DIR))`.
     """
     sparsity = config.one()
+    dtype = _check_backends([sparsity], dtype, device)
     settings = _calibration_settings(calib_steps, lr, calib_holdout)
     check_recipe_target(out)
     part = calibration_text(dataset, calib_dataset)
@@ -502,7 +543,7 @@ def sweep(
         config = ConfigOptions({**config.given, **read_sweep_file(config_file)}, config.defaults, "sweep")
     configs = config.configs()
     settings = _calibration_settings(calib_steps, lr, calib_holdout)
-    dtype = resolve_dtype(dtype, device)  # the manifest and every record name the dtype that ran
+    dtype = _check_backends(configs, dtype, device)  # the manifest and records name the dtype that ran
     check_device_map(device_map, device)
     data = SweepData(
         model, dataset, seqlen, windows, calib_windows, dtype, calib_dataset, settings,
@@ -556,6 +597,7 @@ def sensitivity(
     output error ‖Y − Y'‖/‖Y‖, or the model's output KL under --policy kl; then, for each FLOP
     share, the least summed cost of layers reaching it (the layers the budget or kl policy chooses)."""
     sparsity = config.one()
+    dtype = _check_backends([sparsity], dtype, device)
     _check_file_outputs(out)
     part = calibration_text(dataset, calib_dataset)
     with output_lock(out):
@@ -616,6 +658,7 @@ def info(
     """The layers a configuration would sparsify, the share of linear FLOPs it makes sparse, and how
     the sparse calls are computed (planned and inserted; nothing is learned)."""
     sparsity = config.one()
+    dtype = _check_backends([sparsity], dtype, device)
     part = calibration_text(dataset, calib_dataset)
     loaded, tokenizer = load_model(model, dtype, seqlen, device, device_map)
     calibration = None
