@@ -32,7 +32,7 @@ CHECK_TOKENS = 256
 MAX_COPIES = 2048
 """Most copies of a layer a decode timing passes through (tiny layers would need many more to fill
 the caches, each call costing Python time)."""
-TRUSTED_SPREAD = 1.5
+TRUSTED_SPREAD = 2.0
 """The most the slowest repeat of a timed product may take over its fastest for a verdict to be
 drawn from the timings: beyond it the machine is busy with other work, and its noise dwarfs the
 ``PAYS_ABOVE`` margin."""
