@@ -6,35 +6,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import SMALL
+from test_user_faults import error_line, run
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from actsparse import ActsparseError, SparsityConfig, cpu, data, kernels, load_recipe, sparsify
 from actsparse import config as config_module
 from actsparse.calibrate import CalibrationSettings
-from actsparse.cli import main
-
-
-def run(monkeypatch, capsys, *args):
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["actsparse", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[-1]
 
 
 def common(local_model):
