@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from actsparse import SparsityConfig, evaluate
-from actsparse.evaluate import results_document
+from actsparse.evaluate import provenance_line, quality_table, results_document
 from actsparse.layers import SparseLinear
+from actsparse.policy import Budget
 from actsparse.paths import write_json_atomic
 
 
@@ -113,11 +114,25 @@ def test_the_figures_are_perplexity_kl_and_agreement_computed_by_hand(llama, tok
 
 
 def test_rows_carry_the_time_each_variant_took_to_prepare_and_the_table_shows_it_when_it_matters(llama, tokens):
-    from actsparse.evaluate import quality_table
-
     rows = evaluate(llama, tokens, [SparsityConfig(pattern="2:4")], progress=False)
     assert rows[0].prepare_seconds is None and 0 <= rows[1].prepare_seconds < 60
     assert "prepared in" not in quality_table(rows, "t").columns  # a plain variant takes no time
     rows[1].prepare_seconds = 150.0
     table = quality_table(rows, "t")
     assert table.columns[-1] == "prepared in" and [line[-1] for line in table.rows] == ["—", "2.5 min"]
+
+
+def test_results_keep_per_layer_details_only_when_asked_and_say_where_they_come_from(llama, tokens):
+    config = SparsityConfig(pattern="2:4", policy=Budget(flop_share=0.5))
+    rows = evaluate(llama, tokens, [config], calibration=tokens, progress=False)
+    lean = results_document(rows, "tiny", "float32", {"source": "test"})
+    full = results_document(rows, "tiny", "float32", {"source": "test"}, layer_details=True)
+    assert "layers" not in lean["rows"][1]["flops"] and "sensitivity" not in lean["rows"][1]["config"]
+    assert len(full["rows"][1]["flops"]["layers"]) == 14 and len(full["rows"][1]["config"]["sensitivity"]) == 14
+    assert lean["rows"][1]["config"]["skipped_layers"] == full["rows"][1]["config"]["skipped_layers"]
+    assert lean["rows"][1]["flops"]["removed_share"] == full["rows"][1]["flops"]["removed_share"]
+    source = lean["provenance"]
+    assert source["machine"] and source["threads"] == torch.get_num_threads() and source["command"]
+    line = provenance_line(source)
+    assert line.startswith("Measured on ") and source["date"] in line
+    assert quality_table(rows, "t", line).markdown().rstrip().endswith(f"`{source['command']}`")

@@ -32,7 +32,7 @@ from actsparse.data import (
 )
 from actsparse.devices import check_device_map, resolve_device
 from actsparse.errors import ActsparseError
-from actsparse.evaluate import evaluate, quality_table, results_document
+from actsparse.evaluate import evaluate, provenance_line, quality_table, results_document
 from actsparse.flops import flop_report
 from actsparse.generate import evaluate_generation
 from actsparse.models import (
@@ -356,6 +356,10 @@ def eval_command(
         int, typer.Option(min=2, help="Tokens per generation prompt, BOS included.")
     ] = 128,
     new_tokens: Annotated[int, typer.Option(min=1, help="Greedy tokens generated per prompt.")] = 32,
+    layer_details: Annotated[
+        bool,
+        typer.Option(help="Also save each layer's FLOP accounting and measured sensitivity in the JSON."),
+    ] = False,
 ) -> None:
     """Perplexity, KL to dense and top-1 agreement of the dense model and every variant; with
     --tasks, zero-shot accuracy through lm-eval; with --generate, agreement of greedy continuations.
@@ -405,9 +409,12 @@ def eval_command(
             "calibration_windows": 0 if calibration is None else len(calibration),
             "calibration_text": calibrated_by,
         }
-        write_json_atomic(out, results_document(rows, model, dtype, text_info))
+        document = results_document(rows, model, dtype, text_info, layer_details)
+        write_json_atomic(out, document)
         table = quality_table(
-            rows, f"{model} in {dtype}, {dataset} evaluation split, {len(tokens)} windows × {seqlen} tokens"
+            rows,
+            f"{model} in {dtype}, {dataset} evaluation split, {len(tokens)} windows × {seqlen} tokens",
+            provenance_line(document["provenance"]),
         )
         if markdown is not None:
             write_text_atomic(markdown, table.markdown())

@@ -10,7 +10,11 @@ import hashlib
 import json
 import math
 import platform
+import shlex
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ from tqdm.auto import tqdm
 from actsparse import __version__
 from actsparse.calibrate import CalibrationSettings
 from actsparse.calibration import weights_digest
+from actsparse.cpu import this_cpu
 from actsparse.distribution import Totals, dense_reference, next_token_logits
 from actsparse.flops import flop_report
 from actsparse.handle import SparsityHandle
@@ -45,8 +50,17 @@ class EvalRow:
     generation: dict[str, Any] | None = None
     prepare_seconds: float | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self, layer_details: bool = False) -> dict[str, Any]:
+        """JSON-ready figures. Each layer's FLOP accounting and the policy's measured sensitivity
+        of each layer only with ``layer_details``: they repeat in every row that shares a pattern
+        or a measurement and outweigh the rest of the row a hundredfold (the layers a policy
+        chose are always there)."""
+        document = asdict(self)
+        if not layer_details:
+            document["flops"] = {k: v for k, v in document["flops"].items() if k != "layers"}
+            if isinstance((document["config"] or {}).get("sensitivity"), dict):
+                del document["config"]["sensitivity"]
+        return document
 
 
 def _run_key(
@@ -208,15 +222,51 @@ def versions() -> dict[str, str]:
     }
 
 
-def results_document(rows: list[EvalRow], model: str, dtype: str, text: dict[str, Any]) -> dict[str, Any]:
+def _commit() -> str | None:
+    """The git commit actsparse runs from (``-dirty`` with uncommitted changes), or None when it
+    was installed from a package."""
+    try:
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
+            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return described.stdout.strip() or None if described.returncode == 0 else None
+
+
+def provenance() -> dict[str, Any]:
+    """Where a result comes from: the machine (its CPU and instruction sets, the GPU when there is
+    one), the threads, the date, the commit and the command."""
+    return {
+        "machine": this_cpu().describe(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+        "date": datetime.now(timezone.utc).date().isoformat(),
+        "commit": _commit(),
+        "command": shlex.join(["actsparse", *sys.argv[1:]]),
+    }
+
+
+def provenance_line(source: dict[str, Any]) -> str:
+    """``provenance()`` in one sentence, for the foot of a table."""
+    machine = source["gpu"] or f"{source['machine']}, {source['threads']} threads"
+    commit = f", commit {source['commit']}" if source["commit"] else ""
+    return f"Measured on {machine}, {source['date']}{commit}: `{source['command']}`"
+
+
+def results_document(
+    rows: list[EvalRow], model: str, dtype: str, text: dict[str, Any], layer_details: bool = False
+) -> dict[str, Any]:
     """The JSON document of one evaluation run: what was evaluated, in which dtype, on what, and
-    every figure."""
+    every figure (with ``layer_details``, each layer's FLOPs and measured sensitivity too)."""
     return {
         "model": model,
         "dtype": dtype,
         "text": text,
         "versions": versions(),
-        "rows": [row.to_dict() for row in rows],
+        "provenance": provenance(),
+        "rows": [row.to_dict(layer_details) for row in rows],
     }
 
 
@@ -226,9 +276,9 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
-def quality_table(rows: list[EvalRow], title: str) -> ResultTable:
+def quality_table(rows: list[EvalRow], title: str, source: str = "") -> ResultTable:
     """The rows of one evaluation as a table: quality, FLOPs, and task and generation columns when
-    they were measured."""
+    they were measured; ``source`` says where they come from (``provenance_line``)."""
     task_names = list(rows[0].tasks or {})
     generation = any(row.generation for row in rows)
     columns = ["config", "ppl", "KL", "top-1", "sparse FLOPs", "density", "removed"]
@@ -257,4 +307,4 @@ def quality_table(rows: list[EvalRow], title: str) -> ResultTable:
         if prepared:
             line.append(_duration(row.prepare_seconds))
         cells.append(line)
-    return ResultTable(title, columns, cells)
+    return ResultTable(title, columns, cells, source)

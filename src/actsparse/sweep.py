@@ -30,7 +30,7 @@ from actsparse.config import SparsityConfig, config_settings
 from actsparse.data import WindowSample, calibration_text, calibration_windows, evaluation_text, token_windows
 from actsparse.devices import resolve_device
 from actsparse.errors import ActsparseError, shorten
-from actsparse.evaluate import evaluate
+from actsparse.evaluate import evaluate, provenance, provenance_line
 from actsparse.hwcost import hardware_cost
 from actsparse.models import load_model
 from actsparse.paths import write_json_atomic, write_text_atomic
@@ -94,7 +94,7 @@ def _record(config: SparsityConfig, rows: list, data: SweepData) -> dict[str, An
         "top1_agreement": row.top1_agreement,
         "dense_perplexity": dense.perplexity,
         "calibration_text": data.calibration_description(config),
-        "flops": row.flops,
+        "flops": row.to_dict()["flops"],
         "hwcost": hardware_cost(pattern, tokens=512, channels=channels).to_dict(),
     }
 
@@ -284,7 +284,8 @@ def run_sweep(
     bar.close()
     records = [_read_record(out, c) for c in configs]
     write_text_atomic(out / "sweep.csv", sweep_csv(records))
-    write_text_atomic(out / "sweep.md", sweep_table(records, description).markdown())
+    table = sweep_table(records, description, provenance_line(provenance()))
+    write_text_atomic(out / "sweep.md", table.markdown())
     plot_sweep(records, out, sweep_title(records, description))
     return records
 
@@ -335,11 +336,12 @@ def sweep_title(records: list[dict[str, Any]], description: dict[str, Any]) -> s
     return f"{description.get('model')}, {description.get('text')} (dense perplexity {dense:.2f})"
 
 
-def sweep_table(records: list[dict[str, Any]], description: dict[str, Any]) -> ResultTable:
-    """The sweep as a table (I/O: compressed over dense bytes of an activation tile)."""
+def sweep_table(records: list[dict[str, Any]], description: dict[str, Any], source: str = "") -> ResultTable:
+    """The sweep as a table (I/O: compressed over dense bytes of an activation tile), with where its
+    figures come from (``source``) under the Markdown."""
     columns = [title for _, title, _ in COLUMNS]
     cells = [[fmt.format(_flat(r)[key]) for key, _, fmt in COLUMNS] for r in records]
-    return ResultTable(sweep_title(records, description), columns, cells)
+    return ResultTable(sweep_title(records, description), columns, cells, source)
 
 
 def plot_sweep(records: list[dict[str, Any]], out: Path, subtitle: str = "") -> None:

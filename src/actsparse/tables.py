@@ -15,6 +15,8 @@ class ResultTable:
     title: str
     columns: list[str]
     rows: list[list[str]]
+    source: str = ""
+    """Where the figures come from (``evaluate.provenance_line``), under the Markdown table."""
 
     def rich(self) -> Table:
         """The table for the terminal. Where it is too narrow (or 120 columns, when the output is
@@ -37,4 +39,5 @@ class ResultTable:
             "|---|" + "---:|" * (len(self.columns) - 1),
         ]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        lines += ["", self.source] if self.source else []
         return "\n".join(lines) + "\n"

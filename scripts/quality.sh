@@ -4,9 +4,9 @@
 # calibration never saw: the sotu evaluation split (2001–2021) and the emails evaluation split.
 # TABLE names the table: its training-free rows are docs/variants/$TABLE.txt, its calibrated rows
 # ("recipe name|calibrate options") docs/variants/$TABLE-recipes.txt.
-#   bash docs/quality.sh smollm2-135m 16 4                        # model, evaluation windows, batch,
-#   bash docs/quality.sh gemma3-270m 8 2 16                       # calibration windows (default: evaluation windows)
-#   TABLE=channel-order bash docs/quality.sh smollm2-135m 16 4
+#   bash scripts/quality.sh smollm2-135m 16 4                        # model, evaluation windows, batch,
+#   bash scripts/quality.sh gemma3-270m 8 2 16                       # calibration windows (default: evaluation windows)
+#   TABLE=channel-order bash scripts/quality.sh smollm2-135m 16 4
 # LASTWORD (default 300) is how many lastword questions each row answers; 0 leaves the task out.
 # CALIB_SAMPLE (default start: the tables of docs/quality.md before "Calibration windows" take the
 # split's first windows) is --calib-sample: spread takes them evenly across the split.

@@ -4,11 +4,11 @@
 # calibration windows (the last quarter held out), evaluated beside no correction on the same
 # layers (the policy measured on the same calibration windows) on the sotu and emails evaluation
 # splits.
-#   bash docs/learning_rates.sh smollm2-135m 4 16   # model, batch, evaluation windows
-#   bash docs/learning_rates.sh gemma3-270m 2 8
+#   bash scripts/learning_rates.sh smollm2-135m 4 16   # model, batch, evaluation windows
+#   bash scripts/learning_rates.sh gemma3-270m 2 8
 # The environment picks the table: the first one (the defaults) fitted learn=input+output on the
 # split's first 16 windows; the spread one is
-#   SAMPLE=spread CALIB_WINDOWS=32 LEARN=input LRS="1e-3 1e-4" bash docs/learning_rates.sh gemma3-270m 2 8
+#   SAMPLE=spread CALIB_WINDOWS=32 LEARN=input LRS="1e-3 1e-4" bash scripts/learning_rates.sh gemma3-270m 2 8
 # An entry of LRS with commas (1e-3,1e-4) is one recipe that searches those rates.
 set -euo pipefail
 model=${1:-smollm2-135m} batch=${2:-4} windows=${3:-16}

@@ -3,7 +3,7 @@ KL to dense on the sotu evaluation split of 8:16 amber on the first four blocks,
 correction, learnable fitted block by block (block-mse) and end to end (output-kl) at 1e-4 and
 1e-3, learn=input (the default), 48 steps on 6 fitted + 2 held-out calibration windows.
 
-    .venv/bin/python docs/objective_rates.py
+    .venv/bin/python scripts/objective_rates.py
 """
 
 import sys

@@ -4,7 +4,7 @@
 # what 8:16 costs over 12:16 (the marginal cost; the sum of both patterns' costs is what the choice
 # changes)? Measures each layer's output KL at both patterns (cached, one run each), then prints,
 # for several shares, how many layers each ranking puts at 8:16 and the summed cost of its choice.
-#   bash docs/mixed_ranking.sh smollm2-135m 4   # model, batch
+#   bash scripts/mixed_ranking.sh smollm2-135m 4   # model, batch
 set -euo pipefail
 model=${1:-smollm2-135m} batch=${2:-4}
 actsparse=${ACTSPARSE:-.venv/bin/actsparse}
