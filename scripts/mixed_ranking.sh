@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# The ranking table of docs/quality.md, "Mixed patterns".
 # Mixed patterns (8:16 on the layers making up a share of linear FLOPs, 12:16 on the rest): does it
 # matter whether the kl policy ranks the layers by their cost at 8:16 alone (what it does) or by
 # what 8:16 costs over 12:16 (the marginal cost; the sum of both patterns' costs is what the choice

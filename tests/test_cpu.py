@@ -48,11 +48,20 @@ def test_the_verdict_names_the_phase_that_pays():
     assert "decode (1 token) 0.6 ms against 1 ms" in text and "benchmarks/decode.py generate" in text
 
 
-def test_this_cpu_reads_the_model_name_and_flags():
-    here = cpu.this_cpu()
-    assert here.name and here.describe().startswith(here.name)
-    listed = here.describe().removeprefix(here.name)
-    assert all(flag in here.flags for flag in cpu.EXTENSIONS if flag in listed)
+def test_this_cpu_reads_the_model_name_and_the_extensions_that_matter(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nmodel name\t: Test Xeon\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_int8\n\n"
+        "processor\t: 1\nmodel name\t: Test Xeon\nflags\t\t: fpu\n"
+    )
+    xeon = cpu.this_cpu(info)
+    assert xeon.describe() == "Test Xeon (avx2, avx512f, amx_bf16, amx_int8)"
+    assert xeon.has_amx and xeon.computes_bfloat16
+    info.write_text("model name\t: Old CPU\nflags\t\t: fpu sse2\n")
+    old = cpu.this_cpu(info)
+    assert old.describe() == "Old CPU (no AVX2)" and not old.has_amx and not old.computes_bfloat16
+    info.write_text("model name\t: EPYC\nflags\t\t: avx2 avx512f avx512_bf16\n")
+    assert cpu.this_cpu(info).computes_bfloat16 and not cpu.this_cpu(info).has_amx
 
 
 @pytest.mark.skipif(not kernels.AVAILABLE, reason="the compiled extension is not built")
@@ -67,5 +76,12 @@ def test_the_verdict_is_measured_for_both_phases_and_dtypes(monkeypatch, dtype):
     )
 
 
-def test_decode_timings_stream_more_weights_than_the_caches_hold():
-    assert 64 * 2**20 <= cpu.decode_stack_bytes() <= 2**30
+@pytest.mark.parametrize(
+    ("sizes", "expected"),
+    [(["48K", "2048K", "96M"], 192 * 2**20), (["32K", "1024K", "16M"], 64 * 2**20), (["2G"], 2**30)],
+)
+def test_decode_timings_stream_twice_the_largest_cache_within_bounds(tmp_path, sizes, expected):
+    for index, size in enumerate(sizes):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert cpu.decode_stack_bytes(tmp_path) == expected

@@ -38,7 +38,8 @@ def results(name, out):
     if name == "calibrate":
         recipe = json.loads((out / "recipe.json").read_text())
         recipe["calibration"].pop("seconds")  # a duration, never the same twice
-        recipe.pop("recipe_sha256")  # the checksum covers that duration too
+        recipe["calibration"].pop("provenance")  # the command names its own --out
+        recipe.pop("recipe_sha256")  # the checksum covers both
         return (out / "tensors.safetensors").read_bytes(), recipe
     return {p.name: p.read_text() for p in sorted((out / "configs").glob("*.json"))}, (
         out / "sweep.csv"

@@ -96,3 +96,34 @@ def test_no_import_cycle_inside_actsparse():
 
     for module in graph:
         visit(module)
+
+
+STUB = """#!/bin/sh
+printf '%s\\n' "$*" >> "$(dirname "$0")/calls"
+"""
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "scripts").glob("*.sh")), ids=lambda path: path.name)
+def test_every_script_behind_a_table_runs_and_names_only_options_that_exist(script, tmp_path):
+    """Each script of scripts/ runs to its end with actsparse replaced by a stub that records its
+    calls; every call names a command and only options it has."""
+    import os
+    import subprocess
+
+    first = script.read_text().splitlines()[1]
+    assert first.startswith("# ") and ("docs/" in script.read_text().split("set -euo")[0]), script.name
+    for name in ("actsparse", "python"):
+        (tmp_path / name).write_text(STUB)
+        (tmp_path / name).chmod(0o755)
+    env = {**os.environ, "ACTSPARSE": str(tmp_path / "actsparse")}
+    work = tmp_path / "work"
+    (work / "docs").mkdir(parents=True)
+    (work / "docs" / "variants").symlink_to(ROOT / "docs" / "variants")
+    done = subprocess.run(["bash", str(script)], cwd=work, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    calls = [line.split() for line in (tmp_path / "calls").read_text().splitlines() if line]
+    commands = [call for call in calls if call and call[0] in CONFIG_COMMANDS]
+    assert commands, f"{script.name} runs no actsparse command"
+    for command, *arguments in commands:
+        unknown = {a.split("=")[0] for a in arguments if a.startswith("--")} - options(command)
+        assert not unknown, f"{script.name}: actsparse {command} has no {sorted(unknown)}"

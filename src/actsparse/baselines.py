@@ -1,4 +1,4 @@
-"""Weight N:M pruning baselines on the same target layers (REFERENCE §6): magnitude, Wanda and
+"""Weight N:M pruning baselines on the same target layers: magnitude, Wanda and
 SparseGPT, so that weight and activation sparsity compare row for row in one evaluation.
 
 In every output row, each group of M consecutive input columns keeps N weights:

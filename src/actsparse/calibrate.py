@@ -59,13 +59,9 @@ class Objective:
 OBJECTIVES = {
     "block-mse": Objective(lr=5e-3, passes=1),
     "block-normed": Objective(lr=5e-3, passes=1),
-    # Every vector of every layer moves at once. The input vectors alone (the default) lower the
-    # KL at 1e-3 and at 1e-4 on both models and texts when fitted on 16 to 64 windows spread over
-    # the calibration text, neither rate better everywhere; in a short fit (6 windows) only 1e-3
-    # moves them; on 16 windows of one era Gemma's rose at 1e-3. With the output scale and bias
-    # fitted too, Gemma 3 270M's KL did not fall at 1e-3 (16 windows of one era, 64 spread ones),
-    # rose on text of another genre at 3e-4, and fell on the calibration genre at 1e-4
-    # (docs/quality.md, "The learning rate of the end-to-end fit" and "What is learned").
+    # Every vector of every layer moves at once. Fitting the output scale and bias too takes a
+    # lower rate; docs/quality.md ("The learning rate of the end-to-end fit") has the measurements
+    # behind both rates.
     "output-kl": Objective(lr=1e-3, passes=2, lr_with_output=1e-4),
 }
 """The objectives of the ``objective`` setting of ``learnable`` (described above), by name."""

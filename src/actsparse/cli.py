@@ -32,7 +32,7 @@ from actsparse.data import (
 )
 from actsparse.devices import check_device_map, resolve_device
 from actsparse.errors import ActsparseError
-from actsparse.evaluate import evaluate, provenance_line, quality_table, results_document
+from actsparse.evaluate import EvalRow, evaluate, provenance, provenance_line, quality_table, results_document
 from actsparse.flops import flop_report
 from actsparse.generate import evaluate_generation
 from actsparse.models import (
@@ -298,6 +298,22 @@ def _variants(
     return configs + weight_variants(_split(weights), list(dict.fromkeys(patterns)), config.given)
 
 
+def _recipe_origins(rows: list[EvalRow]) -> list[str]:
+    """For each row read from a recipe that says how it was made: its calibration text and the
+    machine, date, commit and command that made it."""
+    lines = []
+    for row in rows:
+        calibration = (row.config or {}).get("calibration") or {}
+        made, text = calibration.get("provenance"), calibration.get("text")
+        if made and text:
+            lines.append(
+                f"{row.label}: a recipe calibrated on {text['source']} {text['split']} ({text['part']}; "
+                f"{text['windows']} windows × {text['seqlen']} tokens, {text['sample']}). "
+                + provenance_line(made).replace("Measured on", "Made on", 1)
+            )
+    return lines
+
+
 @app.command("eval")
 @config_options(pattern="2:4,8:16,16:32", criterion="magnitude,amber")
 def eval_command(
@@ -426,6 +442,8 @@ def eval_command(
         "weights); density: measured share of non-zero inputs (or weights); removed: share of linear FLOPs removed; "
         "prepared in: time to measure and calibrate the variant (shown when one took a second or more)."
     )
+    for line in _recipe_origins(rows):
+        console.print(line)
     console.print(f"Saved to {out}")
 
 
@@ -466,7 +484,9 @@ def calibrate(
         handle = sparsify(loaded, sparsity, calibration_settings=settings, measurements=measurements)
         seconds = round(time.perf_counter() - start, 1)
         recipe = handle.recipe()
-        recipe.calibration = (recipe.calibration or {}) | {"text": text, "seconds": seconds}
+        recipe.calibration = (recipe.calibration or {}) | {
+            "text": text, "seconds": seconds, "provenance": provenance()
+        }
         recipe.save(out)
     blocks = (handle.calibration or {}).get("blocks", [])
     if blocks:

@@ -1,4 +1,4 @@
-"""Corrections of N:M activation sparsity (REFERENCE §3), each one registered piece.
+"""Corrections of N:M activation sparsity, each one registered piece.
 
 A ``SparseLinear`` runs its corrections around the backend's sparse product::
 
@@ -413,7 +413,7 @@ class Learnable(Correction):
     learn: str = setting(
         "input",
         "Learnable corrections fit: input (the input shift and scale, as in the mitigation study) or "
-        "input+output (with an output scale and bias too, which on Gemma fit the calibration genre).",
+        "input+output (with an output scale and bias too).",
     )
 
     def check(self, config: SparsityConfig) -> None:

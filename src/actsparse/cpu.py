@@ -62,11 +62,11 @@ class Cpu:
         return f"{self.name} ({', '.join(extensions) or 'no AVX2'})"
 
 
-def this_cpu() -> Cpu:
+def this_cpu(cpuinfo_path: Path | str = "/proc/cpuinfo") -> Cpu:
     """The CPU this process runs on (from ``/proc/cpuinfo`` where there is one)."""
     name, flags = platform.processor() or "unknown CPU", frozenset[str]()
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        with open(cpuinfo_path, encoding="utf-8") as cpuinfo:
             for line in cpuinfo:
                 if line.startswith("model name"):
                     name = line.split(":", 1)[1].strip()
@@ -206,11 +206,11 @@ def median_ms(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(timings_ms(run, repeats))
 
 
-def decode_stack_bytes() -> int:
-    """Bytes of weights a decode timing streams through: twice the largest cache, so that they come
-    from memory as a model's weights do, within 64 MiB and 1 GiB."""
+def decode_stack_bytes(cache_dir: Path | str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """Bytes of weights a decode timing streams through: twice the largest cache (as ``cache_dir``
+    lists them), so that they come from memory as a model's weights do, within 64 MiB and 1 GiB."""
     largest = 0
-    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+    for size_file in Path(cache_dir).glob("index*/size"):
         text = size_file.read_text().strip()
         units = {"K": 2**10, "M": 2**20, "G": 2**30}
         largest = max(largest, int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))

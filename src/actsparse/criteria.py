@@ -1,4 +1,4 @@
-"""Selection criteria: the score by which the top N of each M activations are kept (REFERENCE §2).
+"""Selection criteria: the score by which the top N of each M activations are kept.
 
 Every criterion scores element ``x_ij`` (token i, input channel j) as ``|x_ij|`` times a
 per-channel factor. Weight-derived factors are computed once, when a layer is attached.

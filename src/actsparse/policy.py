@@ -1,4 +1,4 @@
-"""Which layers to sparsify: the layer policies (REFERENCE §4), each one registered piece.
+"""Which layers to sparsify: the layer policies, each one registered piece.
 
 - ``all``: every target layer.
 - ``amber``: Amber Pruner's published rule — skip k, v, o and up; always sparsify down; sparsify q

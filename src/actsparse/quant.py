@@ -1,4 +1,4 @@
-"""W8A8 simulated in floating point (REFERENCE §5): symmetric int8 weights per output channel and
+"""W8A8 simulated in floating point: symmetric int8 weights per output channel and
 int8 activations per token, dynamic; values lie exactly on the int8 grid of their scale. Plus the
 SmoothQuant scale and Outstanding-sparse's inverse of it."""
 
