@@ -1,5 +1,7 @@
 """The real embedded models on the real evaluation text (converted into the cache on first use)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -12,13 +14,13 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def smollm2_windows():
-    _, tokenizer = load_model("smollm2-135m")
+    _, tokenizer = loaded("smollm2-135m")
     return token_windows(tokenizer, load_text("sotu", "evaluation"), seqlen=256, max_windows=8)
 
 
 @pytest.fixture(scope="module")
 def smollm2_rows(smollm2_windows):
-    model, _ = load_model("smollm2-135m")
+    model, _ = loaded("smollm2-135m")
     configs = [SparsityConfig(pattern=p, criterion="magnitude") for p in ("2:4", "8:16", "16:32")]
     return {row.label: row for row in evaluate(model, smollm2_windows, configs, progress=False)}
 
@@ -39,10 +41,16 @@ def test_larger_groups_are_better_at_equal_density(smollm2_rows):
     assert kl["16:32 magnitude"] < kl["8:16 magnitude"] < kl["2:4 magnitude"]
 
 
+@functools.cache
+def loaded(name):
+    """The real model ``name``, loaded once for every test of this file (each leaves it dense)."""
+    return load_model(name)
+
+
 def model_and_windows(name, calibration_windows=8):
     """The real model ``name``, calibration windows (128 tokens, calibration split) and evaluation
     windows (4 × 256 tokens, evaluation split) of the sotu text."""
-    model, tokenizer = load_model(name)
+    model, tokenizer = loaded(name)
     calibration = token_windows(
         tokenizer, load_text("sotu", "calibration"), seqlen=128, max_windows=calibration_windows
     )
@@ -50,12 +58,12 @@ def model_and_windows(name, calibration_windows=8):
     return model, calibration, windows
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
-def test_corrections_fitted_end_to_end_lower_the_kl_more_than_block_by_block(name):
+def test_corrections_fitted_end_to_end_lower_the_kl_more_than_block_by_block():
     # Corrections on the first four blocks only, so the test stays short; calibration and
     # evaluation use different splits of the text. On Gemma the block-wise MSE is spent on a few
-    # residual channels of huge magnitude; the end-to-end KL objective is not.
-    model, calibration, windows = model_and_windows(name)
+    # residual channels of huge magnitude; the end-to-end KL objective is not (on SmolLM2 both
+    # lower the KL: the demo's recipes and tests/test_shipped_recipes.py cover its end-to-end fit).
+    model, calibration, windows = model_and_windows("gemma3-270m")
     first_blocks = (r"layers\.[0-3]\..*_proj$",)
     configs = [SparsityConfig(pattern="8:16", criterion="amber", include=first_blocks)] + [
         SparsityConfig(
@@ -66,9 +74,9 @@ def test_corrections_fitted_end_to_end_lower_the_kl_more_than_block_by_block(nam
         )
         for objective in ("block-mse", "output-kl")
     ]
-    # 8 passes over the 6 fitted windows (2 held out): the objective's two passes over so few
+    # 4 passes over the 6 fitted windows (2 held out): the objective's two passes over so few
     # short windows barely move the corrections.
-    settings = CalibrationSettings(steps=48)
+    settings = CalibrationSettings(steps=24)
     _, plain, block_mse, output_kl = evaluate(
         model, windows, configs, calibration, calibration_settings=settings, progress=False
     )
@@ -97,9 +105,7 @@ def test_regrouped_channels_lower_the_kl_of_every_pattern(name):
 def test_a_mixed_pattern_beats_one_pattern_on_fewer_layers_at_equal_removed_flops(name):
     # 27.5% of linear FLOPs removed both ways: 8:16 on 55% with the rest dense, or 8:16 on 10% and
     # 12:16 on the rest (0.5 × 0.1 + 0.25 × 0.9); a little sparsity everywhere costs less.
-    from actsparse.flops import flop_report
     from actsparse.policy import Budget
-    from actsparse.sparsify import sparsify
 
     model, calibration, windows = model_and_windows(name, calibration_windows=4)
     configs = [
@@ -108,8 +114,7 @@ def test_a_mixed_pattern_beats_one_pattern_on_fewer_layers_at_equal_removed_flop
             pattern="8:16", criterion="amber", policy=Budget(flop_share=0.1), rest_pattern="12:16"
         ),
     ]
-    for config in configs:
-        with sparsify(model, config, calibration) as handle:
-            assert flop_report(model, handle).removed_share == pytest.approx(0.275, abs=0.01)
     _, concentrated, mixed = evaluate(model, windows, configs, calibration, progress=False)
+    for row in (concentrated, mixed):
+        assert row.flops["removed_share"] == pytest.approx(0.275, abs=0.01)
     assert mixed.kl_to_dense < concentrated.kl_to_dense

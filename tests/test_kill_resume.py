@@ -14,7 +14,9 @@ import time
 
 import pytest
 
-SEEDS = (0, 1, 2)
+pytestmark = pytest.mark.slow
+
+SEEDS = (0, 1)
 
 
 def command(name, model, text, out):
