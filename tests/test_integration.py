@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def smollm2_windows():
     _, tokenizer = loaded("smollm2-135m")
-    return token_windows(tokenizer, load_text("sotu", "evaluation"), seqlen=256, max_windows=8)
+    return token_windows(tokenizer, load_text("sotu", "evaluation"), seqlen=256, max_windows=4)
 
 
 @pytest.fixture(scope="module")
@@ -85,20 +85,13 @@ def test_corrections_fitted_end_to_end_lower_the_kl_more_than_block_by_block():
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
-def test_regrouped_channels_lower_the_kl_of_every_pattern(name):
+def test_regrouped_channels_lower_the_kl_at_8_16(name):
     # In the models' own channel order, inputs that are large together share groups; dealt across
     # the groups by their calibration statistics, each group keeps more of what matters.
     model, calibration, windows = model_and_windows(name)
-    configs = [
-        SparsityConfig(pattern=pattern, criterion="amber", mitigation=mitigation)
-        for pattern in ("2:4", "8:16")
-        for mitigation in ("none", "permute")
-    ]
-    _, plain_2_4, permuted_2_4, plain_8_16, permuted_8_16 = evaluate(
-        model, windows, configs, calibration, progress=False
-    )
-    assert permuted_2_4.kl_to_dense < plain_2_4.kl_to_dense
-    assert permuted_8_16.kl_to_dense < plain_8_16.kl_to_dense
+    configs = [SparsityConfig(pattern="8:16", criterion="amber", mitigation=m) for m in ("none", "permute")]
+    _, plain, permuted = evaluate(model, windows, configs, calibration, progress=False)
+    assert permuted.kl_to_dense < plain.kl_to_dense
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])

@@ -224,11 +224,14 @@ def versions() -> dict[str, str]:
 
 def _commit() -> str | None:
     """The git commit actsparse runs from (``-dirty`` with uncommitted changes), or None when it
-    was installed from a package."""
+    was installed from a package (or lies in a checkout of something else)."""
+    root = Path(__file__).resolve().parents[2]  # src/actsparse/ of a checkout
+    if not (root / ".git").exists() or not (root / "src" / "actsparse" / "evaluate.py").is_file():
+        return None
     try:
         described = subprocess.run(
             ["git", "describe", "--always", "--dirty", "--abbrev=7"],
-            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
+            cwd=root, capture_output=True, text=True, timeout=5, check=False,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
