@@ -60,7 +60,7 @@ def test_the_shipped_recipes_give_the_recorded_kl_on_a_short_run():
     recipes = [load_recipe(ROOT / folder) for folder in recorded]
     rows = evaluate(model, windows, recipes, progress=False)
     # Other CPUs round the dense products differently and flip near-tied selections, which moves a
-    # sparse row's KL by up to about 1.5% (docs/devices.md); on the machine that made the table it is
-    # the same to 4 decimals.
+    # sparse row's KL by up to about 1.5% on 16 windows, more on 2 (docs/devices.md); on the machine
+    # that made the table it is the same to 4 decimals.
     for row, kl in zip(rows[1:], recorded.values()):
-        assert row.kl_to_dense == pytest.approx(kl, rel=0.03, abs=5e-5), row.label
+        assert row.kl_to_dense == pytest.approx(kl, rel=0.05, abs=5e-5), row.label
