@@ -31,7 +31,7 @@ setup: $(STAMP)
 # FLOPs, and the mixed pattern that removes as many FLOPs (8:16 on the 10% that cost least, 12:16
 # on every other projection), both with the inputs regrouped (permute) and the learnable input
 # shift and scale fitted end to end on 64 windows spread over the calibration split at lr 1e-3.
-# `make recipes` makes them again (22 and 13 minutes on 2 cores; the second reads the kl
+# `make recipes` makes them again (22 and 14 minutes on 2 cores; the second reads the kl
 # measurement of the first back from the cache).
 DEMO_RECIPE := recipes/smollm2-135m-8-16-kl-55
 DEMO_MIXED := recipes/smollm2-135m-8-16-mixed-12-16
@@ -50,7 +50,7 @@ demo: setup
 test: setup $(TEST_STAMP)
 	$(PYTHON) -m pytest -q
 
-# The unit tests: tiny random models, no embedded model, no subprocess runs.
+# The unit tests: tiny random models, no embedded model, no kill-and-resume runs.
 quick: $(TEST_STAMP)
 	$(PYTHON) -m pytest -q -m "not integration and not slow"
 

@@ -235,7 +235,9 @@ def _commit() -> str | None:
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
-    return described.stdout.strip() or None if described.returncode == 0 else None
+    if described.returncode != 0:
+        return None
+    return described.stdout.strip() or None
 
 
 def provenance() -> dict[str, Any]:
@@ -247,8 +249,16 @@ def provenance() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "date": datetime.now(timezone.utc).date().isoformat(),
         "commit": _commit(),
-        "command": shlex.join(["actsparse", *sys.argv[1:]]),
+        "command": _command(),
     }
+
+
+def _command() -> str:
+    """The command line of this process: an ``actsparse`` command, or the Python program that
+    called actsparse."""
+    if Path(sys.argv[0]).name in {"actsparse", "__main__.py"}:
+        return shlex.join(["actsparse", *sys.argv[1:]])
+    return shlex.join(["python", *sys.argv])
 
 
 def provenance_line(source: dict[str, Any]) -> str:
