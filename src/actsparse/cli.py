@@ -309,7 +309,7 @@ def _recipe_origins(rows: list[EvalRow]) -> list[str]:
             lines.append(
                 f"{row.label}: a recipe calibrated on {text['source']} {text['split']} ({text['part']}; "
                 f"{text['windows']} windows × {text['seqlen']} tokens, {text['sample']}). "
-                + provenance_line(made).replace("Measured on", "Made on", 1)
+                + provenance_line(made, "Made")
             )
     return lines
 

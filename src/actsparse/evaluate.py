@@ -50,6 +50,10 @@ class EvalRow:
     generation: dict[str, Any] | None = None
     prepare_seconds: float | None = None
 
+    def flop_totals(self) -> dict[str, Any]:
+        """The FLOP accounting without its per-layer part."""
+        return {key: value for key, value in self.flops.items() if key != "layers"}
+
     def to_dict(self, layer_details: bool = False) -> dict[str, Any]:
         """JSON-ready figures. Each layer's FLOP accounting and the policy's measured sensitivity
         of each layer only with ``layer_details``: they repeat in every row that shares a pattern
@@ -57,7 +61,7 @@ class EvalRow:
         chose are always there)."""
         document = asdict(self)
         if not layer_details:
-            document["flops"] = {k: v for k, v in document["flops"].items() if k != "layers"}
+            document["flops"] = self.flop_totals()
             if isinstance((document["config"] or {}).get("sensitivity"), dict):
                 del document["config"]["sensitivity"]
         return document
@@ -261,11 +265,11 @@ def _command() -> str:
     return shlex.join(["python", *sys.argv])
 
 
-def provenance_line(source: dict[str, Any]) -> str:
-    """``provenance()`` in one sentence, for the foot of a table."""
+def provenance_line(source: dict[str, Any], verb: str = "Measured") -> str:
+    """``provenance()`` in one sentence, for the foot of a table (``verb``: what was done there)."""
     machine = source["gpu"] or f"{source['machine']}, {source['threads']} threads"
     commit = f", commit {source['commit']}" if source["commit"] else ""
-    return f"Measured on {machine}, {source['date']}{commit}: `{source['command']}`"
+    return f"{verb} on {machine}, {source['date']}{commit}: `{source['command']}`"
 
 
 def results_document(

@@ -94,7 +94,7 @@ def _record(config: SparsityConfig, rows: list, data: SweepData) -> dict[str, An
         "top1_agreement": row.top1_agreement,
         "dense_perplexity": dense.perplexity,
         "calibration_text": data.calibration_description(config),
-        "flops": row.to_dict()["flops"],
+        "flops": row.flop_totals(),
         "hwcost": hardware_cost(pattern, tokens=512, channels=channels).to_dict(),
     }
 
