@@ -20,7 +20,7 @@ import time
 import torch
 
 from actsparse import CalibrationSettings, SparsityConfig, evaluate, load_model, sparsify
-from actsparse.data import load_text, token_windows
+from actsparse.io.text import load_text, token_windows
 
 AUTHORS = {"windows": 256, "settings": CalibrationSettings(lr=1e-4)}
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils import mkldnn
 
 from actsparse import SparsityConfig, kernels, load_model, parse_pattern, sparsify
-from actsparse.cpu import this_cpu
+from actsparse.core.cpu import this_cpu
 
 LLAMA_32_1B = dict(
     vocab_size=128256,

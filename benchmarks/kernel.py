@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch.utils import mkldnn
 
 from actsparse import kernels, parse_pattern
-from actsparse.cpu import median_ms, this_cpu
-from actsparse.paths import write_json_atomic
+from actsparse.core.cpu import median_ms, this_cpu
+from actsparse.core.paths import write_json_atomic
 
 SHAPES = {
     "SmolLM2-135M q/o": (576, 576),

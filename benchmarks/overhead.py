@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from actsparse import SparsityConfig, kernels, load_model, sparsify
-from actsparse.cpu import this_cpu
+from actsparse.core.cpu import this_cpu
 
 
 def seconds(run: Callable[[], None]) -> float:

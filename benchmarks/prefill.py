@@ -27,8 +27,8 @@ import torch
 from torch.utils import mkldnn
 
 from actsparse import SparsityConfig, kernels, load_model, sparsify
-from actsparse.cpu import this_cpu
-from actsparse.policy import Budget
+from actsparse.core.cpu import this_cpu
+from actsparse.pieces.policies import Budget
 
 
 def main() -> None:

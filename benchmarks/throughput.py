@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from actsparse import SparsityConfig, load_model, sparsify
-from actsparse.cpu import this_cpu
-from actsparse.paths import write_json_atomic
+from actsparse.core.cpu import this_cpu
+from actsparse.core.paths import write_json_atomic
 
 
 def seconds(model: torch.nn.Module, handle: Any, ids: torch.Tensor, device: torch.device) -> float:

@@ -20,9 +20,9 @@ done
 import json
 import sys
 
-from actsparse.models import model_skeleton
-from actsparse.policy import budget_layers
-from actsparse.targets import linear_flops, linear_layers
+from actsparse.io.models import model_skeleton
+from actsparse.pieces.policies import budget_layers
+from actsparse.sparse.targets import linear_flops, linear_layers
 
 model, out = sys.argv[1:]
 main, rest = (json.load(open(f"{out}/{name}.json"))["sensitivity"] for name in ("8-16", "12-16"))

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_integration import model_and_windows
 
 from actsparse import CalibrationSettings, SparsityConfig, evaluate
-from actsparse.corrections import Learnable
+from actsparse.pieces.corrections import Learnable
 
 FIRST_BLOCKS = (r"layers\.[0-3]\..*_proj$",)
 

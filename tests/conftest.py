@@ -27,10 +27,10 @@ SMALL = dict(
 @pytest.fixture(autouse=True)
 def measurements_store(tmp_path, monkeypatch) -> Path:
     """Measurements kept across runs go to a folder of each test's own, never the user's cache."""
-    import actsparse.calibration
+    import actsparse.calibration.measure
 
     folder = tmp_path / "measurements"
-    monkeypatch.setattr(actsparse.calibration, "measurements_dir", lambda: folder)
+    monkeypatch.setattr(actsparse.calibration.measure, "measurements_dir", lambda: folder)
     return folder
 
 

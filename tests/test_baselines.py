@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from actsparse import ActsparseError
-from actsparse.baselines import WeightPruningConfig, prune_weights, sparsegpt_prune, wanda_mask
-from actsparse.flops import flop_report
+from actsparse.eval.baselines import WeightPruningConfig, prune_weights, sparsegpt_prune, wanda_mask
+from actsparse.eval.flops import flop_report
 
 
 def test_wanda_matches_a_hand_example():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
-from actsparse.calibrate import CalibrationSettings, decoder_blocks
-from actsparse.corrections import LEARNABLE_PARTS, Learnable, Shift
+from actsparse.calibration.fitting import CalibrationSettings, decoder_blocks
+from actsparse.pieces.corrections import LEARNABLE_PARTS, Learnable, Shift
 
 CONFIG = SparsityConfig(
     pattern="2:4", criterion="amber", mitigation=(Shift(), Learnable(objective="block-mse"))
@@ -129,7 +129,7 @@ def test_a_rate_search_keeps_the_best_held_out_fit_of_any_rate(llama, calibratio
 
 
 def test_a_rate_that_diverges_ends_its_run_and_the_others_stand(capsys):
-    from actsparse.calibrate import _fit
+    from actsparse.calibration.fitting import _fit
 
     def fit_at(lr):
         value = torch.nn.Parameter(torch.zeros(1))
@@ -150,7 +150,7 @@ def test_a_rate_that_diverges_ends_its_run_and_the_others_stand(capsys):
 
 
 def test_the_normed_objective_measures_each_block_through_the_norm_that_reads_it(llama, calibration):
-    from actsparse.calibrate import _reading_norms
+    from actsparse.calibration.fitting import _reading_norms
 
     blocks = decoder_blocks(llama, ["model.layers.0.mlp.up_proj"])
     readers = _reading_norms(llama, blocks, calibration[0])
@@ -172,7 +172,7 @@ def test_the_normed_objective_measures_each_block_through_the_norm_that_reads_it
 
 
 def test_the_output_kl_objective_fits_every_layer_together_and_lowers_the_kl(llama, tokens, calibration):
-    from actsparse.calibrate import _kl
+    from actsparse.calibration.fitting import _kl
 
     weights = {name: p.clone() for name, p in llama.named_parameters()}
     plain = SparsityConfig(pattern="2:4", criterion="amber")
@@ -252,7 +252,7 @@ def test_calibration_holds_out_the_last_windows_to_judge_the_fit():
 
 
 def test_a_fit_ends_at_its_best_held_out_check_not_at_its_last_step():
-    from actsparse.calibrate import _fit
+    from actsparse.calibration.fitting import _fit
 
     value = torch.nn.Parameter(torch.zeros(1))
     seen = []

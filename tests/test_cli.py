@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from actsparse import cpu, kernels
+from actsparse import kernels
+from actsparse.core import cpu
 from actsparse.cli import main
 
 
@@ -258,17 +259,17 @@ def test_eval_passes_task_dir_on_to_lm_eval(monkeypatch, capsys, local_model, tm
 def test_a_learnable_variant_is_calibrated_once_for_perplexity_tasks_and_generation(
     monkeypatch, capsys, local_model, tmp_path
 ):
-    import actsparse.calibrate
+    import actsparse.calibration.fitting
 
     monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path / "cache"))
     calls = []
-    original = actsparse.calibrate.learn_corrections
+    original = actsparse.calibration.fitting.learn_corrections
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(actsparse.calibrate, "learn_corrections", counted)
+    monkeypatch.setattr(actsparse.calibration.fitting, "learn_corrections", counted)
     model, text = local_model
     out = tmp_path / "eval.json"
     code, output = run(
@@ -286,7 +287,7 @@ def test_a_learnable_variant_is_calibrated_once_for_perplexity_tasks_and_generat
 def test_sensitivities_are_measured_once_per_pattern_criterion_and_corrections(
     monkeypatch, capsys, local_model, tmp_path
 ):  # not per policy or phase: calibration windows are sparsified alike under both phases
-    phases = sys.modules["actsparse.sparsify"]  # the module; `actsparse.sparsify` is the function
+    phases = sys.modules["actsparse.pipeline.phases"]  # the module; `actsparse.pipeline.phases` is the function
     calls = []
     original = phases.layer_sensitivity
 
@@ -352,7 +353,7 @@ def test_a_local_text_file_never_calibrates_on_its_evaluation_part(
 
 
 def test_eval_says_which_dtype_ran(monkeypatch, capsys, local_model, tmp_path):
-    from actsparse.models import resolve_dtype
+    from actsparse.io.models import resolve_dtype
 
     model, text = local_model
     out = tmp_path / "eval.json"

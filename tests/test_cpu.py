@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from actsparse import cpu, kernels
+from actsparse import kernels
+from actsparse.core import cpu
 
 XEON = cpu.Cpu("Test Xeon", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
 EPYC = cpu.Cpu("Test EPYC", frozenset({"avx2", "avx512f", "avx512_bf16"}))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from actsparse import ActsparseError
-from actsparse.criteria import CRITERIA, get_criterion, robust_column_norms
+from actsparse.pieces.criteria import CRITERIA, get_criterion, robust_column_norms
 
 X = torch.tensor([[1.0, -2.0, 3.0], [-4.0, 0.5, 1.0]])
 W = torch.tensor([[1.0, 0.0, 2.0], [-1.0, 3.0, 2.0]])  # (out=2, in=3)

@@ -3,7 +3,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from actsparse import ActsparseError
-from actsparse.data import (
+from actsparse.io.text import (
     SOTU_FIRST_EVALUATION_YEAR,
     TextPart,
     calibration_text,
@@ -103,7 +103,7 @@ def test_emails_splits_are_the_two_sets_of_message_bodies_without_headers_or_htm
     import json
     import tarfile
 
-    from actsparse.data import _extract_emails, email_body
+    from actsparse.io.text import _extract_emails, email_body
 
     assert email_body("From: a@b\r\nSubject: hi\r\n\r\nHello there.\r\n\r\nBye.\r\n") == "Hello there.\n\nBye."
     messages = {

@@ -5,11 +5,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
-from actsparse.baselines import WeightPruningConfig, prune_weights
-from actsparse.devices import check_device_map, input_device, offloaded, resolve_device
-from actsparse.evaluate import evaluate
-from actsparse.models import load_model, resolve_dtype
-from actsparse.sparsify import measure_sensitivity
+from actsparse.eval.baselines import WeightPruningConfig, prune_weights
+from actsparse.core.devices import check_device_map, input_device, offloaded, resolve_device
+from actsparse.eval.evaluate import evaluate
+from actsparse.io.models import load_model, resolve_dtype
+from actsparse.pipeline.phases import measure_sensitivity
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from actsparse import SparsityConfig, evaluate
-from actsparse.evaluate import provenance_line, quality_table, results_document
-from actsparse.layers import SparseLinear
-from actsparse.policy import Budget
-from actsparse.paths import write_json_atomic
+from actsparse.eval.evaluate import provenance_line, quality_table, results_document
+from actsparse.sparse.layer import SparseLinear
+from actsparse.pieces.policies import Budget
+from actsparse.core.paths import write_json_atomic
 
 
 def test_dense_row_and_one_row_per_config_over_the_same_windows(llama, tokens):
@@ -99,7 +99,7 @@ def test_the_figures_are_perplexity_kl_and_agreement_computed_by_hand(llama, tok
 
     from actsparse import sparsify
 
-    monkeypatch.setattr(importlib.import_module("actsparse.distribution"), "CHUNK", chunk)  # several chunks
+    monkeypatch.setattr(importlib.import_module("actsparse.core.distribution"), "CHUNK", chunk)  # several chunks
     config = SparsityConfig(pattern="2:4", criterion="amber")
     with torch.no_grad():
         dense = torch.log_softmax(llama(tokens, use_cache=False).logits[:, :-1].double(), -1)

@@ -3,7 +3,7 @@
 import pytest
 
 from actsparse import SparsityConfig, sparsify
-from actsparse.generate import common_prefix, generation_agreement, rouge_l
+from actsparse.eval.generate import common_prefix, generation_agreement, rouge_l
 
 
 def test_common_prefix_by_hand():

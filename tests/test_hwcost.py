@@ -3,7 +3,7 @@
 import pytest
 
 from actsparse import ActsparseError
-from actsparse.hwcost import hardware_cost
+from actsparse.eval.hwcost import hardware_cost
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from actsparse import CalibrationSettings, SparsityConfig, evaluate, load_model
-from actsparse.corrections import Learnable
-from actsparse.data import load_text, token_windows
+from actsparse.pieces.corrections import Learnable
+from actsparse.io.text import load_text, token_windows
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +98,7 @@ def test_regrouped_channels_lower_the_kl_at_8_16(name):
 def test_a_mixed_pattern_beats_one_pattern_on_fewer_layers_at_equal_removed_flops(name):
     # 27.5% of linear FLOPs removed both ways: 8:16 on 55% with the rest dense, or 8:16 on 10% and
     # 12:16 on the rest (0.5 × 0.1 + 0.25 × 0.9); a little sparsity everywhere costs less.
-    from actsparse.policy import Budget
+    from actsparse.pieces.policies import Budget
 
     model, calibration, windows = model_and_windows(name, calibration_windows=4)
     configs = [

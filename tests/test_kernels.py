@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from actsparse import ActsparseError, SparsityConfig, kernels, parse_pattern, sparsify
-from actsparse.calibrate import CalibrationSettings
-from actsparse.flops import flop_report
-from actsparse.ops import apply_pattern
+from actsparse.calibration.fitting import CalibrationSettings
+from actsparse.eval.flops import flop_report
+from actsparse.core.ops import apply_pattern
 
 needs_kernel = pytest.mark.skipif(not kernels.AVAILABLE, reason="compiled extension not built")
 ISAS = [isa for isa in kernels.ISAS if kernels.AVAILABLE and kernels.gemm_isa(isa) == isa]

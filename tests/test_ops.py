@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from actsparse import kernels, parse_pattern
-from actsparse.ops import apply_pattern, nm_keep_mask
+from actsparse.core.ops import apply_pattern, nm_keep_mask
 
 PATTERNS = ["1:4", "2:4", "4:8", "8:16", "16:32", "3:5"]
 

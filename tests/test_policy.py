@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
-from actsparse.policy import AmberRule, OutputKl, amber_layers, budget_layers, least_cost_by_share
-from actsparse.sensitivity import layer_sensitivity
+from actsparse.pieces.policies import AmberRule, OutputKl, amber_layers, budget_layers, least_cost_by_share
+from actsparse.calibration.sensitivity import layer_sensitivity
 
 
 def test_sensitivity_is_the_relative_output_error_by_hand():
@@ -112,9 +112,9 @@ def test_least_cost_by_share_sums_the_costs_of_the_layers_budget_chooses():
 def test_output_kl_is_the_kl_that_evaluation_reports_for_the_layer_alone(llama):
     import re
 
-    from actsparse.evaluate import evaluate
-    from actsparse.sensitivity import layer_output_kl
-    from actsparse.targets import target_layers
+    from actsparse.eval.evaluate import evaluate
+    from actsparse.calibration.sensitivity import layer_output_kl
+    from actsparse.sparse.targets import target_layers
 
     windows = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(7))
     config = SparsityConfig(pattern="2:4", criterion="amber")
@@ -128,9 +128,9 @@ def test_output_kl_is_the_kl_that_evaluation_reports_for_the_layer_alone(llama):
 
 
 def test_kl_policy_keeps_the_share_sparse_with_the_layers_of_least_output_kl(llama):
-    from actsparse.flops import flop_report
-    from actsparse.sensitivity import layer_output_kl
-    from actsparse.targets import linear_flops, linear_layers, target_layers
+    from actsparse.eval.flops import flop_report
+    from actsparse.calibration.sensitivity import layer_output_kl
+    from actsparse.sparse.targets import linear_flops, linear_layers, target_layers
 
     calibration = torch.randint(0, 128, (6, 20), generator=torch.Generator().manual_seed(8))
     config = SparsityConfig(pattern="2:4", policy=OutputKl(flop_share=0.5, kl_windows=3))
@@ -176,8 +176,8 @@ def test_kl_policy_measurement_is_kept_for_later_runs_with_the_same_model_and_me
 def test_rest_pattern_gives_the_layers_the_policy_leaves_out_the_denser_pattern(llama, tokens):
     import re
 
-    from actsparse.flops import flop_report
-    from actsparse.targets import linear_flops
+    from actsparse.eval.flops import flop_report
+    from actsparse.sparse.targets import linear_flops
 
     calibration = torch.randint(0, 128, (4, 20), generator=torch.Generator().manual_seed(8))
     policy = OutputKl(flop_share=0.3, kl_windows=2)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
-from actsparse.calibrate import CalibrationSettings
-from actsparse.policy import AmberRule
-from actsparse.recipe import load_recipe
+from actsparse.calibration.fitting import CalibrationSettings
+from actsparse.pieces.policies import AmberRule
+from actsparse.io.recipe import load_recipe
 
 CONFIG = SparsityConfig(
     pattern="2:4",
@@ -165,7 +165,7 @@ def test_a_regrouped_recipe_round_trips_bit_for_bit(llama, tokens, tmp_path):
 
 
 def test_a_mixed_pattern_recipe_round_trips_bit_for_bit(llama, tokens, tmp_path):
-    from actsparse.policy import OutputKl
+    from actsparse.pieces.policies import OutputKl
 
     config = SparsityConfig(
         pattern="2:4",

@@ -15,9 +15,11 @@ from conftest import SMALL
 from test_user_faults import error_line, run
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from actsparse import ActsparseError, SparsityConfig, cpu, data, kernels, load_recipe, sparsify
+from actsparse import ActsparseError, SparsityConfig, kernels, load_recipe, sparsify
+from actsparse.core import cpu
+from actsparse.io import text as texts
 from actsparse import config as config_module
-from actsparse.calibrate import CalibrationSettings
+from actsparse.calibration.fitting import CalibrationSettings
 
 
 def common(local_model):
@@ -129,7 +131,7 @@ def test_calibrate_onto_a_full_disk_ends_in_one_sentence(monkeypatch, capsys, lo
 
 
 def test_a_full_disk_leaves_no_half_written_file(tmp_path):
-    from actsparse.paths import write_text_atomic
+    from actsparse.core.paths import write_text_atomic
 
     with tmpfs(tmp_path / "full", "16k") as full:
         with pytest.raises(ActsparseError, match="No space left on device"):
@@ -253,7 +255,7 @@ def test_a_setting_repeated_in_one_variant_is_refused(monkeypatch, capsys, local
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_setting(tmp_path):
-    from actsparse.variants import read_variants
+    from actsparse.eval.variants import read_variants
 
     variants = tmp_path / "variants.txt"
     variants.write_bytes("\ufeffpattern=2:4 criterion=magnitude\n".encode())
@@ -289,7 +291,7 @@ def test_a_long_text_is_tokenized_in_parts_that_bound_the_memory(monkeypatch, lo
 
     tokenizer = AutoTokenizer.from_pretrained(local_model[0])
     text = local_model[1].read_text().replace(". ", ".\n\n")  # paragraphs to cut at
-    whole = data.token_ids(tokenizer, text)
+    whole = texts.token_ids(tokenizer, text)
     seen = []
     original = type(tokenizer).__call__
 
@@ -298,11 +300,11 @@ def test_a_long_text_is_tokenized_in_parts_that_bound_the_memory(monkeypatch, lo
         return original(self, part, **kwargs)
 
     monkeypatch.setattr(type(tokenizer), "__call__", recording)
-    monkeypatch.setattr(data, "TOKENIZE_CHARS", 1000)
-    assert torch.equal(data.token_ids(tokenizer, text), whole)  # cut at paragraph breaks: the same tokens
+    monkeypatch.setattr(texts, "TOKENIZE_CHARS", 1000)
+    assert torch.equal(texts.token_ids(tokenizer, text), whole)  # cut at paragraph breaks: the same tokens
     assert len(seen) > 5 and max(seen) <= 1000
     seen.clear()
-    first = data.token_windows(tokenizer, text, 32, 2, "start")  # two windows need only the first part
+    first = texts.token_windows(tokenizer, text, 32, 2, "start")  # two windows need only the first part
     assert len(seen) == 1 and torch.equal(first[:, 1:].flatten(), whole[: 2 * 31])
 
 
@@ -310,7 +312,7 @@ def test_a_long_text_is_tokenized_in_parts_that_bound_the_memory(monkeypatch, lo
 
 
 def test_a_cache_that_cannot_be_written_is_named_before_any_conversion(monkeypatch, tmp_path):
-    from actsparse import models
+    from actsparse.io import models
 
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
@@ -325,7 +327,7 @@ def test_a_cache_that_cannot_be_written_is_named_before_any_conversion(monkeypat
         monkeypatch.setenv("ACTSPARSE_CACHE", str(read_only))
         with pytest.raises(ActsparseError, match="cannot be written .*set ACTSPARSE_CACHE"):
             models.resolve_model(str(gguf))
-        from actsparse.data import sotu_dir
+        from actsparse.io.text import sotu_dir
 
         with pytest.raises(ActsparseError, match="cannot be written .*set ACTSPARSE_CACHE"):
             sotu_dir()
@@ -335,7 +337,7 @@ def test_a_full_cache_ends_in_one_sentence_naming_actsparse_cache(monkeypatch, t
     with tmpfs(tmp_path / "full", "16k") as full:
         (full / "filler").write_bytes(b"x" * 15 * 1024)
         monkeypatch.setenv("ACTSPARSE_CACHE", str(full))
-        from actsparse.paths import atomic_directory, cache_dir
+        from actsparse.core.paths import atomic_directory, cache_dir
 
         with pytest.raises(ActsparseError, match="No space left on device.*set ACTSPARSE_CACHE"):
             with atomic_directory(cache_dir() / "models" / "m") as scratch:
@@ -345,7 +347,7 @@ def test_a_full_cache_ends_in_one_sentence_naming_actsparse_cache(monkeypatch, t
 
 
 def test_one_segment_hub_ids_are_hub_ids_and_offline_is_one_sentence(monkeypatch, tmp_path):
-    from actsparse import models
+    from actsparse.io import models
 
     monkeypatch.setattr(models, "hub_reachable", lambda: True)
     assert models.resolve_model("gpt2") == "gpt2" and models.resolve_model("openai/gpt2") == "openai/gpt2"

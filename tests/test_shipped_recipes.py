@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from actsparse import evaluate, load_model, load_recipe
-from actsparse.data import load_text, token_windows
+from actsparse.io.text import load_text, token_windows
 
 pytestmark = pytest.mark.integration
 

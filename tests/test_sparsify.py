@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
-from actsparse.layers import SparseLinear
+from actsparse.sparse.layer import SparseLinear
 
 
 def logits(model, tokens):

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from actsparse import ActsparseError, SparsityConfig
-from actsparse.evaluate import evaluate
-from actsparse.sweep import SweepData, config_key, ray_evaluations, read_sweep_file, run_sweep
+from actsparse.eval.evaluate import evaluate
+from actsparse.eval.sweep import SweepData, config_key, ray_evaluations, read_sweep_file, run_sweep
 
 CONFIGS = [
     SparsityConfig(pattern=p, criterion=c)
@@ -88,7 +88,7 @@ def test_sweep_file(tmp_path):
 
 
 def test_a_sweep_runs_one_dense_pass_per_window_for_all_its_configurations(local_model, tmp_path):
-    from actsparse.sweep import load_sweep_inputs, local_evaluations
+    from actsparse.eval.sweep import load_sweep_inputs, local_evaluations
 
     model, text = local_model
     data = SweepData(str(model), str(text), seqlen=32, windows=3, calib_windows=2)
@@ -108,9 +108,9 @@ def test_a_sweep_runs_one_dense_pass_per_window_for_all_its_configurations(local
 def test_an_interrupted_group_resumes_without_repeating_its_windows(local_model, tmp_path, monkeypatch):
     import importlib
 
-    from actsparse.sweep import load_sweep_inputs, local_evaluations
+    from actsparse.eval.sweep import load_sweep_inputs, local_evaluations
 
-    evaluation = importlib.import_module("actsparse.evaluate")  # the module, not the function
+    evaluation = importlib.import_module("actsparse.eval.evaluate")  # the module, not the function
     model, text = local_model
     data = SweepData(str(model), str(text), seqlen=32, windows=3, calib_windows=2)
     loaded, windows, _ = load_sweep_inputs(data, False)

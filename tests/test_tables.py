@@ -4,7 +4,7 @@ from io import StringIO
 
 from rich.console import Console
 
-from actsparse.tables import ResultTable
+from actsparse.eval.report import ResultTable
 
 
 def test_a_long_label_wraps_and_every_figure_stays_whole():

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from actsparse import SparsityConfig, sparsify
-from actsparse.tasks import lastword_examples, mmlu_file, run_tasks
+from actsparse.eval.tasks import lastword_examples, mmlu_file, run_tasks
 
 
 def test_lastword_builder_on_a_known_text():

@@ -7,8 +7,8 @@ import torch
 
 from actsparse import SparsityConfig, kernels, sparsify
 from actsparse.kernels import triton_select
-from actsparse.ops import apply_pattern
-from actsparse.patterns import parse_pattern
+from actsparse.core.ops import apply_pattern
+from actsparse.core.patterns import parse_pattern
 
 pytest.importorskip("triton")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -72,7 +72,7 @@ class Interrupt(Exception):
 
 
 def test_a_resumed_eval_never_mixes_runs_calibrated_differently(monkeypatch, capsys, local_model, tmp_path):
-    distribution = sys.modules["actsparse.distribution"]
+    distribution = sys.modules["actsparse.core.distribution"]
     out = tmp_path / "eval.json"
     args = [*common(local_model), "--windows", "3", "--pattern", "8:16", "--criterion", "magnitude",
             "--mitigation", "smoothquant", "--out", str(out)]  # fmt: skip
@@ -204,7 +204,7 @@ def test_a_binary_file_is_not_a_text(monkeypatch, capsys, local_model, tmp_path)
 def recipe_folder(llama, tmp_path):
     calibration = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
     config = SparsityConfig(pattern="2:4", mitigation="smoothquant+learnable")
-    from actsparse.calibrate import CalibrationSettings
+    from actsparse.calibration.fitting import CalibrationSettings
 
     handle = sparsify(llama, config, calibration, calibration_settings=CalibrationSettings(steps=1))
     handle.recipe().save(tmp_path / "recipe")

@@ -1,9 +1,9 @@
 import pytest
 
 from actsparse import ActsparseError, SparsityConfig
-from actsparse.baselines import WeightPruningConfig
-from actsparse.policy import Budget
-from actsparse.variants import parse_variant, read_variants
+from actsparse.eval.baselines import WeightPruningConfig
+from actsparse.pieces.policies import Budget
+from actsparse.eval.variants import parse_variant, read_variants
 
 
 def test_activation_variant_with_defaults():

@@ -1,16 +1,15 @@
 """actsparse: post-training N:M activation sparsity for Hugging Face causal language models."""
 
-__version__ = "0.1.0"
-
-from actsparse.calibrate import CalibrationSettings
+from actsparse.calibration.fitting import CalibrationSettings
 from actsparse.config import SparsityConfig
-from actsparse.errors import ActsparseError
-from actsparse.evaluate import evaluate
-from actsparse.flops import flop_report
-from actsparse.models import load_model
-from actsparse.patterns import Pattern, parse_pattern
-from actsparse.recipe import Recipe, load_recipe
-from actsparse.sparsify import SparsityHandle, sparsify
+from actsparse.core.errors import ActsparseError
+from actsparse.eval.evaluate import evaluate
+from actsparse.eval.flops import flop_report
+from actsparse.io.models import load_model
+from actsparse.core.patterns import Pattern, parse_pattern
+from actsparse.io.recipe import Recipe, load_recipe
+from actsparse.pipeline.phases import SparsityHandle, sparsify
+from actsparse.version import __version__
 
 __all__ = [
     "ActsparseError",
@@ -25,4 +24,5 @@ __all__ = [
     "load_recipe",
     "parse_pattern",
     "sparsify",
+    "__version__",
 ]

@@ -19,13 +19,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from actsparse.backends import BACKENDS
-from actsparse.corrections import CORRECTIONS, Correction, parse_mitigation
-from actsparse.criteria import CRITERIA, get_criterion
-from actsparse.errors import ActsparseError, shorten
-from actsparse.patterns import Pattern, parse_pattern
-from actsparse.policy import POLICIES, Policy
-from actsparse.registry import Piece, Registry, build_piece, own_settings, piece_from_dict, stored_piece
+from actsparse.pieces.backends import BACKENDS
+from actsparse.pieces.corrections import CORRECTIONS, Correction, parse_mitigation
+from actsparse.pieces.criteria import CRITERIA, get_criterion
+from actsparse.core.errors import ActsparseError, shorten
+from actsparse.core.patterns import Pattern, parse_pattern
+from actsparse.pieces.policies import POLICIES, Policy
+from actsparse.core.registry import Piece, Registry, build_piece, own_settings, piece_from_dict, stored_piece
 
 DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_proj$"
 """The decoder's attention and MLP projections in Llama, Gemma, Qwen2, Mistral and their kin."""
@@ -47,7 +47,7 @@ class SparsityConfig:
     Args:
         pattern: ``"N:M"`` (keep N of every M consecutive inputs), ``"unstructured:<density>"``
             or ``"dense"``.
-        criterion: score used to choose the kept inputs (``actsparse.criteria.CRITERIA``).
+        criterion: score used to choose the kept inputs (``actsparse.pieces.criteria.CRITERIA``).
         phase: ``"prefill"`` sparsifies only calls that process more than one token per sequence
             (prompt processing; decode stays dense), ``"all"`` every call.
         include: regular expressions; a linear layer is a target if its name matches any of them.
@@ -55,15 +55,15 @@ class SparsityConfig:
         remainder: what to do when a layer's input width is not a multiple of M: ``"error"``
             refuses, ``"dense"`` keeps the last ``in % M`` inputs dense.
         policy: which target layers are sparsified: a ``Policy`` or its name
-            (``actsparse.policy.POLICIES``: all, amber, budget, kl) with default settings.
+            (``actsparse.pieces.policies.POLICIES``: all, amber, budget, kl) with default settings.
         rest_pattern: the pattern of the target layers the policy leaves out: ``"dense"``, or a
             denser N:M (``"12:16"``) for a mixed pattern, the sparser ``pattern`` on the layers the
             policy chose and ``rest_pattern`` on the others.
-        mitigation: the corrections (``actsparse.corrections.CORRECTIONS``), as pieces or spelled
+        mitigation: the corrections (``actsparse.pieces.corrections.CORRECTIONS``), as pieces or spelled
             with ``+`` (``"shift+var"``, ``"smoothquant+shift+learnable"``); ``"none"`` for none.
         quant: ``"w8a8"`` adds int8 weights per output channel and int8 activations per token
             (simulated) to every target layer not matched by ``quant_exclude``.
-        backend: how the products are computed (``actsparse.backends.BACKENDS``): ``"emulated"``
+        backend: how the products are computed (``actsparse.pieces.backends.BACKENDS``): ``"emulated"``
             or ``"cpu-kernel"``.
     """
 

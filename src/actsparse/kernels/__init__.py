@@ -127,7 +127,7 @@ def nm_select_by_scores(
     """``x`` (bfloat16 or float16) with all but the top ``n`` of every ``m`` ``scores`` along the
     last dimension zeroed (ties to the lower index, a tail shorter than ``m`` kept whole), the
     scores ranked by the compiled pass on a float32 copy (exact); and whether the scores held NaN.
-    The same result as ``actsparse.ops.apply_pattern(x, scores, ...)``."""
+    The same result as ``actsparse.core.ops.apply_pattern(x, scores, ...)``."""
     width, rows = x.shape[-1], _rows(x)
     compressed = nm_compress(scores.reshape(rows, width).to(torch.float32), None, n, m, scratch=True, isa=isa)
     x = x.contiguous()
@@ -160,7 +160,7 @@ def nm_select(
 ) -> tuple[torch.Tensor, int, bool]:
     """Keep the top ``n`` of every ``m`` scores ``|x| * factor`` along the last dimension of ``x``.
 
-    Same result as ``actsparse.ops.apply_pattern`` (ties to the lower index, a tail shorter than
+    Same result as ``actsparse.core.ops.apply_pattern`` (ties to the lower index, a tail shorter than
     ``m`` kept dense). Returns the sparse tensor, its number of non-zeros, and whether ``x`` held NaN.
     Float32 ``x`` (``supports``) is scored in float32 and ``isa`` caps the instruction set (for
     tests); bfloat16 and float16 ``x`` (``selects_16``: AVX-512) are scored with a factor of their

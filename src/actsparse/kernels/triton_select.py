@@ -1,5 +1,5 @@
 """N:M selection on GPUs in one fused Triton pass: score, rank within each group of M, zero the
-dropped inputs. It keeps exactly the entries of the PyTorch path (``actsparse.ops.apply_pattern``):
+dropped inputs. It keeps exactly the entries of the PyTorch path (``actsparse.core.ops.apply_pattern``):
 scores rounded to the dtype PyTorch computes them in, the N highest of each group kept, equal
 scores going to the lower index.
 
