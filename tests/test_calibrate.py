@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
-from actsparse.calibration.fitting import CalibrationSettings, decoder_blocks
+from actsparse.calibration.fitting import decoder_blocks, settings_for
+from actsparse.config import CalibrationSettings
 from actsparse.pieces.corrections import LEARNABLE_PARTS, Learnable, Shift
 
 CONFIG = SparsityConfig(
@@ -34,9 +35,9 @@ def test_calibration_fits_every_block_and_folds(llama, tokens, calibration):
     assert handle.label == f"{CONFIG.label} lr=0.001"  # not block-mse's 5e-3
     assert all(b["steps"] == 6 and b["kept_step"] > 0 and b["loss_after"] < b["loss_before"] for b in blocks)
     assert all(layer.folded for layer in handle.layers.values())
-    moved = [layer.correction.shift.abs().max() > 0 for layer in handle.layers.values()]
+    moved = [layer.state("learnable").shift.abs().max() > 0 for layer in handle.layers.values()]
     assert all(moved)
-    assert all(not p.requires_grad for layer in handle.layers.values() for p in layer.correction.parameters())
+    assert all(not p.requires_grad for layer in handle.layers.values() for p in layer.state("learnable").parameters())
     handle.remove()
     for name, parameter in llama.named_parameters():  # the model's own weights never change
         assert torch.equal(parameter, weights[name]) and parameter.requires_grad
@@ -52,8 +53,8 @@ def test_a_fit_that_makes_a_block_worse_is_undone(llama, calibration):
     assert not any(b["kept_step"] for b in handle.calibration["blocks"])
     assert all(b["loss_after"] == b["loss_before"] for b in handle.calibration["blocks"])
     for layer in handle.layers.values():
-        assert torch.equal(layer.correction.scale, torch.ones_like(layer.correction.scale))
-        assert torch.equal(layer.correction.shift, torch.zeros_like(layer.correction.shift))
+        assert torch.equal(layer.state("learnable").scale, torch.ones_like(layer.state("learnable").scale))
+        assert torch.equal(layer.state("learnable").shift, torch.zeros_like(layer.state("learnable").shift))
 
 
 def test_default_steps_are_one_pass_over_the_fitted_windows(llama, calibration):
@@ -104,8 +105,8 @@ def test_several_learning_rates_are_a_search_and_one_is_a_rate():
     assert CalibrationSettings(lr=[1e-3]).lr == 1e-3 and CalibrationSettings(lr=1e-3).rates == (1e-3,)
     search = CalibrationSettings(lr=[1e-3, 1e-4, 1e-3])
     assert search.rates == (1e-3, 1e-4) and search.to_dict()["lr"] == [1e-3, 1e-4]
-    assert search.for_objective("output-kl", 8).rates == (1e-3, 1e-4)  # not replaced by the default
-    assert CalibrationSettings().for_objective("output-kl", 8).rates == (1e-3,)
+    assert settings_for(search, "output-kl", 8).rates == (1e-3, 1e-4)  # not replaced by the default
+    assert settings_for(CalibrationSettings(), "output-kl", 8).rates == (1e-3,)
 
 
 def test_a_rate_search_keeps_the_best_held_out_fit_of_any_rate(llama, calibration):
@@ -116,7 +117,7 @@ def test_a_rate_search_keeps_the_best_held_out_fit_of_any_rate(llama, calibratio
         handle = sparsify(llama, CONFIG, calibration, calibration_settings=settings)
         fitted[lr] = (
             handle.calibration["blocks"],
-            {name: layer.correction.shift.clone() for name, layer in handle.layers.items()},
+            {name: layer.state("learnable").shift.clone() for name, layer in handle.layers.items()},
         )
         handle.remove()
     assert handle.label == f"{CONFIG.label} lr=0.1,0.001"
@@ -167,7 +168,7 @@ def test_the_normed_objective_measures_each_block_through_the_norm_that_reads_it
     blocks = handle.calibration["blocks"]
     assert [b["block"] for b in blocks] == ["model.layers.0", "model.layers.1"]
     assert all(b["kept_step"] and b["loss_after"] < b["loss_before"] for b in blocks)
-    assert all(not p.requires_grad for layer in handle.layers.values() for p in layer.correction.parameters())
+    assert all(not p.requires_grad for layer in handle.layers.values() for p in layer.state("learnable").parameters())
     assert all(p.requires_grad for p in llama.model.norm.parameters())
 
 
@@ -191,7 +192,7 @@ def test_the_output_kl_objective_fits_every_layer_together_and_lowers_the_kl(lla
     with torch.no_grad():
         after = _kl(llama(calibration, use_cache=False).logits, dense).item()
     assert after == pytest.approx(fit["loss_after"], rel=1e-3) and after < 0.9 * before
-    assert all(torch.count_nonzero(layer.correction.shift) for layer in handle.layers.values())
+    assert all(torch.count_nonzero(layer.state("learnable").shift) for layer in handle.layers.values())
     handle.remove()
     for name, parameter in llama.named_parameters():
         assert torch.equal(parameter, weights[name]) and parameter.requires_grad
@@ -205,7 +206,7 @@ def test_input_only_corrections_leave_the_output_ones_neutral(llama, calibration
     handle = sparsify(
         llama, config, calibration, calibration_settings=CalibrationSettings(steps=4, lr=1e-3, holdout=0.0)
     )
-    corrections = [layer.correction for layer in handle.layers.values()]
+    corrections = [layer.state("learnable") for layer in handle.layers.values()]
     assert all(torch.count_nonzero(c.shift) and torch.any(c.scale != 1) for c in corrections)
     assert not any(
         torch.count_nonzero(c.output_scale) or torch.count_nonzero(c.output_bias) for c in corrections

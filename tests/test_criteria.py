@@ -2,14 +2,14 @@ import pytest
 import torch
 
 from actsparse import ActsparseError
-from actsparse.pieces.criteria import CRITERIA, get_criterion, robust_column_norms
+from actsparse.pieces.criteria import CRITERIA, robust_column_norms
 
 X = torch.tensor([[1.0, -2.0, 3.0], [-4.0, 0.5, 1.0]])
 W = torch.tensor([[1.0, 0.0, 2.0], [-1.0, 3.0, 2.0]])  # (out=2, in=3)
 
 
 def score(name):
-    criterion = get_criterion(name)
+    criterion = CRITERIA.get(name)
     factor = criterion.weight_factor(W) if criterion.weight_factor else None
     return criterion.score(X, factor)
 
@@ -50,7 +50,7 @@ def test_amber_robust_norm_by_hand():
 
 def test_every_criterion_has_a_positive_score_for_nonzero_inputs():
     for name in CRITERIA:
-        criterion = get_criterion(name)
+        criterion = CRITERIA.get(name)
         w = torch.tensor([[1.0, 0.0, 2.0], [-1.0, 3.0, 2.5]])
         factor = criterion.weight_factor(w) if criterion.weight_factor else None
         assert (criterion.score(X, factor) > 0).all(), name
@@ -60,4 +60,4 @@ def test_unknown_criterion_lists_the_known_ones():
     with pytest.raises(
         ActsparseError, match="Unknown criterion 'topk'; choose one of magnitude, wina, amber"
     ):
-        get_criterion("topk")
+        CRITERIA.get("topk")

@@ -12,13 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from actsparse import SparsityConfig, evaluate, sparsify
-from actsparse.pieces.backends import BACKENDS, Backend
 from actsparse.config import config_settings, configs_from_settings
-from actsparse.pieces.corrections import CORRECTIONS, Correction
-from actsparse.pieces.criteria import CRITERIA, Criterion
 from actsparse.core.ops import nm_keep_mask
-from actsparse.pieces.policies import POLICIES, LayerChoice, Policy
 from actsparse.core.registry import setting
+from actsparse.pieces.base import (
+    BACKENDS,
+    CORRECTIONS,
+    CRITERIA,
+    POLICIES,
+    Backend,
+    Correction,
+    Criterion,
+    LayerChoice,
+    Policy,
+)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from actsparse import ActsparseError, SparsityConfig, kernels, parse_pattern, sparsify
-from actsparse.calibration.fitting import CalibrationSettings
+from actsparse.config import CalibrationSettings
 from actsparse.eval.flops import flop_report
 from actsparse.core.ops import apply_pattern
 
@@ -234,7 +234,7 @@ def test_models_give_the_emulated_logits(model, criterion, mitigation, tokens, r
     with sparsify(model, config):
         expected = logits(model, tokens)
     with sparsify(model, replace(config, backend="cpu-kernel")) as handle:
-        assert all(layer.prepared is not None for layer in handle.layers.values())
+        assert all(layer.state("backend") is not None for layer in handle.layers.values())
         torch.testing.assert_close(logits(model, tokens), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -249,7 +249,7 @@ def test_learned_corrections_and_smoothing_run_through_the_kernel(llama, tokens,
     recipe = handle.recipe()
     handle.remove()
     with sparsify(llama, recipe=recipe.with_backend("cpu-kernel")) as handle:
-        assert all(layer.folded and layer.prepared is not None for layer in handle.layers.values())
+        assert all(layer.folded and layer.state("backend") is not None for layer in handle.layers.values())
         torch.testing.assert_close(logits(llama, tokens), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -335,7 +335,7 @@ def test_one_weight_copy_while_attached_and_the_original_bit_for_bit_after_remov
     handle = sparsify(llama, replace(config, backend="cpu-kernel"))
     for name, layer in handle.layers.items():
         assert layer.weight is weights[name]  # the same Parameter, its data now the packed storage
-        storage = layer.prepared.storage.untyped_storage()
+        storage = layer.state("backend").packed.storage.untyped_storage()
         assert layer.weight.untyped_storage().data_ptr() == storage.data_ptr()
         assert torch.equal(layer.weight, originals[name])
     # under the prefill phase, decode steps are dense products computed from the packed storage
@@ -346,7 +346,7 @@ def test_one_weight_copy_while_attached_and_the_original_bit_for_bit_after_remov
     assert torch.equal(decode_logits(llama, tokens), dense)
     handle.attach()  # back to one copy
     assert all(
-        layer.weight.untyped_storage().data_ptr() == layer.prepared.storage.untyped_storage().data_ptr()
+        layer.weight.untyped_storage().data_ptr() == layer.state("backend").packed.storage.untyped_storage().data_ptr()
         for layer in handle.layers.values()
     )
     handle.remove()

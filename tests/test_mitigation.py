@@ -90,7 +90,7 @@ def test_learned_corrections_by_hand():
     sparse = learned_layer(
         torch.tensor([[1.0, 1, 1, 1], [1, 0, -1, 2]]), torch.tensor([0.5, -1.0]), phase="all"
     )
-    correction = sparse.correction
+    correction = sparse.state("learnable")
     correction.shift.data = torch.tensor([0.5, 0, 0, 0])
     correction.scale.data = torch.tensor([1.0, 1, 2, 1])
     correction.output_scale.data = torch.tensor([1.0, -0.5])
@@ -109,7 +109,7 @@ def test_folded_corrections_equal_the_unfolded_form(criterion, mitigation, bias)
     torch.manual_seed(0)
     weight = torch.randn(24, 32)
     sparse = learned_layer(weight, torch.randn(24) if bias else None, mitigation, criterion, "8:16")
-    correction = sparse.correction
+    correction = sparse.state("learnable")
     for parameter, spread in zip(correction.parameters(), (0.5, 0.3, 0.2, 0.1)):
         parameter.data += spread * torch.randn_like(parameter)
     x = torch.randn(2, 7, 32)
@@ -178,17 +178,17 @@ def test_permute_leaves_every_product_of_the_layer_as_it_was():
     weight = torch.randn(24, 32)
     regrouped = permuted(weight, torch.rand(32), "8:16", phase="all")
     x = torch.randn(2, 5, 32)
-    kept = regrouped.sparsify_input(x[..., regrouped.input_order], regrouped.channel_factor)
+    kept = regrouped.sparsify_input(x[..., regrouped.state("permute").value], regrouped.channel_factor)
     assert (kept != 0).sum() == x.numel() // 2  # 8 of 16 in every regrouped group
     torch.testing.assert_close(regrouped(x), F.linear(kept, regrouped.weight))
-    unpermuted = torch.zeros_like(x).index_copy(-1, regrouped.input_order, kept)
+    unpermuted = torch.zeros_like(x).index_copy(-1, regrouped.state("permute").value, kept)
     torch.testing.assert_close(regrouped(x), F.linear(unpermuted, weight))  # the model's own order
 
 
 def test_permute_puts_the_most_important_inputs_in_the_dense_tail():
     mean_square = torch.tensor([1.0, 1, 1, 1, 1, 1, 1, 1, 1, 5])
     regrouped = permuted(torch.eye(10), mean_square, remainder="dense")
-    assert regrouped.input_order[-2:].tolist() == [9, 0]
+    assert regrouped.state("permute").value[-2:].tolist() == [9, 0]
 
 
 def test_permute_is_refused_without_groups():

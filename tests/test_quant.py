@@ -31,7 +31,8 @@ def test_smoothing_leaves_dense_outputs_unchanged_before_quantisation(llama, tok
     for smooth in ("smoothquant", "outstanding"):
         with sparsify(llama, SparsityConfig(pattern="dense", mitigation=smooth), tokens) as handle:
             layer = handle.layers["model.layers.0.mlp.down_proj"]
-            assert not torch.allclose(layer.input_scale, torch.ones_like(layer.input_scale))
+            scale = layer.state(smooth).value
+            assert not torch.allclose(scale, torch.ones_like(scale))
             with torch.no_grad():
                 torch.testing.assert_close(llama(tokens, use_cache=False).logits, dense, rtol=1e-4, atol=1e-4)
 
@@ -92,4 +93,4 @@ def test_outstanding_sparse_under_the_amber_policy(llama, tokens):
     )
     handle = sparsify(llama, config, tokens)
     assert any(not layer.sparse for layer in handle.layers.values())
-    assert all(layer.input_scale is not None and layer.quantize for layer in handle.layers.values())
+    assert all(layer.state("outstanding") is not None and layer.quantize for layer in handle.layers.values())

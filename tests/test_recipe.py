@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
-from actsparse.calibration.fitting import CalibrationSettings
+from actsparse.config import CalibrationSettings
 from actsparse.pieces.policies import AmberRule
 from actsparse.io.recipe import load_recipe
 

@@ -19,7 +19,7 @@ from actsparse import ActsparseError, SparsityConfig, kernels, load_recipe, spar
 from actsparse.core import cpu
 from actsparse.io import text as texts
 from actsparse import config as config_module
-from actsparse.calibration.fitting import CalibrationSettings
+from actsparse.config import CalibrationSettings
 
 
 def common(local_model):

@@ -204,7 +204,7 @@ def test_a_binary_file_is_not_a_text(monkeypatch, capsys, local_model, tmp_path)
 def recipe_folder(llama, tmp_path):
     calibration = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
     config = SparsityConfig(pattern="2:4", mitigation="smoothquant+learnable")
-    from actsparse.calibration.fitting import CalibrationSettings
+    from actsparse.config import CalibrationSettings
 
     handle = sparsify(llama, config, calibration, calibration_settings=CalibrationSettings(steps=1))
     handle.recipe().save(tmp_path / "recipe")

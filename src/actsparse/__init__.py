@@ -1,6 +1,6 @@
 """actsparse: post-training N:M activation sparsity for Hugging Face causal language models."""
 
-from actsparse.calibration.fitting import CalibrationSettings
+from actsparse.config import CalibrationSettings
 from actsparse.config import SparsityConfig
 from actsparse.core.errors import ActsparseError
 from actsparse.eval.evaluate import evaluate

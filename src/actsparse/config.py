@@ -6,7 +6,10 @@ amber_skip=5)``) and ``mitigation`` a tuple of ``Correction`` pieces (``(Shift("
 RestoreVariance())``); each validates its own settings. Spelled out, every setting is one flat
 ``key=value`` whose key is a field of the config or of one of its pieces (``policy=amber
 flop_share=0.6 mitigation=shift+var shift_statistic=mean``); ``configs_from_settings`` reads that
-form, whatever it came from.
+form, whatever it came from. ``CalibrationSettings`` says how learned corrections are fitted.
+
+The config imports no piece: it looks names up in the registries of ``actsparse.pieces.base``,
+which the pieces register into.
 """
 
 from __future__ import annotations
@@ -16,16 +19,21 @@ import itertools
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from actsparse.pieces.backends import BACKENDS
-from actsparse.pieces.corrections import CORRECTIONS, Correction, parse_mitigation
-from actsparse.pieces.criteria import CRITERIA, get_criterion
 from actsparse.core.errors import ActsparseError, shorten
 from actsparse.core.patterns import Pattern, parse_pattern
-from actsparse.pieces.policies import POLICIES, Policy
 from actsparse.core.registry import Piece, Registry, build_piece, own_settings, piece_from_dict, stored_piece
+from actsparse.pieces.base import (
+    BACKENDS,
+    CORRECTIONS,
+    CRITERIA,
+    POLICIES,
+    Correction,
+    Policy,
+    parse_mitigation,
+)
 
 DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_proj$"
 """The decoder's attention and MLP projections in Llama, Gemma, Qwen2, Mistral and their kin."""
@@ -122,7 +130,7 @@ class SparsityConfig:
             set_(self, name, _expressions(name, getattr(self, name)))
         set_(self, "policy", _policy(self.policy))
         set_(self, "mitigation", _mitigation(self.mitigation))
-        get_criterion(self.criterion)
+        CRITERIA.get(self.criterion)
         if self.phase not in PHASES:
             raise ActsparseError(f"Unknown phase '{self.phase}'; choose 'prefill' or 'all'.")
         if self.remainder not in REMAINDERS:
@@ -280,6 +288,84 @@ def _from_flat(data: dict[str, Any]) -> dict[str, Any]:
     data["policy"] = piece(POLICIES.get(data.get("policy", "all")))
     data["mitigation"] = tuple(piece(cls) for cls in parse_mitigation(spelled or "none"))
     return data
+
+
+# ---- how learned corrections are fitted ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """How the learned corrections are fitted.
+
+    Args:
+        steps: optimiser steps (per block for the block objectives), one calibration window each
+            (batch 1); None means the objective's passes over the fitted calibration windows (one
+            for the block objectives, two for ``output-kl``).
+        lr: peak learning rate of AdamW (betas 0.9, 0.95; no weight decay); None means the
+            objective's (5e-3 for the block objectives, 1e-3 for ``output-kl``, 1e-4 for it with
+            ``learn="input+output"``). Several rates (a tuple) search: each is fitted from the same
+            start and the fit least on the held-out windows is kept, one fit's time per rate.
+        warmup: share of the steps over which the learning rate rises linearly (then cosine decay).
+        clip: maximum gradient norm.
+        explode: a step loss this many times the loss before calibration (or 0.1% of the dense
+            output's own size, if that is larger) stops the run.
+        holdout: share of the calibration windows (the last ones, at least one) that the fit
+            never steps on; the objective on them judges the fit. 0 (or a single window) judges
+            the fit on the windows it is fitted to.
+        checks: how often the held-out objective is measured: at the start and after every
+            ``1/checks`` of the steps.
+
+    Each block (or, for ``output-kl``, the model) keeps its corrections as they were at the check
+    with the least held-out objective, at any of the rates — as they started (``BlockFit.kept_step``
+    0) when no check beat the start — so calibration never makes it worse on text it did not fit.
+    """
+
+    steps: int | None = None
+    lr: float | tuple[float, ...] | None = None
+    warmup: float = 0.03
+    clip: float = 1.0
+    explode: float = 100.0
+    holdout: float = 0.25
+    checks: int = 4
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise ActsparseError(
+                f"Calibration steps {self.steps} must be at least 1 (or omitted for the objective's default)."
+            )
+        if isinstance(self.lr, tuple | list):
+            if not self.lr:
+                raise ActsparseError("No learning rate given; give one (e.g. 1e-3) or several (1e-3,1e-4).")
+            rates = tuple(dict.fromkeys(float(rate) for rate in self.lr))
+            object.__setattr__(self, "lr", rates if len(rates) > 1 else rates[0])
+        for rate in self.rates:
+            if not rate > 0:
+                raise ActsparseError(f"Learning rate {rate:g} must be positive; use e.g. 1e-3.")
+        if not 0 <= self.warmup < 1:
+            raise ActsparseError(f"Warm-up share {self.warmup:g} is outside [0, 1); use e.g. 0.03.")
+        if not 0 <= self.holdout < 1:
+            raise ActsparseError(f"Held-out share {self.holdout:g} is outside [0, 1); use e.g. 0.25.")
+        if self.checks < 1:
+            raise ActsparseError(f"Held-out checks {self.checks} must be at least 1; use e.g. 4.")
+
+    @property
+    def rates(self) -> tuple[float, ...]:
+        """The learning rates fitted: one, several (a search), or none while the objective's
+        default is still open."""
+        if self.lr is None:
+            return ()
+        return self.lr if isinstance(self.lr, tuple) else (self.lr,)
+
+    def split(self, windows: int) -> tuple[range, range]:
+        """The indices of the windows fitted on and of the held-out windows that judge the fit."""
+        held = min(max(1, round(self.holdout * windows)), windows - 1) if self.holdout else 0
+        if held == 0:
+            return range(windows), range(windows)
+        return range(windows - held), range(windows - held, windows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON keeps them (several rates as a list)."""
+        return asdict(self) | {"lr": list(self.lr) if isinstance(self.lr, tuple) else self.lr}
 
 
 # ---- the spelled-out form --------------------------------------------------------------------

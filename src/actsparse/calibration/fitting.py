@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,121 +33,22 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from actsparse.config import CalibrationSettings
 from actsparse.core.devices import input_device
 from actsparse.core.errors import ActsparseError
-
-if TYPE_CHECKING:
-    from actsparse.sparse.handle import SparsityHandle
-    from actsparse.sparse.layer import SparseLinear
+from actsparse.pieces.corrections import OBJECTIVES
+from actsparse.sparse.handle import SparsityHandle
 
 
-@dataclass(frozen=True)
-class Objective:
-    """Optimiser defaults of one objective: peak learning rate and passes over the windows."""
-
-    lr: float
-    passes: int
-    lr_with_output: float | None = None
-    """The peak learning rate when the output vectors are fitted too (``learn="input+output"``),
-    where it differs from ``lr``."""
-
-    def lr_for(self, learn: str) -> float:
-        """The peak learning rate for fitting the parts ``learn`` names (a ``learnable`` setting)."""
-        return self.lr_with_output if learn == "input+output" and self.lr_with_output else self.lr
-
-
-OBJECTIVES = {
-    "block-mse": Objective(lr=5e-3, passes=1),
-    "block-normed": Objective(lr=5e-3, passes=1),
-    # Every vector of every layer moves at once. Fitting the output scale and bias too takes a
-    # lower rate; docs/quality.md ("The learning rate of the end-to-end fit") has the measurements
-    # behind both rates.
-    "output-kl": Objective(lr=1e-3, passes=2, lr_with_output=1e-4),
-}
-"""The objectives of the ``objective`` setting of ``learnable`` (described above), by name."""
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    """How the learned corrections are fitted.
-
-    Args:
-        steps: optimiser steps (per block for the block objectives), one calibration window each
-            (batch 1); None means the objective's passes over the fitted calibration windows (one
-            for the block objectives, two for ``output-kl``).
-        lr: peak learning rate of AdamW (betas 0.9, 0.95; no weight decay); None means the
-            objective's (5e-3 for the block objectives, 1e-3 for ``output-kl``, 1e-4 for it with
-            ``learn="input+output"``). Several rates (a tuple) search: each is fitted from the same
-            start and the fit least on the held-out windows is kept, one fit's time per rate.
-        warmup: share of the steps over which the learning rate rises linearly (then cosine decay).
-        clip: maximum gradient norm.
-        explode: a step loss this many times the loss before calibration (or 0.1% of the dense
-            output's own size, if that is larger) stops the run.
-        holdout: share of the calibration windows (the last ones, at least one) that the fit
-            never steps on; the objective on them judges the fit. 0 (or a single window) judges
-            the fit on the windows it is fitted to.
-        checks: how often the held-out objective is measured: at the start and after every
-            ``1/checks`` of the steps.
-
-    Each block (or, for ``output-kl``, the model) keeps its corrections as they were at the check
-    with the least held-out objective, at any of the rates — as they started (``BlockFit.kept_step``
-    0) when no check beat the start — so calibration never makes it worse on text it did not fit.
-    """
-
-    steps: int | None = None
-    lr: float | tuple[float, ...] | None = None
-    warmup: float = 0.03
-    clip: float = 1.0
-    explode: float = 100.0
-    holdout: float = 0.25
-    checks: int = 4
-
-    def __post_init__(self) -> None:
-        if self.steps is not None and self.steps < 1:
-            raise ActsparseError(
-                f"Calibration steps {self.steps} must be at least 1 (or omitted for the objective's default)."
-            )
-        if isinstance(self.lr, tuple | list):
-            if not self.lr:
-                raise ActsparseError("No learning rate given; give one (e.g. 1e-3) or several (1e-3,1e-4).")
-            rates = tuple(dict.fromkeys(float(rate) for rate in self.lr))
-            object.__setattr__(self, "lr", rates if len(rates) > 1 else rates[0])
-        for rate in self.rates:
-            if not rate > 0:
-                raise ActsparseError(f"Learning rate {rate:g} must be positive; use e.g. 1e-3.")
-        if not 0 <= self.warmup < 1:
-            raise ActsparseError(f"Warm-up share {self.warmup:g} is outside [0, 1); use e.g. 0.03.")
-        if not 0 <= self.holdout < 1:
-            raise ActsparseError(f"Held-out share {self.holdout:g} is outside [0, 1); use e.g. 0.25.")
-        if self.checks < 1:
-            raise ActsparseError(f"Held-out checks {self.checks} must be at least 1; use e.g. 4.")
-
-    def for_objective(self, objective: str, windows: int, learn: str = "input") -> CalibrationSettings:
-        """These settings with the steps and learning rate left open taken from ``objective``, for
-        ``windows`` calibration windows (the passes are over the windows fitted on) and the parts
-        ``learn`` fits."""
-        defaults = OBJECTIVES[objective]
-        steps = self.steps or defaults.passes * len(self.split(windows)[0])
-        return replace(self, steps=steps, lr=self.lr or defaults.lr_for(learn))
-
-    @property
-    def rates(self) -> tuple[float, ...]:
-        """The learning rates fitted: one, several (a search), or none while the objective's
-        default is still open."""
-        if self.lr is None:
-            return ()
-        return self.lr if isinstance(self.lr, tuple) else (self.lr,)
-
-    def split(self, windows: int) -> tuple[range, range]:
-        """The indices of the windows fitted on and of the held-out windows that judge the fit."""
-        held = min(max(1, round(self.holdout * windows)), windows - 1) if self.holdout else 0
-        if held == 0:
-            return range(windows), range(windows)
-        return range(windows - held), range(windows - held, windows)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as JSON keeps them (several rates as a list)."""
-        return asdict(self) | {"lr": list(self.lr) if isinstance(self.lr, tuple) else self.lr}
+def settings_for(
+    settings: CalibrationSettings, objective: str, windows: int, learn: str = "input"
+) -> CalibrationSettings:
+    """``settings`` with the steps and learning rate left open taken from ``objective`` (one of
+    ``OBJECTIVES``), for ``windows`` calibration windows (the passes are over the windows fitted
+    on) and the parts ``learn`` fits."""
+    defaults = OBJECTIVES[objective]
+    steps = settings.steps or defaults.passes * len(settings.split(windows)[0])
+    return replace(settings, steps=steps, lr=settings.lr or defaults.lr_for(learn))
 
 
 @dataclass(frozen=True)
@@ -408,7 +309,7 @@ def _reading_norms(
 
 def _learn_block_by_block(
     handle: SparsityHandle,
-    corrected: dict[str, SparseLinear],
+    learned: dict[str, list[nn.Parameter]],
     windows: torch.Tensor,
     settings: CalibrationSettings,
     normed: bool,
@@ -416,7 +317,7 @@ def _learn_block_by_block(
 ) -> list[BlockFit]:
     """``block-mse`` (``normed`` False) and ``block-normed``: one block after the other, each
     fed the output of the calibrated sparse blocks before it."""
-    blocks = decoder_blocks(handle.model, list(corrected))
+    blocks = decoder_blocks(handle.model, list(learned))
     handle.remove()
     dense_inputs, kwargs = _block_inputs(handle.model, blocks, windows)
     readers = _reading_norms(handle.model, blocks, windows[0]) if normed else {}
@@ -428,9 +329,9 @@ def _learn_block_by_block(
         handle.attach()
         parameters = [
             parameter
-            for name, layer in corrected.items()
+            for name, layer_parameters in learned.items()
             if name.startswith(block_name + ".")
-            for parameter in layer.correction.learned_parameters()
+            for parameter in layer_parameters
         ]
         loss = _normed_mse(readers[block_name]) if normed else _mse
         with _training_only(handle.model, parameters):
@@ -455,7 +356,7 @@ def _learn_block_by_block(
 
 def _learn_end_to_end(
     handle: SparsityHandle,
-    corrected: dict[str, SparseLinear],
+    learned: dict[str, list[nn.Parameter]],
     windows: torch.Tensor,
     settings: CalibrationSettings,
     progress: bool,
@@ -463,7 +364,7 @@ def _learn_end_to_end(
     """``output-kl``: every correction at once, one fitted window per step, judged by the mean KL
     over the held-out windows."""
     model, device = handle.model, input_device(handle.model)
-    parameters = [p for layer in corrected.values() for p in layer.correction.learned_parameters()]
+    parameters = [p for layer_parameters in learned.values() for p in layer_parameters]
     fitted, held = settings.split(len(windows))
 
     def window_kl(index: int) -> torch.Tensor:
@@ -493,28 +394,39 @@ def _learn_end_to_end(
 
 def learn_corrections(
     handle: SparsityHandle,
+    learned: dict[str, list[nn.Parameter]],
     windows: torch.Tensor | None,
     settings: CalibrationSettings | None = None,
     objective: str = "output-kl",
     learn: str = "input",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Fit the learned corrections of ``handle``'s layers on ``windows`` (the calibration split) by
-    ``objective`` (one of ``OBJECTIVES``), the parts ``learn`` names at the rate it defaults to;
-    ``actsparse.pipeline.phases.fold`` then folds them into the layers. The model's own weights never
-    change, and the handle is attached again at the end. Returns the calibration record: the
-    settings as run (defaults resolved) and every fit (``BlockFit``)."""
+    """Fit the ``learned`` parameters (by layer name) of ``handle``'s layers on ``windows`` (the
+    calibration split) by ``objective`` (one of ``OBJECTIVES``), the parts ``learn`` names at the
+    rate it defaults to; ``actsparse.pipeline.phases.fold`` then folds them into the layers. The
+    model's own weights never change, and the handle is attached again at the end. Returns the
+    calibration record: the settings as run (defaults resolved) and every fit (``BlockFit``)."""
     if windows is None or len(windows) == 0:
         raise ActsparseError(
             "Learnable corrections need calibration text; pass calibration windows (--calib-windows)."
         )
-    settings = (settings or CalibrationSettings()).for_objective(objective, len(windows), learn)
-    corrected: dict[str, SparseLinear] = {
-        name: layer for name, layer in handle.layers.items() if layer.correction is not None
-    }
+    settings = settings_for(settings or CalibrationSettings(), objective, len(windows), learn)
     if objective == "output-kl":
-        fits = _learn_end_to_end(handle, corrected, windows, settings, progress)
+        fits = _learn_end_to_end(handle, learned, windows, settings, progress)
     else:
         normed = objective == "block-normed"
-        fits = _learn_block_by_block(handle, corrected, windows, settings, normed, progress)
+        fits = _learn_block_by_block(handle, learned, windows, settings, normed, progress)
     return {"settings": settings.to_dict(), "blocks": [fit.to_dict() for fit in fits]}
+
+
+@dataclass(frozen=True)
+class Fitter:
+    """The fitting a learned correction's ``fit`` hands its parameters to: ``handle``'s model on the
+    calibration ``windows`` with ``settings`` (``actsparse.pieces.base.Fitter``)."""
+
+    handle: SparsityHandle
+    windows: torch.Tensor | None
+    settings: CalibrationSettings
+
+    def fit(self, parameters: dict[str, list[nn.Parameter]], objective: str, learn: str) -> dict[str, Any]:
+        return learn_corrections(self.handle, parameters, self.windows, self.settings, objective, learn)

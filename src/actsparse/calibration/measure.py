@@ -71,6 +71,19 @@ class Measurements:
                     write_json_atomic(path, {"key": key, "value": self._values[text]})
         return self._values[text]
 
+    def statistic(
+        self, name: str, model: nn.Module, layers: dict[str, nn.Linear], purpose: str
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """``{layer: {name: tensor}}`` of the statistic ``name`` (one of ``STATISTICS``) of the dense
+        model's inputs to ``layers``, measured once per these measurements and shared by every
+        variant; ``purpose`` names the need in messages."""
+        observe = STATISTICS[name]
+        values = self.get(
+            (name, sorted(layers)),
+            lambda windows: observe(model, windows, layers, purpose, self.batch_size),
+        )
+        return {layer: {name: value} for layer, value in values.items()}
+
     @staticmethod
     def _stored_path(key: str, model: nn.Module, windows: torch.Tensor) -> Path:
         digest = hashlib.sha256(key.encode())
@@ -149,3 +162,10 @@ def input_mean_square(
 
     observe_inputs(model, windows, layers, observe, purpose, batch_size=batch_size)
     return {name: total / counts[name] for name, total in sums.items()}
+
+
+STATISTICS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
+    "input_max": input_abs_max,
+    "input_mean_square": input_mean_square,
+}
+"""The per-channel input statistics a correction's ``measure`` may ask for, by name."""

@@ -18,8 +18,8 @@ from rich.table import Table
 from typer import Abort
 from typer._click.exceptions import ClickException  # typer vendors click; its errors derive from this
 
-from actsparse.pieces.backends import get_backend
-from actsparse.calibration.fitting import CalibrationSettings
+from actsparse.pieces.base import BACKENDS
+from actsparse.config import CalibrationSettings
 from actsparse.calibration.measure import Measurements
 from actsparse.config import SparsityConfig, check_plan_size, config_settings, configs_from_settings
 from actsparse.core.cpu import measure_verdict
@@ -269,7 +269,7 @@ def _check_backends(variants: list[Variant], dtype: str, device: str) -> str:
     for variant in variants:
         sparsity = variant.config if isinstance(variant, Recipe) else variant
         if isinstance(sparsity, SparsityConfig):
-            backend = get_backend(sparsity.backend)
+            backend = BACKENDS.get(sparsity.backend)
             if refusal := backend.dtype_refusal(DTYPES[dtype], resolve_device(device)):
                 raise ActsparseError(refusal)
     return dtype
@@ -715,15 +715,15 @@ def info(
         f"{report.sparse_share_with_lm_head:.1%} with the LM head of {report.lm_head_flops_per_token / 1e6:.1f} MFLOPs/token). "
         f"FLOPs removed at this density: {report.removed_share:.1%}."
     )
-    console.print(f"Execution: {get_backend(sparsity.backend).execution(list(handle.layers.values()))}")
-    packed = [layer for layer in handle.layers.values() if layer.prepared is not None]
+    console.print(f"Execution: {BACKENDS.get(sparsity.backend).execution(list(handle.layers.values()))}")
+    packed = [layer for layer in handle.layers.values() if layer.state(layer.backend) is not None]
     if sparsity.backend == "cpu-kernel" and packed:
         # The verdict is timed on the largest sparse layer's shape, in the model's dtype.
         largest = max(packed, key=lambda layer: layer.in_features * layer.out_features)
         n, m = largest.pattern.keep_count(largest.in_features)
         with console.status("Timing the cpu-kernel layer against the dense products on this CPU"):
             verdict = measure_verdict(
-                largest.in_features, largest.out_features, n, m, largest.prepared.storage.dtype
+                largest.in_features, largest.out_features, n, m, largest.weight.dtype
             )
         console.print(f"Speed: {verdict.sentence()}")
 

@@ -23,6 +23,7 @@ from actsparse.config import DEFAULT_TARGETS, SparsityConfig
 from actsparse.core.devices import offloaded
 from actsparse.core.errors import ActsparseError
 from actsparse.core.ops import nm_keep_mask
+from actsparse.sparse.density import DensityCounter
 from actsparse.sparse.targets import target_layers
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -114,8 +115,9 @@ class WeightPruningHandle:
             self._set("original")
             self.attached = False
 
-    def measure_density(self, enabled: bool = True) -> None:
-        """Weight density needs no counting: it is read from the pruned tensors."""
+    def measure_density(self, enabled: bool = True) -> dict[str, DensityCounter]:
+        """Weight density needs no counting: it is read from the pruned tensors (no counters)."""
+        return {}
 
     def __enter__(self) -> WeightPruningHandle:
         return self.attach()

@@ -24,13 +24,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from actsparse.version import __version__
-from actsparse.calibration.fitting import CalibrationSettings
+from actsparse.config import CalibrationSettings
 from actsparse.calibration.measure import weights_digest
 from actsparse.core.cpu import this_cpu
 from actsparse.core.distribution import Totals, dense_reference, next_token_logits
 from actsparse.eval.flops import flop_report
 from actsparse.sparse.handle import SparsityHandle
-from actsparse.sparse.layer import SparseLinear
+from actsparse.sparse.density import DensityCounter
 from actsparse.core.paths import write_json_atomic
 from actsparse.eval.report import ResultTable
 from actsparse.eval.variants import Prepared, Variant, prepare_variants
@@ -130,16 +130,15 @@ def evaluate(
     every window done and returns at once): delete it once they are (``checkpoint.unlink()``).
     """
     handles = prepare_variants(model, configs, calibration, calibration_settings, progress, batch_size)
-    for handle in handles:
-        handle.measure_density()
+    counters = [handle.measure_density() for handle in handles]
     dense, sparse = Totals(), [Totals() for _ in handles]
     key, done = _run_key(model, windows, handles, calibration, calibration_settings), 0
     if state := _load_checkpoint(checkpoint, key):
         done, dense = state["windows_done"], Totals(**state["dense"])
         sparse = [Totals(**saved["totals"]) for saved in state["configs"]]
-        for handle, saved in zip(handles, state["configs"]):
+        for counting, saved in zip(counters, state["configs"]):
             for name, (kept, seen) in saved["counters"].items():
-                handle.layers[name].kept_inputs, handle.layers[name].seen_inputs = kept, seen
+                counting[name].add(kept, seen)
     passes = 1 + len(handles)
     bar = tqdm(
         total=len(windows) * passes,
@@ -163,7 +162,7 @@ def evaluate(
                 bar.update(len(batch))
             if checkpoint is not None:
                 done = start + len(batch)
-                write_json_atomic(checkpoint, _checkpoint_state(key, done, dense, handles, sparse))
+                write_json_atomic(checkpoint, _checkpoint_state(key, done, dense, counters, sparse))
     bar.close()
     rows = [_row("dense", None, dense, flop_report(model))]
     for handle, totals in zip(handles, sparse):
@@ -177,7 +176,7 @@ def _checkpoint_state(
     key: str,
     windows_done: int,
     dense: Totals,
-    handles: list[Prepared],
+    counters: list[dict[str, DensityCounter]],
     sparse: list[Totals],
 ) -> dict[str, Any]:
     return {
@@ -187,13 +186,9 @@ def _checkpoint_state(
         "configs": [
             {
                 "totals": asdict(totals),
-                "counters": {
-                    name: [layer.kept_inputs, layer.seen_inputs]
-                    for name, layer in handle.layers.items()
-                    if isinstance(layer, SparseLinear)  # pruned weights need no counting
-                },
+                "counters": {name: [counter.kept, counter.seen] for name, counter in counting.items()},
             }
-            for handle, totals in zip(handles, sparse)
+            for counting, totals in zip(counters, sparse)
         ],
     }
 

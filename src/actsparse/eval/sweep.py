@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from actsparse.calibration.fitting import CalibrationSettings
+from actsparse.config import CalibrationSettings
 from actsparse.config import SparsityConfig, config_settings
 from actsparse.io.text import WindowSample, calibration_text, calibration_windows, evaluation_text, token_windows
 from actsparse.core.devices import resolve_device

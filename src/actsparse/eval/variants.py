@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from actsparse.eval.baselines import WeightPruningConfig, WeightPruningHandle, prune_weights
-from actsparse.calibration.fitting import CalibrationSettings
+from actsparse.config import CalibrationSettings
 from actsparse.calibration.measure import Measurements
 from actsparse.config import SparsityConfig, check_plan_size, configs_from_settings
 from actsparse.core.errors import ActsparseError, shorten

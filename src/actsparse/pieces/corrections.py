@@ -1,13 +1,7 @@
-"""Corrections of N:M activation sparsity, each one registered piece.
-
-A ``SparseLinear`` runs its corrections around the backend's sparse product::
-
-    every call:       x = c.every_call(x)                  smoothing (X / s), channel order
-    sparsified call:  c.before_selection(call)             learned shift, the token's shift η
-                      kept = select(call.input)            (backend)
-                      kept = c.kept_values(call, kept)     restored variance, learned scale
-                      y = kept Wᵀ + b + η · W.sum(1)       (backend)
-                      y = c.after_product(call, y)         learned output scale and bias
+"""Corrections of N:M activation sparsity, each one registered piece (the interface, per-call
+hooks and lifecycle, is ``actsparse.pieces.base.Correction``). What a correction derives for a
+layer (a smoothing scale, a channel order, learned vectors) is its own state object, held by the
+layer as ``layer.state(correction)``.
 
 Corrections run in their ``stage`` order; they are named, spelled (``"shift+var"``) and shown in
 their registration order. Add one with a frozen dataclass subclass of ``Correction`` (its fields
@@ -16,118 +10,34 @@ are its settings) and ``@CORRECTIONS.register``; nothing else changes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from actsparse.calibration.measure import Measurements, input_abs_max, input_mean_square
-from actsparse.core.errors import ActsparseError, shorten
+from actsparse.core.errors import ActsparseError
 from actsparse.core.quant import smoothing_scale
-from actsparse.core.registry import Piece, Registry, setting
-
-if TYPE_CHECKING:
-    from actsparse.calibration.fitting import CalibrationSettings
-    from actsparse.config import SparsityConfig
-    from actsparse.sparse.handle import SparsityHandle
-    from actsparse.sparse.layer import SparseCall, SparseLinear
-
-
-@dataclass(frozen=True)
-class Correction(Piece):
-    """One correction; every hook does nothing unless a subclass says otherwise.
-
-    Class attributes: ``stage`` (order of application), ``needs_calibration`` (measures or learns on
-    calibration text), ``learned`` (fitted by ``calibrate``, so sensitivities are measured without
-    it), ``rescales_kept`` (changes the kept values after selection, which fused kernels can't do),
-    ``exclusive`` (at most one correction of this group per config), ``statistics`` (names of the
-    per-layer tensors ``measure`` returns, one value per input channel, saved in recipes).
-    """
-
-    stage: ClassVar[int] = 50
-    needs_calibration: ClassVar[bool] = False
-    learned: ClassVar[bool] = False
-    rescales_kept: ClassVar[bool] = False
-    exclusive: ClassVar[str | None] = None
-    statistics: ClassVar[tuple[str, ...]] = ()
-
-    def check(self, config: SparsityConfig) -> None:
-        """Refuse, with one sentence, a config this correction cannot be combined with."""
-
-    def measure(
-        self, model: nn.Module, layers: dict[str, nn.Linear], measurements: Measurements
-    ) -> dict[str, dict[str, torch.Tensor]]:
-        """Per-layer statistics from the dense model on calibration text (named in ``statistics``)."""
-        return {}
-
-    def transform_weight(
-        self, layer: SparseLinear, weight: torch.Tensor, statistics: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """The layer's weight as this correction needs it (before quantisation)."""
-        return weight
-
-    def attach(self, layer: SparseLinear) -> None:
-        """Give the layer what this correction holds (buffers, parameters); its weight is final."""
-
-    def every_call(self, layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def before_selection(self, layer: SparseLinear, call: SparseCall) -> None:
-        """Change ``call.input``, ``call.factor`` or ``call.eta`` before the kept inputs are chosen."""
-
-    def kept_values(self, layer: SparseLinear, call: SparseCall, kept: torch.Tensor) -> torch.Tensor:
-        return kept
-
-    def rescales_kept_values(self, layer: SparseLinear) -> bool:
-        """True when ``kept_values`` changes anything for this layer now."""
-        return self.rescales_kept
-
-    def after_product(self, layer: SparseLinear, call: SparseCall, y: torch.Tensor) -> torch.Tensor:
-        return y
-
-    def calibrate(
-        self, handle: SparsityHandle, windows: torch.Tensor | None, settings: CalibrationSettings
-    ) -> dict[str, Any] | None:
-        """Fit what this correction learns on the attached model; returns a JSON-ready record."""
-        return None
-
-    def calibration_label(self, record: dict[str, Any]) -> list[str]:
-        """Words for table labels from a calibration ``record`` (what ``calibrate`` returned, or a
-        recipe kept): how it was fitted where that differs from the defaults."""
-        return []
-
-    def fold(self, layer: SparseLinear) -> None:
-        """Turn what was learned into the layer's sparse-call operands (inference form)."""
-
-    def layer_tensors(self, layer: SparseLinear) -> dict[str, torch.Tensor]:
-        """Tensors this correction holds in ``layer`` (saved in recipes as ``<layer>.<name>``)."""
-        return {}
-
-    def load_tensors(self, layer: SparseLinear, tensors: dict[str, torch.Tensor]) -> None:
-        """Set what ``layer_tensors`` returned (from a recipe) and fold it."""
+from actsparse.core.registry import setting
+from actsparse.pieces.base import (
+    CORRECTIONS,
+    Correction,
+    Derived,
+    Fitter,
+    Measuring,
+    SparseCall,
+    SparseLayer,
+    SparsitySettings,
+)
 
 
-CORRECTIONS: Registry[type[Correction]] = Registry("mitigation")
-"""The corrections by name, in the order they are spelled and shown."""
+class Buffer(nn.Module):
+    """A correction's state for one layer that is one tensor (a scale, an order), moved with the
+    model; ``value`` is it."""
 
-
-def per_layer_statistic(
-    statistic: str,
-    observe: Callable[..., dict[str, torch.Tensor]],
-    model: nn.Module,
-    layers: dict[str, nn.Linear],
-    measurements: Measurements,
-    purpose: str,
-) -> dict[str, dict[str, torch.Tensor]]:
-    """``{layer: {statistic: tensor}}`` from ``observe(model, windows, layers, purpose, batch_size)``
-    (``actsparse.calibration.measure``), measured once per ``measurements`` and shared by every variant."""
-    values = measurements.get(
-        (statistic, sorted(layers)),
-        lambda windows: observe(model, windows, layers, purpose, measurements.batch_size),
-    )
-    return {name: {statistic: value} for name, value in values.items()}
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("value", value, persistent=False)
 
 
 # ---- smoothing ---------------------------------------------------------------------------------
@@ -144,27 +54,28 @@ class _Smoothing(Correction):
     inverse: ClassVar[bool] = False
     smooth_alpha: float = 0.5
 
-    def check(self, config: SparsityConfig) -> None:
+    def check(self, config: SparsitySettings) -> None:
         if not 0 <= self.smooth_alpha <= 1:
             raise ActsparseError(f"smooth_alpha {self.smooth_alpha:g} is outside [0, 1]; use e.g. 0.5.")
 
     def measure(
-        self, model: nn.Module, layers: dict[str, nn.Linear], measurements: Measurements
+        self, model: nn.Module, layers: dict[str, nn.Linear], measuring: Measuring
     ) -> dict[str, dict[str, torch.Tensor]]:
-        return per_layer_statistic(
-            "input_max", input_abs_max, model, layers, measurements, f"{self.name} smoothing"
-        )
+        return measuring.statistic("input_max", model, layers, f"{self.name} smoothing")
 
-    def transform_weight(
-        self, layer: SparseLinear, weight: torch.Tensor, statistics: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
+    def derive(
+        self, layer: SparseLayer, weight: torch.Tensor, statistics: dict[str, torch.Tensor]
+    ) -> Derived:
         scale = smoothing_scale(statistics["input_max"].to(weight.device), weight, self.smooth_alpha)
         scale = (1 / scale if self.inverse else scale).to(weight.dtype)
-        layer.register_buffer("input_scale", scale, persistent=False)
-        return weight.detach() * scale  # W · diag(s): columns scaled, X / s keeps X Wᵀ
+        seen = dict(statistics)  # later corrections see X / s
+        if "input_mean_square" in seen:
+            seen["input_mean_square"] = seen["input_mean_square"].to(weight.device) / scale.float().square()
+        # W · diag(s): columns scaled, X / s keeps X Wᵀ
+        return Derived(weight.detach() * scale, Buffer(scale), seen)
 
-    def every_call(self, layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
-        return x / layer.input_scale
+    def every_call(self, layer: SparseLayer, x: torch.Tensor) -> torch.Tensor:
+        return x / layer.state(self).value
 
 
 @CORRECTIONS.register
@@ -219,7 +130,7 @@ class Permute(Correction):
     needs_calibration: ClassVar[bool] = True
     statistics: ClassVar[tuple[str, ...]] = ("input_mean_square",)
 
-    def check(self, config: SparsityConfig) -> None:
+    def check(self, config: SparsitySettings) -> None:
         if any(pattern.unstructured for pattern in config.layer_patterns):
             raise ActsparseError(
                 "The permute correction chooses the groups of an N:M pattern and unstructured "
@@ -227,31 +138,25 @@ class Permute(Correction):
             )
 
     def measure(
-        self, model: nn.Module, layers: dict[str, nn.Linear], measurements: Measurements
+        self, model: nn.Module, layers: dict[str, nn.Linear], measuring: Measuring
     ) -> dict[str, dict[str, torch.Tensor]]:
-        return per_layer_statistic(
-            "input_mean_square", input_mean_square, model, layers, measurements, "permute statistics"
-        )
+        return measuring.statistic("input_mean_square", model, layers, "permute statistics")
 
-    def transform_weight(
-        self, layer: SparseLinear, weight: torch.Tensor, statistics: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
+    def derive(
+        self, layer: SparseLayer, weight: torch.Tensor, statistics: dict[str, torch.Tensor]
+    ) -> Derived:
         if not layer.sparse:
-            layer.register_buffer("input_order", None, persistent=False)
-            return weight
-        mean_square = statistics["input_mean_square"].to(weight.device)
-        smoothing = getattr(layer, "input_scale", None)
-        if smoothing is not None:  # smoothed first: selection sees X / s
-            mean_square = mean_square / smoothing.float().square()
+            return Derived(weight)
+        mean_square = statistics["input_mean_square"].to(weight.device)  # as selection sees the input
         weight_factor = layer.criterion.weight_factor
         if weight_factor is not None:
             mean_square = mean_square * weight_factor(weight).square()
         order = balanced_groups(mean_square, layer.pattern.m)
-        layer.register_buffer("input_order", order, persistent=False)
-        return weight.detach()[:, order]
+        return Derived(weight.detach()[:, order], Buffer(order))
 
-    def every_call(self, layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
-        return x if layer.input_order is None else x[..., layer.input_order]
+    def every_call(self, layer: SparseLayer, x: torch.Tensor) -> torch.Tensor:
+        order = layer.state(self)
+        return x if order is None else x[..., order.value]
 
 
 # ---- training-free corrections of each token ---------------------------------------------------
@@ -284,14 +189,14 @@ class Shift(Correction):
     stage: ClassVar[int] = 20
     shift_statistic: str = setting("median", "Shift correction: η is each token's median or mean input.")
 
-    def check(self, config: SparsityConfig) -> None:
+    def check(self, config: SparsitySettings) -> None:
         if self.shift_statistic not in SHIFT_STATISTICS:
             raise ActsparseError(f"Unknown shift statistic '{self.shift_statistic}'; choose median or mean.")
 
-    def attach(self, layer: SparseLinear) -> None:
-        layer.row_sum = layer.weight.detach().sum(dim=1)
+    def attach(self, layer: SparseLayer) -> None:
+        layer.add_row_sums()
 
-    def before_selection(self, layer: SparseLinear, call: SparseCall) -> None:
+    def before_selection(self, layer: SparseLayer, call: SparseCall) -> None:
         call.eta = shift_value(call.input, self.shift_statistic)
         call.input = call.input - call.eta
 
@@ -306,7 +211,7 @@ class RestoreVariance(Correction):
     stage: ClassVar[int] = 30
     rescales_kept: ClassVar[bool] = True
 
-    def kept_values(self, layer: SparseLinear, call: SparseCall, kept: torch.Tensor) -> torch.Tensor:
+    def kept_values(self, layer: SparseLayer, call: SparseCall, kept: torch.Tensor) -> torch.Tensor:
         return variance_restored(call.input, kept)
 
 
@@ -375,7 +280,9 @@ class LearnedCorrection(nn.Module):
         self, weight: torch.Tensor, bias: torch.Tensor | None, channel_factor: torch.Tensor | None
     ) -> FoldedLayer:
         """One weight ``diag(1 + a) W diag(scale)``, bias ``(1 + a)(b + W·shift) + output_bias``, the
-        row sums ``(1 + a) W.sum(1)`` for the per-token η, and the selection factor."""
+        row sums ``(1 + a) W.sum(1)`` for the per-token η, and the selection factor; from then on
+        the per-call hooks leave the folded operands to the layer."""
+        self.folded = True
         gain = 1 + self.output_scale
         base_bias = weight @ self.shift if bias is None else bias + weight @ self.shift
         return FoldedLayer(
@@ -386,6 +293,32 @@ class LearnedCorrection(nn.Module):
         )
 
 
+@dataclass(frozen=True)
+class Objective:
+    """Optimiser defaults of one objective: peak learning rate and passes over the windows."""
+
+    lr: float
+    passes: int
+    lr_with_output: float | None = None
+    """The peak learning rate when the output vectors are fitted too (``learn="input+output"``),
+    where it differs from ``lr``."""
+
+    def lr_for(self, learn: str) -> float:
+        """The peak learning rate for fitting the parts ``learn`` names (a ``learnable`` setting)."""
+        return self.lr_with_output if learn == "input+output" and self.lr_with_output else self.lr
+
+
+OBJECTIVES = {
+    "block-mse": Objective(lr=5e-3, passes=1),
+    "block-normed": Objective(lr=5e-3, passes=1),
+    # Every vector of every layer moves at once. Fitting the output scale and bias too takes a
+    # lower rate; docs/quality.md ("The learning rate of the end-to-end fit") has the measurements
+    # behind both rates.
+    "output-kl": Objective(lr=1e-3, passes=2, lr_with_output=1e-4),
+}
+"""What learnable corrections are fitted to (the ``objective`` setting; ``actsparse.calibration.fitting``
+describes each), by name."""
+
 LEARNABLE_PARTS = ("input", "input+output")
 """What learnable corrections may fit (``Learnable.learn``)."""
 
@@ -394,7 +327,8 @@ LEARNABLE_PARTS = ("input", "input+output")
 @dataclass(frozen=True)
 class Learnable(Correction):
     """Per-channel input shift and scale (and, with ``learn="input+output"``, output scale and bias),
-    calibrated (``actsparse.calibration.fitting``) and folded into the layer's weight, bias and selection factor."""
+    fitted on calibration text (``actsparse.calibration.fitting``) and folded into the layer's
+    weight, bias and selection factor. Its state in each sparse layer is a ``LearnedCorrection``."""
 
     name: ClassVar[str] = "learnable"
     description: ClassVar[str] = "calibrated per-channel input shift/scale (and output scale/bias), folded"
@@ -416,9 +350,7 @@ class Learnable(Correction):
         "input+output (with an output scale and bias too).",
     )
 
-    def check(self, config: SparsityConfig) -> None:
-        from actsparse.calibration.fitting import OBJECTIVES
-
+    def check(self, config: SparsitySettings) -> None:
         if self.objective not in OBJECTIVES:
             raise ActsparseError(
                 f"Unknown objective '{self.objective}'; choose one of {', '.join(OBJECTIVES)}."
@@ -436,59 +368,57 @@ class Learnable(Correction):
                 "with quant='w8a8' yet; use a training-free mitigation with W8A8."
             )
 
-    def attach(self, layer: SparseLinear) -> None:
-        if layer.sparse:
-            weight = layer.weight
-            layer.correction = LearnedCorrection(
-                layer.in_features, layer.out_features, self.learn, weight.dtype, weight.device
-            )
+    def derive(
+        self, layer: SparseLayer, weight: torch.Tensor, statistics: dict[str, torch.Tensor]
+    ) -> Derived:
+        if not layer.sparse:
+            return Derived(weight)
+        state = LearnedCorrection(layer.in_features, layer.out_features, self.learn, weight.dtype, weight.device)
+        return Derived(weight, state)
 
-    @staticmethod
-    def _live(layer: SparseLinear) -> LearnedCorrection | None:
+    def _live(self, layer: SparseLayer) -> LearnedCorrection | None:
         """The layer's correction while it is not folded yet (calibration's differentiable form)."""
-        correction = layer.correction
-        return None if correction is None or correction.folded else correction
+        state = layer.state(self)
+        return None if state is None or state.folded else state
 
-    def before_selection(self, layer: SparseLinear, call: SparseCall) -> None:
-        correction = layer.correction
-        if correction is None:
+    def before_selection(self, layer: SparseLayer, call: SparseCall) -> None:
+        state = layer.state(self)
+        if state is None:
             return
-        call.input = call.input - correction.shift
-        if not correction.folded:  # folded, the factor already holds |scale|
-            call.factor = correction.selection_factor(call.factor)
+        call.input = call.input - state.shift
+        if not state.folded:  # folded, the factor already holds |scale|
+            call.factor = state.selection_factor(call.factor)
 
-    def rescales_kept_values(self, layer: SparseLinear) -> bool:
+    def rescales_kept_values(self, layer: SparseLayer) -> bool:
         return self._live(layer) is not None
 
-    def kept_values(self, layer: SparseLinear, call: SparseCall, kept: torch.Tensor) -> torch.Tensor:
-        correction = self._live(layer)
-        return kept if correction is None else kept * correction.scale + correction.shift
+    def kept_values(self, layer: SparseLayer, call: SparseCall, kept: torch.Tensor) -> torch.Tensor:
+        state = self._live(layer)
+        return kept if state is None else kept * state.scale + state.shift
 
-    def after_product(self, layer: SparseLinear, call: SparseCall, y: torch.Tensor) -> torch.Tensor:
-        correction = self._live(layer)
-        return y if correction is None else y * (1 + correction.output_scale) + correction.output_bias
+    def after_product(self, layer: SparseLayer, call: SparseCall, y: torch.Tensor) -> torch.Tensor:
+        state = self._live(layer)
+        return y if state is None else y * (1 + state.output_scale) + state.output_bias
 
-    def calibrate(
-        self, handle: SparsityHandle, windows: torch.Tensor | None, settings: CalibrationSettings
-    ) -> dict[str, Any]:
-        from actsparse.calibration.fitting import learn_corrections
-
-        return learn_corrections(handle, windows, settings, self.objective, self.learn)
+    def fit(self, layers: dict[str, SparseLayer], fitter: Fitter) -> dict[str, Any]:
+        parameters = {
+            name: state.learned_parameters()
+            for name, layer in layers.items()
+            if (state := layer.state(self)) is not None
+        }
+        return fitter.fit(parameters, self.objective, self.learn)
 
     def calibration_label(self, record: dict[str, Any]) -> list[str]:
-        from actsparse.calibration.fitting import OBJECTIVES
-
         lr = record.get("settings", {}).get("lr")
         if lr is None or lr == OBJECTIVES[self.objective].lr_for(self.learn):
             return []
         return ["lr=" + ",".join(f"{rate:g}" for rate in (lr if isinstance(lr, list) else [lr]))]
 
-    def fold(self, layer: SparseLinear) -> None:
-        correction = layer.correction
-        if correction is None:
+    def fold(self, layer: SparseLayer) -> None:
+        state = layer.state(self)
+        if state is None:
             return
-        folded = correction.fold(layer.weight, layer.bias, layer.channel_factor)
-        correction.folded = True
+        folded = state.fold(layer.weight, layer.bias, layer.channel_factor)
         layer.set_sparse_operands(
             folded.weight,
             folded.bias,
@@ -496,29 +426,16 @@ class Learnable(Correction):
             folded.channel_factor,
         )
 
-    def layer_tensors(self, layer: SparseLinear) -> dict[str, torch.Tensor]:
-        correction = layer.correction
-        if correction is None:
+    def save_tensors(self, layer: SparseLayer) -> dict[str, torch.Tensor]:
+        state = layer.state(self)
+        if state is None:
             return {}
-        return {f"correction.{name}": p.detach() for name, p in correction.named_parameters()}
+        return {f"correction.{name}": p.detach() for name, p in state.named_parameters()}
 
-    def load_tensors(self, layer: SparseLinear, tensors: dict[str, torch.Tensor]) -> None:
-        correction = layer.correction
-        if correction is None:
+    def load_tensors(self, layer: SparseLayer, tensors: dict[str, torch.Tensor]) -> None:
+        state = layer.state(self)
+        if state is None:
             return
-        for name, parameter in correction.named_parameters():
+        for name, parameter in state.named_parameters():
             parameter.copy_(tensors[f"correction.{name}"])
         self.fold(layer)
-
-
-def parse_mitigation(text: str) -> tuple[type[Correction], ...]:
-    """The correction classes of a spelled mitigation such as ``"shift+var"`` (``"none"``: none)."""
-    if text == "none":
-        return ()
-    parts = text.split("+")
-    if not all(parts) or any(part not in CORRECTIONS for part in parts):
-        raise ActsparseError(
-            f"Unknown mitigation '{shorten(text)}'; use none, one of {', '.join(CORRECTIONS)}, or several "
-            "joined with + such as shift+var or smoothquant+shift+learnable."
-        )
-    return tuple(CORRECTIONS.get(part) for part in parts)

@@ -6,12 +6,9 @@ per-channel factor. Weight-derived factors are computed once, when a layer is at
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 
-from actsparse.core.registry import Registry
+from actsparse.pieces.base import CRITERIA, Criterion
 
 _TINY = 1e-12
 
@@ -33,40 +30,6 @@ def robust_column_norms(weight: torch.Tensor, clip: float = 0.005) -> torch.Tens
     return norms / norms.min().clamp_min(_TINY)
 
 
-@dataclass(frozen=True)
-class Criterion:
-    """A named score. ``weight_factor`` maps a layer's weight ``(out, in)`` to a per-input-channel
-    factor (or None); ``uses_batch`` marks scores that also depend on the other tokens of the call."""
-
-    name: str
-    description: str
-    weight_factor: Callable[[torch.Tensor], torch.Tensor] | None = None
-    uses_batch: bool = False
-
-    def channel_factor(self, x: torch.Tensor, weight_factor: torch.Tensor | None) -> torch.Tensor | None:
-        """Per-input-channel multiplier of ``|x|`` for this call: the layer's static factor, times
-        for CLACT the column norm of ``x`` over the call's tokens."""
-        if self.uses_batch:
-            norms = x.reshape(-1, x.shape[-1]).float().norm(dim=0).to(x.dtype)
-            return norms if weight_factor is None else norms * weight_factor
-        return weight_factor
-
-    def score(self, x: torch.Tensor, weight_factor: torch.Tensor | None) -> torch.Tensor:
-        """Score every element of ``x`` (``(..., in)``); higher is kept first.
-
-        CLACT's division by the token's row norm is applied here as published; it scales a whole
-        row, so it never changes which entries of a row are kept.
-        """
-        factor = self.channel_factor(x, weight_factor)
-        score = x.abs() if factor is None else x.abs() * factor
-        if self.uses_batch:
-            score = score / x.float().norm(dim=-1, keepdim=True).clamp_min(_TINY).to(x.dtype)
-        return score
-
-
-CRITERIA: Registry[Criterion] = Registry("criterion")
-"""The selection criteria by name; add one with ``CRITERIA.register(Criterion(...))``."""
-
 for _criterion in (
     Criterion("magnitude", "|x|"),
     Criterion("wina", "|x| · ‖W_:,j‖₂", weight_factor=lambda w: w.detach().float().norm(dim=0)),
@@ -79,6 +42,3 @@ for _criterion in (
     ),
 ):
     CRITERIA.register(_criterion)
-
-get_criterion = CRITERIA.get
-"""Look a criterion up by name; an unknown name is refused with the list of known ones."""

@@ -16,12 +16,12 @@ sensitivities (measured once per run and shared by every variant that asks for t
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 from actsparse.core.errors import ActsparseError
-from actsparse.core.registry import Piece, Registry, setting
+from actsparse.core.registry import setting
+from actsparse.pieces.base import POLICIES, LayerChoice, Policy
 
 
 def projection(name: str) -> str:
@@ -100,41 +100,6 @@ def least_cost_by_share(
         )
     return frontier
 
-
-@dataclass(frozen=True)
-class LayerChoice:
-    """What a policy chooses from: the candidate layers' FLOPs per token, the model's total linear
-    FLOPs per token (LM head excluded), ``sensitivity()``, each candidate's relative output error
-    when sparsified alone, and ``output_kl(windows)``, the KL of the model's output from the dense
-    one when each candidate alone is sparse, on the first ``windows`` calibration windows (each
-    measured on calibration text the first time it is asked for)."""
-
-    flops: dict[str, int]
-    total_flops: int
-    sensitivity: Callable[[], dict[str, float]]
-    output_kl: Callable[[int], dict[str, float]]
-
-
-@dataclass(frozen=True)
-class Policy(Piece):
-    """Which of the target layers are sparsified; ``needs_calibration`` when it measures first."""
-
-    needs_calibration: ClassVar[bool] = False
-    cost_name: ClassVar[str] = "‖Y − Y'‖ / ‖Y‖"
-
-    def choose(self, choice: LayerChoice) -> list[str]:
-        raise NotImplementedError
-
-    def costs(self, choice: LayerChoice) -> dict[str, float]:
-        """What the policy ranks the candidates by (``cost_name``), each sparsified alone."""
-        return choice.sensitivity()
-
-    def check(self) -> None:
-        """Refuse settings out of range, with one sentence."""
-
-
-POLICIES: Registry[type[Policy]] = Registry("policy")
-"""The layer policies by name."""
 
 _SHARE_HELP = (
     "Share of linear FLOPs (LM head excluded) the amber, budget and kl policies keep sparse at pattern "

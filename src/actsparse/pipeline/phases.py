@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from actsparse.calibration.fitting import CalibrationSettings
+from actsparse.calibration.fitting import Fitter
 from actsparse.calibration.measure import Measurements
-from actsparse.config import SparsityConfig
+from actsparse.config import CalibrationSettings, SparsityConfig
 from actsparse.core.errors import ActsparseError
 from actsparse.sparse.handle import SparsityHandle
 from actsparse.sparse.layer import SparseLinear
@@ -196,11 +196,11 @@ def calibrate(
 ) -> None:
     """Phase 3: fit the corrections that learn (``learnable``) on ``windows``; on failure the
     model is left dense."""
-    settings = settings or CalibrationSettings()
+    fitter = Fitter(handle, windows, settings or CalibrationSettings())
     record: dict = {}
     try:
         for correction in handle.config.mitigation:
-            record |= correction.calibrate(handle, windows, settings) or {}
+            record |= correction.fit(handle.layers, fitter) or {}
     except BaseException:
         handle.remove()
         raise
@@ -217,7 +217,7 @@ def _load_tensors(handle: SparsityHandle, recipe: Recipe) -> None:
     """Phases 3 and 4 from a recipe: every correction's tensors as saved, folded."""
     for name, layer in handle.layers.items():
         for correction in layer.corrections:
-            wanted = correction.layer_tensors(layer)
+            wanted = correction.save_tensors(layer)
             if wanted:
                 tensors = {key: recipe.tensor(f"{name}.{key}", value.shape) for key, value in wanted.items()}
                 correction.load_tensors(layer, tensors)

@@ -11,6 +11,7 @@ from torch import nn
 
 from actsparse.config import SparsityConfig
 from actsparse.core.errors import ActsparseError
+from actsparse.sparse.density import DensityCounter
 from actsparse.sparse.layer import SparseLinear
 from actsparse.io.recipe import Recipe, model_fingerprint
 
@@ -73,7 +74,7 @@ class SparsityHandle:
         }
         for name, layer in self.layers.items():
             for correction in layer.corrections:
-                for key, value in correction.layer_tensors(layer).items():
+                for key, value in correction.save_tensors(layer).items():
                     tensors[f"{name}.{key}"] = value.cpu()
         return Recipe(
             config=self.config,
@@ -113,11 +114,13 @@ class SparsityHandle:
             self._swap_in(self.originals)
             self.attached = False
 
-    def measure_density(self, enabled: bool = True) -> None:
-        """Start (or stop) counting the non-zero inputs of every sparsified call, from zero."""
-        for layer in self.layers.values():
-            layer.measure_density = enabled
-            layer.reset_counters()
+    def measure_density(self, enabled: bool = True) -> dict[str, DensityCounter]:
+        """Start (or stop) counting the non-zero inputs of every sparsified call, from zero; the
+        counters by layer (none when stopped)."""
+        counters = {name: DensityCounter() for name in self.layers} if enabled else {}
+        for name, layer in self.layers.items():
+            layer.count_density(counters.get(name))
+        return counters
 
     def __enter__(self) -> SparsityHandle:
         return self.attach()

@@ -3,49 +3,37 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from actsparse import kernels
-from actsparse.pieces.backends import get_backend
 from actsparse.config import SparsityConfig
-from actsparse.pieces.criteria import get_criterion
 from actsparse.core.devices import carry_hook, materialized, offloaded
 from actsparse.core.errors import ActsparseError
-from actsparse.kernels import triton_select
 from actsparse.core.ops import apply_pattern
 from actsparse.core.patterns import Pattern
 from actsparse.core.quant import quantize_activation, quantize_weight
+from actsparse.core.registry import Piece
+from actsparse.kernels import triton_select
+from actsparse.pieces.base import BACKENDS, CRITERIA, Backend, Operands, SparseCall
+from actsparse.sparse.density import DensityCounter
 
 
-@dataclass
-class SparseCall:
-    """One sparsified call on its way through the corrections and the backend: the input that
-    selection sees, the criterion's per-channel factor, and the per-token shift η (added back to
-    the output as ``η · row_sum``)."""
-
-    input: torch.Tensor
-    factor: torch.Tensor | None
-    eta: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class Operands:
-    """What a sparsified call multiplies with: weight, bias, the row sums for η, the factor."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    row_sum: torch.Tensor | None
-    factor: torch.Tensor | None
+BACKEND_STATE = "backend"
+"""The key of the backend's state among a layer's ``states`` (the corrections' keys are their names)."""
 
 
 class SparseLinear(nn.Linear):
     """Drop-in replacement for one ``nn.Linear``; without smoothing or quantisation it shares the
     original's weight and bias Parameters, so the model's ``state_dict`` keeps its keys and values
-    (learned corrections add their own ``correction.*`` entries, and once folded the layer holds a
-    second, corrected weight for sparsified calls).
+    (learned corrections add their own ``states.learnable.*`` entries, and once folded the layer
+    holds a second, corrected weight for sparsified calls).
+
+    What each correction and the backend derive for the layer is their own state object, held in
+    one place, ``states`` (an ``nn.ModuleDict`` by piece name, so it moves with the model), and read
+    with ``state(piece)``; the pieces change the layer only through its methods.
 
     ``forward`` reads as corrections → backend → corrections: every call passes the corrections'
     ``every_call`` (smoothing); a dense call (decode, under the prefill phase, or a layer a policy
@@ -88,8 +76,8 @@ class SparseLinear(nn.Linear):
         self.config = config
         self.sparse = not pattern.dense
         self.pattern = pattern
-        self.criterion = get_criterion(config.criterion)
-        self.backend = get_backend(config.backend)
+        self.criterion = CRITERIA.get(config.criterion)
+        self.backend = BACKENDS.get(config.backend)
         self.corrections = sorted(config.mitigation, key=lambda c: c.stage)
         self.sparsify_single_token = config.phase == "all"
         self.quantize = config.quant == "w8a8" and not any(re.search(e, name) for e in config.quant_exclude)
@@ -100,16 +88,18 @@ class SparseLinear(nn.Linear):
             self._derive_operands(linear, statistics)
             own = {} if self.weight is linear.weight else {"weight": self.weight}
         carry_hook(linear, self, own)
-        self.measure_density = False
-        self.kept_inputs = 0
-        self.seen_inputs = 0
+        self.density: DensityCounter | None = None
 
     def _derive_operands(self, linear: nn.Linear, statistics: dict[str, torch.Tensor] | None) -> None:
-        """The weight (transformed by the corrections, quantised), bias, criterion factor and
-        correction state of this layer, and the backend's prepared form of them."""
-        weight = linear.weight
+        """The weight (transformed by the corrections, quantised), bias, criterion factor and the
+        corrections' states of this layer, and the backend's state prepared from them."""
+        self.states = nn.ModuleDict()
+        weight, statistics = linear.weight, statistics or {}
         for correction in self.corrections:
-            weight = correction.transform_weight(self, weight, statistics or {})
+            derived = correction.derive(self, weight, statistics)
+            weight, statistics = derived.weight, derived.statistics or statistics
+            if derived.state is not None:
+                self.states[correction.name] = derived.state
         factor = None
         if self.criterion.weight_factor is not None:
             factor = self.criterion.weight_factor(weight).to(linear.weight.dtype)
@@ -118,25 +108,42 @@ class SparseLinear(nn.Linear):
         self.weight = weight if weight is linear.weight else nn.Parameter(weight, requires_grad=False)
         self.bias = linear.bias
         self.register_buffer("channel_factor", factor, persistent=False)
-        # The +η part of prune(x − η) + η: η times the row sums of W (set by the shift correction).
+        # The +η part of prune(x − η) + η: η times the row sums of W (``add_row_sums``, for the shift).
         self.register_buffer("row_sum", None, persistent=False)
         # A separate weight and bias for sparsified calls, once learned corrections are folded.
         self.register_buffer("sparse_weight", None, persistent=False)
         self.register_buffer("sparse_bias", None, persistent=False)
-        self.correction: nn.Module | None = None
         for correction in self.corrections:
             correction.attach(self)
-        # True while the weight Parameter is a view of what the backend prepared (one stored copy);
-        # the backend gives it its own layout back when the layer leaves the model.
-        self.weight_is_view = False
-        self.prepared = self.backend.prepare(self)
-        self.backend.attach(self)  # layer by layer, so that at most one extra weight copy exists at once
+        self._prepare_backend()  # layer by layer, so that at most one extra weight copy exists at once
+
+    def _prepare_backend(self) -> None:
+        """The backend's state from the current operands, and the layer handed to it."""
+        if BACKEND_STATE in self.states:
+            del self.states[BACKEND_STATE]
+        prepared = self.backend.prepare(self)
+        if prepared is not None:
+            self.states[BACKEND_STATE] = prepared
+        self.backend.attach(self)
+
+    def state(self, piece: Piece | Backend | str) -> Any:
+        """What ``piece`` (a correction, the backend, or a correction's name) derived for this
+        layer, or None."""
+        if isinstance(piece, Backend):
+            key = BACKEND_STATE
+        else:
+            key = piece if isinstance(piece, str) else piece.name
+        return self.states[key] if key in self.states else None
 
     def operands(self) -> Operands:
         """The weight, bias, row sums and criterion factor of a sparsified call."""
         if self.sparse_weight is None:
             return Operands(self.weight, self.bias, self.row_sum, self.channel_factor)
         return Operands(self.sparse_weight, self.sparse_bias, self.row_sum, self.channel_factor)
+
+    def add_row_sums(self) -> None:
+        """Keep the row sums of the weight for the ``η · W.sum(1)`` of a per-token shift."""
+        self.row_sum = self.weight.detach().sum(dim=1)
 
     def set_sparse_operands(
         self,
@@ -148,8 +155,21 @@ class SparseLinear(nn.Linear):
         """Give sparsified calls their own operands (folded corrections); the backend re-prepares."""
         self.sparse_weight, self.sparse_bias = weight, bias
         self.row_sum, self.channel_factor = row_sum, factor
-        self.prepared = self.backend.prepare(self)
-        self.backend.attach(self)
+        self._prepare_backend()
+
+    def use_weight_view(self, view: torch.Tensor) -> bool:
+        """Let the sparse-call weight be ``view`` (a backend's storage of the same values), so that
+        one copy is held; True when the layer's weight Parameter is now that view."""
+        if self.sparse_weight is not None:
+            self.sparse_weight = view
+            return False
+        if self.weight.data_ptr() != view.data_ptr():
+            self.weight.data = view
+        return True
+
+    def restore_weight_layout(self) -> None:
+        """Give the weight Parameter its own contiguous storage again (the layer leaves the model)."""
+        self.weight.data = self.weight.data.contiguous()
 
     @property
     def folded(self) -> bool:
@@ -174,17 +194,17 @@ class SparseLinear(nn.Linear):
 
     @property
     def measured_density(self) -> float | None:
-        """Share of non-zero inputs over the sparsified calls since the counters were reset."""
-        return self.kept_inputs / self.seen_inputs if self.seen_inputs else None
+        """Share of non-zero inputs over the sparsified calls while density is counted."""
+        return None if self.density is None else self.density.density
 
-    def reset_counters(self) -> None:
-        self.kept_inputs = self.seen_inputs = 0
+    def count_density(self, counter: DensityCounter | None) -> None:
+        """Count the kept inputs of every sparsified call into ``counter`` (None: stop counting)."""
+        self.density = counter
 
     def count_kept(self, kept: int, seen: int) -> None:
-        """Add one sparsified call's kept and seen inputs, while density is being measured."""
-        if self.measure_density:
-            self.kept_inputs += kept
-            self.seen_inputs += seen
+        """Add one sparsified call's kept and seen inputs, while density is being counted."""
+        if self.density is not None:
+            self.density.add(kept, seen)
 
     def sparsify_input(self, x: torch.Tensor, weight_factor: torch.Tensor | None) -> torch.Tensor:
         """The N:M-sparse version of ``x`` (``(..., in)``) under this layer's pattern and criterion,
@@ -229,7 +249,7 @@ class SparseLinear(nn.Linear):
             if torch.isnan(x).any():
                 raise self.nan_error()
             sparse = apply_pattern(x, self.criterion.score(x.detach(), weight_factor), self.pattern)
-        if self.measure_density:
+        if self.density is not None:
             self.count_kept(int(torch.count_nonzero(sparse)) if kept is None else kept, sparse.numel())
         return sparse
 
