@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from actsparse import kernels
-from actsparse.core import cpu
 from actsparse.cli import main
+from actsparse.core import cpu
 
 
 def run(monkeypatch, capsys, *args):

@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
-from actsparse.eval.baselines import WeightPruningConfig, prune_weights
 from actsparse.core.devices import check_device_map, input_device, offloaded, resolve_device
+from actsparse.eval.baselines import WeightPruningConfig, prune_weights
 from actsparse.eval.evaluate import evaluate
 from actsparse.io.models import load_model, resolve_dtype
 from actsparse.pipeline.phases import measure_sensitivity

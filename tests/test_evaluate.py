@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from actsparse import SparsityConfig, evaluate
-from actsparse.eval.evaluate import provenance_line, quality_table, results_document
-from actsparse.sparse.layer import SparseLinear
-from actsparse.pieces.policies import Budget
 from actsparse.core.paths import write_json_atomic
+from actsparse.eval.evaluate import provenance_line, quality_table, results_document
+from actsparse.pieces.policies import Budget
+from actsparse.sparse.layer import SparseLinear
 
 
 def test_dense_row_and_one_row_per_config_over_the_same_windows(llama, tokens):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from actsparse import CalibrationSettings, SparsityConfig, evaluate, load_model
-from actsparse.pieces.corrections import Learnable
 from actsparse.io.text import load_text, token_windows
+from actsparse.pieces.corrections import Learnable
 
 pytestmark = pytest.mark.integration
 

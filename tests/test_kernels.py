@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from actsparse import ActsparseError, SparsityConfig, kernels, parse_pattern, sparsify
 from actsparse.config import CalibrationSettings
-from actsparse.eval.flops import flop_report
 from actsparse.core.ops import apply_pattern
+from actsparse.eval.flops import flop_report
 
 needs_kernel = pytest.mark.skipif(not kernels.AVAILABLE, reason="compiled extension not built")
 ISAS = [isa for isa in kernels.ISAS if kernels.AVAILABLE and kernels.gemm_isa(isa) == isa]

@@ -4,9 +4,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
+from actsparse.core.ops import apply_pattern
 from actsparse.pieces.corrections import Shift, balanced_groups
 from actsparse.sparse.layer import SparseLinear
-from actsparse.core.ops import apply_pattern
 
 
 def layer(config: SparsityConfig, weight: torch.Tensor, bias: torch.Tensor | None = None) -> SparseLinear:

@@ -54,8 +54,8 @@ def word_tokenizer_dir(tmp_path_factory):
     [({"avx512f", "amx_bf16"}, "bfloat16"), ({"avx512f", "avx512_bf16"}, "bfloat16"), ({"avx2"}, "float32")],
 )
 def test_dtype_auto_takes_bfloat16_where_the_cpu_computes_it(monkeypatch, flags, expected):
-    from actsparse.io import models
     from actsparse.core.cpu import Cpu
+    from actsparse.io import models
 
     monkeypatch.setattr(models, "this_cpu", lambda: Cpu("Test CPU", frozenset(flags)))
     assert models.resolve_dtype("auto") == expected

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
-from actsparse.pieces.policies import AmberRule, OutputKl, amber_layers, budget_layers, least_cost_by_share
 from actsparse.calibration.sensitivity import layer_sensitivity
+from actsparse.pieces.policies import AmberRule, OutputKl, amber_layers, budget_layers, least_cost_by_share
 
 
 def test_sensitivity_is_the_relative_output_error_by_hand():
@@ -112,8 +112,8 @@ def test_least_cost_by_share_sums_the_costs_of_the_layers_budget_chooses():
 def test_output_kl_is_the_kl_that_evaluation_reports_for_the_layer_alone(llama):
     import re
 
-    from actsparse.eval.evaluate import evaluate
     from actsparse.calibration.sensitivity import layer_output_kl
+    from actsparse.eval.evaluate import evaluate
     from actsparse.sparse.targets import target_layers
 
     windows = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(7))
@@ -128,8 +128,8 @@ def test_output_kl_is_the_kl_that_evaluation_reports_for_the_layer_alone(llama):
 
 
 def test_kl_policy_keeps_the_share_sparse_with_the_layers_of_least_output_kl(llama):
-    from actsparse.eval.flops import flop_report
     from actsparse.calibration.sensitivity import layer_output_kl
+    from actsparse.eval.flops import flop_report
     from actsparse.sparse.targets import linear_flops, linear_layers, target_layers
 
     calibration = torch.randint(0, 128, (6, 20), generator=torch.Generator().manual_seed(8))

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from actsparse import SparsityConfig, sparsify
+from actsparse.core.quant import fake_quantize, quantize_activation, quantize_weight, smoothing_scale
 from actsparse.pieces.corrections import SmoothQuant
 from actsparse.pieces.policies import AmberRule
-from actsparse.core.quant import fake_quantize, quantize_activation, quantize_weight, smoothing_scale
 
 
 def test_int8_round_trip_error_is_at_most_half_a_step_and_values_lie_on_the_grid():

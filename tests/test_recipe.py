@@ -8,8 +8,8 @@ import torch
 
 from actsparse import ActsparseError, SparsityConfig, sparsify
 from actsparse.config import CalibrationSettings
-from actsparse.pieces.policies import AmberRule
 from actsparse.io.recipe import load_recipe
+from actsparse.pieces.policies import AmberRule
 
 CONFIG = SparsityConfig(
     pattern="2:4",

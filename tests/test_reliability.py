@@ -16,10 +16,10 @@ from test_user_faults import error_line, run
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from actsparse import ActsparseError, SparsityConfig, kernels, load_recipe, sparsify
-from actsparse.core import cpu
-from actsparse.io import text as texts
 from actsparse import config as config_module
 from actsparse.config import CalibrationSettings
+from actsparse.core import cpu
+from actsparse.io import text as texts
 
 
 def common(local_model):

@@ -1,5 +1,5 @@
 """The shape of the project: every config setting is an option of every command that builds a
-config, under its own name; README and the commands agree; no import cycle inside actsparse."""
+config, under its own name; README and the commands agree; imports run down the layers of actsparse."""
 
 from __future__ import annotations
 
@@ -49,47 +49,83 @@ def test_readme_names_every_setting_and_only_options_that_exist():
             assert flag in options(command), f"README: actsparse {command} {flag}"
 
 
-def _imports(path: Path) -> set[str]:
-    """The actsparse modules ``path`` imports at run time (not under ``if TYPE_CHECKING:``)."""
-    tree = ast.parse(path.read_text())
-    type_only = {
-        id(node)
-        for block in ast.walk(tree)
-        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-        for node in ast.walk(block)
-    }
-    found = set()
-    for node in ast.walk(tree):
-        if id(node) in type_only:
-            continue
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("actsparse"):
-            found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)
-        elif isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names if alias.name.startswith("actsparse"))
-    return found
+LAYERS = {
+    "version": 0,
+    "kernels": 0,
+    "core": 1,
+    "pieces": 2,
+    "config": 3,
+    "io": 4,
+    "sparse": 5,
+    "calibration": 6,
+    "pipeline": 7,
+    "eval": 8,
+    "cli": 9,
+    "__main__": 10,
+    "": 10,  # the package's __init__: the public API
+}
+"""The layers of actsparse from the bottom up: a module may import its own layer and those below."""
 
 
-def test_no_import_cycle_inside_actsparse():
+def _modules() -> dict[str, Path]:
     package = ROOT / "src" / "actsparse"
     modules = {}
     for path in package.rglob("*.py"):
         parts = path.relative_to(package.parent).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        modules[name] = path
-    graph = {
-        name: {m for m in _imports(path) if m in modules and m != name and name != "actsparse"}
-        for name, path in modules.items()
-        if name != "actsparse"  # the package's __init__ only re-exports
-    }
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _imports(path: Path, known: set[str]) -> set[str]:
+    """Every actsparse module ``path`` imports: at run time, under ``if TYPE_CHECKING:`` and inside
+    functions alike (``from actsparse.pieces import base`` imports ``actsparse.pieces.base``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("actsparse"):
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                found.add(child if child in known else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("actsparse"))
+    return found & known
+
+
+def _layer(module: str) -> int:
+    return LAYERS[module.removeprefix("actsparse").removeprefix(".").split(".")[0]]
+
+
+def test_every_module_belongs_to_a_layer():
+    for module in _modules():
+        assert module.removeprefix("actsparse").removeprefix(".").split(".")[0] in LAYERS, module
+
+
+def test_type_only_and_function_local_imports_count(tmp_path):
+    source = tmp_path / "module.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from actsparse import kernels\n"
+        "if TYPE_CHECKING:\n    from actsparse.sparse.layer import SparseLinear\n"
+        "def f():\n    from actsparse.cli import app\n    import actsparse.eval.sweep\n"
+    )
+    known = {"actsparse", "actsparse.kernels", "actsparse.sparse.layer", "actsparse.cli"}
+    known.add("actsparse.eval.sweep")
+    assert _imports(source, known) == known - {"actsparse"}
+
+
+def test_imports_run_down_the_layers_without_a_cycle():
+    modules = _modules()
+    graph = {name: _imports(path, set(modules)) - {name} for name, path in modules.items()}
+    for module, imported in graph.items():
+        for target in imported:
+            assert _layer(target) <= _layer(module), f"{module} imports {target}, a layer above it"
     visiting, done = [], set()
 
     def visit(module: str) -> None:
-        if module in done or module == "actsparse":
+        if module in done:
             return
         assert module not in visiting, " → ".join(visiting[visiting.index(module) :] + [module])
         visiting.append(module)
-        for imported in graph.get(module, ()):
+        for imported in sorted(graph[module]):
             visit(imported)
         visiting.pop()
         done.add(module)

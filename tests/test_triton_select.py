@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from actsparse import SparsityConfig, kernels, sparsify
-from actsparse.kernels import triton_select
 from actsparse.core.ops import apply_pattern
 from actsparse.core.patterns import parse_pattern
+from actsparse.kernels import triton_select
 
 pytest.importorskip("triton")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -2,8 +2,8 @@ import pytest
 
 from actsparse import ActsparseError, SparsityConfig
 from actsparse.eval.baselines import WeightPruningConfig
-from actsparse.pieces.policies import Budget
 from actsparse.eval.variants import parse_variant, read_variants
+from actsparse.pieces.policies import Budget
 
 
 def test_activation_variant_with_defaults():

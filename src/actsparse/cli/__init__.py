@@ -18,23 +18,52 @@ from rich.table import Table
 from typer import Abort
 from typer._click.exceptions import ClickException  # typer vendors click; its errors derive from this
 
-from actsparse.pieces.base import BACKENDS
-from actsparse.config import CalibrationSettings
 from actsparse.calibration.measure import Measurements
-from actsparse.config import SparsityConfig, check_plan_size, config_settings, configs_from_settings
-from actsparse.core.cpu import measure_verdict
-from actsparse.io.text import (
-    WindowSample,
-    calibration_text,
-    calibration_windows,
-    evaluation_text,
-    token_windows,
+from actsparse.config import (
+    CalibrationSettings,
+    SparsityConfig,
+    check_plan_size,
+    config_settings,
+    configs_from_settings,
 )
+from actsparse.core.cpu import measure_verdict
 from actsparse.core.devices import check_device_map, resolve_device
 from actsparse.core.errors import ActsparseError
-from actsparse.eval.evaluate import EvalRow, evaluate, provenance, provenance_line, quality_table, results_document
+from actsparse.core.paths import (
+    check_file_target,
+    check_replaceable,
+    check_writable,
+    output_lock,
+    write_json_atomic,
+    write_text_atomic,
+)
+from actsparse.eval.evaluate import (
+    EvalRow,
+    evaluate,
+    provenance,
+    provenance_line,
+    quality_table,
+    results_document,
+)
 from actsparse.eval.flops import flop_report
 from actsparse.eval.generate import evaluate_generation
+from actsparse.eval.sweep import (
+    SweepData,
+    local_evaluations,
+    ray_evaluations,
+    read_sweep_file,
+    run_sweep,
+    sweep_table,
+)
+from actsparse.eval.tasks import check_tasks, evaluate_tasks
+from actsparse.eval.variants import (
+    Variant,
+    parse_variant,
+    prepare_variants,
+    read_variants,
+    unique_variants,
+    weight_variants,
+)
 from actsparse.io.models import (
     DTYPES,
     EMBEDDED_MODELS,
@@ -45,35 +74,18 @@ from actsparse.io.models import (
     resolve_dtype,
     resolve_model,
 )
-from actsparse.core.paths import (
-    check_file_target,
-    check_replaceable,
-    check_writable,
-    output_lock,
-    write_json_atomic,
-    write_text_atomic,
-)
-from actsparse.pieces.policies import least_cost_by_share
 from actsparse.io.recipe import Recipe, check_recipe_target, load_recipe
+from actsparse.io.text import (
+    WindowSample,
+    calibration_text,
+    calibration_windows,
+    evaluation_text,
+    token_windows,
+)
+from actsparse.pieces.base import BACKENDS
+from actsparse.pieces.policies import least_cost_by_share
 from actsparse.pipeline.phases import insert, measure_sensitivity, plan, sparsify
-from actsparse.eval.sweep import (
-    SweepData,
-    local_evaluations,
-    ray_evaluations,
-    read_sweep_file,
-    run_sweep,
-    sweep_table,
-)
 from actsparse.sparse.targets import target_layers
-from actsparse.eval.tasks import check_tasks, evaluate_tasks
-from actsparse.eval.variants import (
-    Variant,
-    parse_variant,
-    prepare_variants,
-    read_variants,
-    unique_variants,
-    weight_variants,
-)
 
 app = typer.Typer(
     help="Post-training N:M activation sparsity for Hugging Face causal language models.",

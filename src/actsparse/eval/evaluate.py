@@ -23,17 +23,17 @@ import transformers
 from torch import nn
 from tqdm.auto import tqdm
 
-from actsparse.version import __version__
-from actsparse.config import CalibrationSettings
 from actsparse.calibration.measure import weights_digest
+from actsparse.config import CalibrationSettings
 from actsparse.core.cpu import this_cpu
 from actsparse.core.distribution import Totals, dense_reference, next_token_logits
-from actsparse.eval.flops import flop_report
-from actsparse.sparse.handle import SparsityHandle
-from actsparse.sparse.density import DensityCounter
 from actsparse.core.paths import write_json_atomic
+from actsparse.eval.flops import flop_report
 from actsparse.eval.report import ResultTable
 from actsparse.eval.variants import Prepared, Variant, prepare_variants
+from actsparse.sparse.density import DensityCounter
+from actsparse.sparse.handle import SparsityHandle
+from actsparse.version import __version__
 
 
 @dataclass

@@ -25,16 +25,21 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from actsparse.config import CalibrationSettings
-from actsparse.config import SparsityConfig, config_settings
-from actsparse.io.text import WindowSample, calibration_text, calibration_windows, evaluation_text, token_windows
+from actsparse.config import CalibrationSettings, SparsityConfig, config_settings
 from actsparse.core.devices import resolve_device
 from actsparse.core.errors import ActsparseError, shorten
+from actsparse.core.paths import write_json_atomic, write_text_atomic
 from actsparse.eval.evaluate import evaluate, provenance, provenance_line
 from actsparse.eval.hwcost import hardware_cost
-from actsparse.io.models import load_model
-from actsparse.core.paths import write_json_atomic, write_text_atomic
 from actsparse.eval.report import ResultTable
+from actsparse.io.models import load_model
+from actsparse.io.text import (
+    WindowSample,
+    calibration_text,
+    calibration_windows,
+    evaluation_text,
+    token_windows,
+)
 
 MANIFEST = "sweep.json"
 

@@ -22,14 +22,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from actsparse.eval.baselines import WeightPruningConfig, WeightPruningHandle, prune_weights
-from actsparse.config import CalibrationSettings
 from actsparse.calibration.measure import Measurements
-from actsparse.config import SparsityConfig, check_plan_size, configs_from_settings
+from actsparse.config import CalibrationSettings, SparsityConfig, check_plan_size, configs_from_settings
 from actsparse.core.errors import ActsparseError, shorten
-from actsparse.sparse.handle import SparsityHandle
+from actsparse.eval.baselines import WeightPruningConfig, WeightPruningHandle, prune_weights
 from actsparse.io.recipe import Recipe
 from actsparse.pipeline.phases import sparsify
+from actsparse.sparse.handle import SparsityHandle
 
 Variant = SparsityConfig | WeightPruningConfig | Recipe
 """What ``evaluate`` compares with the dense model."""

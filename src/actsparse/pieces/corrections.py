@@ -373,8 +373,8 @@ class Learnable(Correction):
     ) -> Derived:
         if not layer.sparse:
             return Derived(weight)
-        state = LearnedCorrection(layer.in_features, layer.out_features, self.learn, weight.dtype, weight.device)
-        return Derived(weight, state)
+        shape = (layer.in_features, layer.out_features)
+        return Derived(weight, LearnedCorrection(*shape, self.learn, weight.dtype, weight.device))
 
     def _live(self, layer: SparseLayer) -> LearnedCorrection | None:
         """The layer's correction while it is not folded yet (calibration's differentiable form)."""

@@ -21,13 +21,13 @@ from torch import nn
 
 from actsparse.calibration.fitting import Fitter
 from actsparse.calibration.measure import Measurements
+from actsparse.calibration.sensitivity import layer_output_kl, layer_sensitivity, sensitivity_config
 from actsparse.config import CalibrationSettings, SparsityConfig
 from actsparse.core.errors import ActsparseError
+from actsparse.io.recipe import Recipe
+from actsparse.pieces.base import LayerChoice
 from actsparse.sparse.handle import SparsityHandle
 from actsparse.sparse.layer import SparseLinear
-from actsparse.pieces.policies import LayerChoice
-from actsparse.io.recipe import Recipe
-from actsparse.calibration.sensitivity import layer_output_kl, layer_sensitivity, sensitivity_config
 from actsparse.sparse.targets import linear_flops, linear_layers, target_layers
 
 

@@ -11,9 +11,9 @@ from torch import nn
 
 from actsparse.config import SparsityConfig
 from actsparse.core.errors import ActsparseError
+from actsparse.io.recipe import Recipe, model_fingerprint
 from actsparse.sparse.density import DensityCounter
 from actsparse.sparse.layer import SparseLinear
-from actsparse.io.recipe import Recipe, model_fingerprint
 
 
 @dataclass

@@ -20,7 +20,6 @@ from actsparse.kernels import triton_select
 from actsparse.pieces.base import BACKENDS, CRITERIA, Backend, Operands, SparseCall
 from actsparse.sparse.density import DensityCounter
 
-
 BACKEND_STATE = "backend"
 """The key of the backend's state among a layer's ``states`` (the corrections' keys are their names)."""
 
