@@ -134,6 +134,41 @@ def test_imports_run_down_the_layers_without_a_cycle():
         visit(module)
 
 
+OWN_OR_LIBRARY_OBJECTS = {
+    ("actsparse.cli", "wrapper.__signature__"),  # the command's own wrapper function
+    ("actsparse.core.cpu", "linear.weight.data"),  # a layer it builds to time the dense products
+    ("actsparse.core.devices", "carried.weights_map"),  # accelerate's offload hook, carried over
+    ("actsparse.core.devices", "carried.tied_params_names"),
+    ("actsparse.io.models", "model.hf_quantizer"),  # transformers' model, dequantised
+    ("actsparse.io.text", "member.name"),  # a tar member it reads
+    ("actsparse.kernels", "(function.restype, function.argtypes)"),  # ctypes' signatures
+    ("actsparse.pieces.backends", "state.weight_is_view"),  # its own per-layer state
+}
+"""Attribute assignments on objects other than ``self``: each on the module's own objects or on a
+library's, never on another actsparse module's (those change through their owner's methods)."""
+
+
+def _root(node: ast.expr) -> str | None:
+    """The name an attribute chain starts from (``self`` for ``self.weight.data``)."""
+    while isinstance(node, (ast.Attribute, ast.Call, ast.Subscript)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def test_no_module_assigns_attributes_on_another_modules_objects():
+    found = set()
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            if isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                targets = [node.target]
+            for target in targets:
+                stores = [s for s in ast.walk(target) if isinstance(s, ast.Attribute) and isinstance(s.ctx, ast.Store)]
+                if any(_root(store.value) not in ("self", "cls") for store in stores):
+                    found.add((module, ast.unparse(target)))
+    assert found == OWN_OR_LIBRARY_OBJECTS, found ^ OWN_OR_LIBRARY_OBJECTS
+
+
 STUB = """#!/bin/sh
 printf '%s\\n' "$*" >> "$(dirname "$0")/calls"
 """

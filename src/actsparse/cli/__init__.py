@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -424,12 +424,11 @@ def eval_command(
             results = evaluate_tasks(
                 loaded, tokenizer, handles, task_names, text, limit, task_dir, max(batch_size, 8)
             )
-            for row, result in zip(rows, results):
-                row.tasks = result
+            rows = [replace(row, tasks=result) for row, result in zip(rows, results)]
         if generate:
             prompts = token_windows(tokenizer, text, prompt_tokens, generate)
-            for row, agreement in zip(rows[1:], evaluate_generation(loaded, handles, prompts, new_tokens)):
-                row.generation = agreement.to_dict()
+            agreements = evaluate_generation(loaded, handles, prompts, new_tokens)
+            rows[1:] = [replace(row, generation=a.to_dict()) for row, a in zip(rows[1:], agreements)]
         text_info = evaluation.describe() | {
             "seqlen": seqlen,
             "windows": len(tokens),
@@ -496,9 +495,8 @@ def calibrate(
         handle = sparsify(loaded, sparsity, calibration_settings=settings, measurements=measurements)
         seconds = round(time.perf_counter() - start, 1)
         recipe = handle.recipe()
-        recipe.calibration = (recipe.calibration or {}) | {
-            "text": text, "seconds": seconds, "provenance": provenance()
-        }
+        made = {"text": text, "seconds": seconds, "provenance": provenance()}
+        recipe = replace(recipe, calibration=(recipe.calibration or {}) | made)
         recipe.save(out)
     blocks = (handle.calibration or {}).get("blocks", [])
     if blocks:

@@ -91,7 +91,7 @@ class WeightPruningHandle:
     config: WeightPruningConfig
     layers: dict[str, PrunedWeight]
     attached: bool = False
-    prepare_seconds: float | None = None  # set by ``actsparse.eval.variants.prepare_variants``
+    prepare_seconds: float | None = None  # ``record_preparation``, by ``prepare_variants``
 
     @property
     def label(self) -> str:
@@ -114,6 +114,10 @@ class WeightPruningHandle:
         if self.attached:
             self._set("original")
             self.attached = False
+
+    def record_preparation(self, seconds: float) -> None:
+        """Keep how long pruning took (``prepare_variants``)."""
+        self.prepare_seconds = seconds
 
     def measure_density(self, enabled: bool = True) -> dict[str, DensityCounter]:
         """Weight density needs no counting: it is read from the pruned tensors (no counters)."""

@@ -80,9 +80,10 @@ def prepare_variants(
         start = time.perf_counter()
         handle = attach_variant(model, variant, measurements, calibration_settings)
         handle.remove()
-        handle.prepare_seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
         if isinstance(variant, Recipe):  # and the time its calibration took, as the recipe says
-            handle.prepare_seconds += (variant.calibration or {}).get("seconds", 0.0)
+            seconds += (variant.calibration or {}).get("seconds", 0.0)
+        handle.record_preparation(seconds)
         prepared.append(handle)
     return prepared
 

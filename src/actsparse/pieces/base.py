@@ -158,7 +158,7 @@ class CallHooks:
     does nothing unless a subclass says otherwise::
 
         every call:       x = c.every_call(layer, x)                  smoothing, channel order
-        sparsified call:  c.before_selection(layer, call)             shifts, the token's η
+        sparsified call:  call = c.before_selection(layer, call)      shifts, the token's η
                           kept = select(call.input)                   (backend)
                           kept = c.kept_values(layer, call, kept)     restored variance, scales
                           y = kept Wᵀ + b + η · W.sum(1)              (backend)
@@ -171,8 +171,10 @@ class CallHooks:
     def every_call(self, layer: SparseLayer, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def before_selection(self, layer: SparseLayer, call: SparseCall) -> None:
-        """Change ``call.input``, ``call.factor`` or ``call.eta`` before the kept inputs are chosen."""
+    def before_selection(self, layer: SparseLayer, call: SparseCall) -> SparseCall:
+        """The call with its ``input``, ``factor`` or ``eta`` changed before the kept inputs are
+        chosen (``dataclasses.replace(call, ...)``), or ``call`` itself."""
+        return call
 
     def kept_values(self, layer: SparseLayer, call: SparseCall, kept: torch.Tensor) -> torch.Tensor:
         return kept

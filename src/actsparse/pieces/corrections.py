@@ -10,7 +10,7 @@ are its settings) and ``@CORRECTIONS.register``; nothing else changes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -196,9 +196,9 @@ class Shift(Correction):
     def attach(self, layer: SparseLayer) -> None:
         layer.add_row_sums()
 
-    def before_selection(self, layer: SparseLayer, call: SparseCall) -> None:
-        call.eta = shift_value(call.input, self.shift_statistic)
-        call.input = call.input - call.eta
+    def before_selection(self, layer: SparseLayer, call: SparseCall) -> SparseCall:
+        eta = shift_value(call.input, self.shift_statistic)
+        return replace(call, input=call.input - eta, eta=eta)
 
 
 @CORRECTIONS.register
@@ -381,13 +381,13 @@ class Learnable(Correction):
         state = layer.state(self)
         return None if state is None or state.folded else state
 
-    def before_selection(self, layer: SparseLayer, call: SparseCall) -> None:
+    def before_selection(self, layer: SparseLayer, call: SparseCall) -> SparseCall:
         state = layer.state(self)
         if state is None:
-            return
-        call.input = call.input - state.shift
-        if not state.folded:  # folded, the factor already holds |scale|
-            call.factor = state.selection_factor(call.factor)
+            return call
+        # folded, the factor already holds |scale|
+        factor = call.factor if state.folded else state.selection_factor(call.factor)
+        return replace(call, input=call.input - state.shift, factor=factor)
 
     def rescales_kept_values(self, layer: SparseLayer) -> bool:
         return self._live(layer) is not None

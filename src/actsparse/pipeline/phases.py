@@ -204,7 +204,7 @@ def calibrate(
     except BaseException:
         handle.remove()
         raise
-    handle.calibration = record or None
+    handle.record_calibration(record or None)
 
 
 def fold(handle: SparsityHandle) -> None:
@@ -221,7 +221,7 @@ def _load_tensors(handle: SparsityHandle, recipe: Recipe) -> None:
             if wanted:
                 tensors = {key: recipe.tensor(f"{name}.{key}", value.shape) for key, value in wanted.items()}
                 correction.load_tensors(layer, tensors)
-    handle.calibration = recipe.calibration
+    handle.record_calibration(recipe.calibration)
 
 
 def sparsify(

@@ -85,6 +85,14 @@ class SparsityHandle:
             calibration=self.calibration,
         )
 
+    def record_calibration(self, record: dict[str, Any] | None) -> None:
+        """Keep what calibration fitted (its record), or what a recipe says was fitted."""
+        self.calibration = record
+
+    def record_preparation(self, seconds: float) -> None:
+        """Keep how long preparing this handle took (``prepare_variants``)."""
+        self.prepare_seconds = seconds
+
     def _swap_in(self, modules: dict[str, nn.Module]) -> None:
         for name, module in modules.items():
             parent_name, _, child = name.rpartition(".")

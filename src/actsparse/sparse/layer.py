@@ -274,7 +274,7 @@ class SparseLinear(nn.Linear):
             return self.backend.dense(self, x)
         call = SparseCall(x, self.channel_factor)
         for correction in self.corrections:
-            correction.before_selection(self, call)
+            call = correction.before_selection(self, call)
         y = self.backend.sparse(self, call)
         for correction in reversed(self.corrections):
             y = correction.after_product(self, call, y)
