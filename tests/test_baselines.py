@@ -65,3 +65,26 @@ def test_calibrated_methods_need_calibration(llama):
 def test_bad_weight_pruning_settings(kwargs, message):
     with pytest.raises(ActsparseError, match=message):
         WeightPruningConfig(**kwargs)
+
+
+def test_a_registered_pruning_method_runs_by_name(llama, tokens):
+    from actsparse.eval.baselines import WEIGHT_PRUNING, PruningMethod
+
+    class FirstOfEachGroup(PruningMethod):
+        name = "toy-first"
+        needs_calibration = False
+
+        def prune(self, weight, statistics, pattern, config):
+            mask = torch.zeros(pattern.m, dtype=torch.bool)
+            mask[: pattern.n] = True
+            return weight * mask.repeat(weight.shape[1] // pattern.m)
+
+    WEIGHT_PRUNING.register(FirstOfEachGroup())
+    try:
+        with prune_weights(llama, WeightPruningConfig(method="toy-first", pattern="2:4")) as handle:
+            weight = handle.layers["model.layers.0.mlp.up_proj"].pruned
+            assert torch.count_nonzero(weight[:, 2::4]) == 0 and torch.count_nonzero(weight[:, 0::4]) > 0
+    finally:
+        WEIGHT_PRUNING.unregister("toy-first")
+    with pytest.raises(ActsparseError, match="Unknown weight-pruning method 'toy-first'; choose one of magnitude"):
+        WeightPruningConfig(method="toy-first")

@@ -61,3 +61,10 @@ def test_bad_variants(spec, message):
 def test_missing_variants_file(tmp_path):
     with pytest.raises(ActsparseError, match="does not exist"):
         read_variants(tmp_path / "none.txt")
+
+
+def test_something_that_is_no_kind_of_variant_is_refused(llama):
+    from actsparse.eval.variants import attach_variant
+
+    with pytest.raises(ActsparseError, match="A variant is one of SparsityConfig, WeightPruningConfig, Recipe"):
+        attach_variant(llama, "pattern=2:4")

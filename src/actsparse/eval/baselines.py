@@ -13,7 +13,7 @@ already-pruned earlier layers as in the sequential SparseGPT recipe.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,17 +23,16 @@ from actsparse.config import DEFAULT_TARGETS, SparsityConfig
 from actsparse.core.devices import offloaded
 from actsparse.core.errors import ActsparseError
 from actsparse.core.ops import nm_keep_mask
+from actsparse.core.patterns import Pattern
+from actsparse.core.registry import Registry
 from actsparse.sparse.density import DensityCounter
 from actsparse.sparse.targets import target_layers
-
-METHODS = ("magnitude", "wanda", "sparsegpt")
-
 
 @dataclass(frozen=True)
 class WeightPruningConfig:
     """One weight-pruning setting: ``method`` at ``pattern`` (N:M) on the layers the filters select."""
 
-    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    method: str = "wanda"
     pattern: str = "2:4"
     include: tuple[str, ...] = (DEFAULT_TARGETS,)
     exclude: tuple[str, ...] = ()
@@ -41,10 +40,7 @@ class WeightPruningConfig:
     damping: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ActsparseError(
-                f"Unknown weight-pruning method '{self.method}'; choose one of {', '.join(METHODS)}."
-            )
+        WEIGHT_PRUNING.get(self.method)
         # Validates the pattern and the filters the same way activation sparsity does.
         pattern = SparsityConfig(
             pattern=self.pattern, include=self.include, exclude=self.exclude
@@ -63,7 +59,7 @@ class WeightPruningConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "magnitude"
+        return WEIGHT_PRUNING.get(self.method).needs_calibration
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "include": list(self.include), "exclude": list(self.exclude)}
@@ -189,34 +185,82 @@ def prune_weights(
                 f"Layer {name} has {layer.in_features} inputs, not a multiple of M={pattern.m}; "
                 "choose an M that divides it or exclude the layer."
             )
-    statistics: dict[str, torch.Tensor] = {}
-    if config.method == "wanda":
-
-        def observe(name: str, x: torch.Tensor) -> None:
-            squares = x.float().pow(2).sum(dim=0)
-            statistics[name] = statistics.get(name, 0) + squares
-
-    elif config.method == "sparsegpt":
-        tokens: dict[str, int] = {}
-
-        def observe(name: str, x: torch.Tensor) -> None:
-            x = x.float()
-            statistics[name] = statistics.get(name, 0) + 2 * x.T @ x
-            tokens[name] = tokens.get(name, 0) + x.shape[0]
-
-    if config.needs_calibration:
+    method = WEIGHT_PRUNING.get(config.method)
+    statistics: dict[str, Any] = {}
+    if method.needs_calibration:
         observe_inputs(
-            model, calibration, layers, observe, f"{config.method} statistics", batch_size=batch_size
+            model,
+            calibration,
+            layers,
+            lambda name, x: method.observe(statistics, name, x),
+            f"{config.method} statistics",
+            batch_size=batch_size,
         )
     pruned = {}
     for name, layer in layers.items():
         weight = layer.weight.data
-        if config.method == "magnitude":
-            new = weight * nm_keep_mask(weight.abs(), pattern.n, pattern.m)
-        elif config.method == "wanda":
-            new = weight * wanda_mask(weight, statistics[name].sqrt(), pattern.n, pattern.m)
-        else:
-            hessian = statistics.pop(name) / tokens[name]
-            new = sparsegpt_prune(weight, hessian, pattern.n, pattern.m, config.blocksize, config.damping)
+        new = method.prune(weight, statistics.pop(name, None), pattern, config)
         pruned[name] = PrunedWeight(original=weight, pruned=new, nominal_density=pattern.density)
     return WeightPruningHandle(model, config, pruned).attach()
+
+
+class PruningMethod:
+    """One weight-pruning method: what it observes of each target layer's inputs on calibration text
+    (when ``needs_calibration``), and the N:M-pruned weight it makes of that."""
+
+    name: ClassVar[str]
+    needs_calibration: ClassVar[bool] = True
+
+    def observe(self, statistics: dict[str, Any], name: str, x: torch.Tensor) -> None:
+        """Add the inputs ``x`` ``(tokens, in)`` of layer ``name`` to ``statistics[name]``."""
+
+    def prune(
+        self, weight: torch.Tensor, statistics: Any, pattern: Pattern, config: WeightPruningConfig
+    ) -> torch.Tensor:
+        """``weight`` pruned to ``pattern``, from the layer's ``statistics`` (None without any)."""
+        raise NotImplementedError
+
+
+WEIGHT_PRUNING: Registry[PruningMethod] = Registry("weight-pruning method")
+"""The weight-pruning methods by name; add one with ``WEIGHT_PRUNING.register(MyMethod())``."""
+
+
+class Magnitude(PruningMethod):
+    name: ClassVar[str] = "magnitude"
+    needs_calibration: ClassVar[bool] = False
+
+    def prune(
+        self, weight: torch.Tensor, statistics: Any, pattern: Pattern, config: WeightPruningConfig
+    ) -> torch.Tensor:
+        return weight * nm_keep_mask(weight.abs(), pattern.n, pattern.m)
+
+
+class Wanda(PruningMethod):
+    name: ClassVar[str] = "wanda"
+
+    def observe(self, statistics: dict[str, Any], name: str, x: torch.Tensor) -> None:
+        statistics[name] = statistics.get(name, 0) + x.float().pow(2).sum(dim=0)
+
+    def prune(
+        self, weight: torch.Tensor, statistics: Any, pattern: Pattern, config: WeightPruningConfig
+    ) -> torch.Tensor:
+        return weight * wanda_mask(weight, statistics.sqrt(), pattern.n, pattern.m)
+
+
+class SparseGpt(PruningMethod):
+    name: ClassVar[str] = "sparsegpt"
+
+    def observe(self, statistics: dict[str, Any], name: str, x: torch.Tensor) -> None:
+        x = x.float()
+        hessian, tokens = statistics.get(name, (0, 0))
+        statistics[name] = (hessian + 2 * x.T @ x, tokens + x.shape[0])
+
+    def prune(
+        self, weight: torch.Tensor, statistics: Any, pattern: Pattern, config: WeightPruningConfig
+    ) -> torch.Tensor:
+        hessian, tokens = statistics
+        return sparsegpt_prune(weight, hessian / tokens, pattern.n, pattern.m, config.blocksize, config.damping)
+
+
+for _method in (Magnitude(), Wanda(), SparseGpt()):
+    WEIGHT_PRUNING.register(_method)

@@ -13,8 +13,8 @@ gives one variant per value.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from dataclasses import fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,50 @@ Prepared = SparsityHandle | WeightPruningHandle
 _WEIGHT_NUMBERS = {"blocksize": int, "damping": float}
 
 
+Attach = Callable[[nn.Module, Any, Measurements, CalibrationSettings | None], Prepared]
+"""How a kind of variant is attached: ``attach(model, variant, measurements, calibration_settings)``."""
+
+
+@dataclass(frozen=True)
+class VariantKind:
+    """What can be a variant: how it is attached (its handle, attached), the seconds spent making it
+    before this run (a recipe's calibration), and what makes two of them the same variant."""
+
+    attach: Attach
+    made_in: Callable[[Any], float] = lambda variant: 0.0
+    identity: Callable[[Any], Any] = lambda variant: variant
+
+
+VARIANT_KINDS: dict[type, VariantKind] = {
+    SparsityConfig: VariantKind(
+        lambda model, config, measurements, settings: sparsify(
+            model, config, calibration_settings=settings, measurements=measurements
+        )
+    ),
+    WeightPruningConfig: VariantKind(
+        lambda model, config, measurements, settings: prune_weights(
+            model, config, measurements.windows, measurements.batch_size
+        )
+    ),
+    Recipe: VariantKind(
+        lambda model, recipe, measurements, settings: sparsify(model, recipe=recipe),
+        made_in=lambda recipe: (recipe.calibration or {}).get("seconds", 0.0),
+        identity=id,  # recipes count as the same when they are the same object
+    ),
+}
+"""The kinds of variant by type, as torchao keys its handlers by config type; a new kind is one
+entry here."""
+
+
+def variant_kind(variant: Any) -> VariantKind:
+    """The kind of ``variant``; anything else is refused with one sentence."""
+    kind = VARIANT_KINDS.get(type(variant))
+    if kind is None:
+        names = ", ".join(cls.__name__ for cls in VARIANT_KINDS)
+        raise ActsparseError(f"A variant is one of {names}, not {shorten(repr(variant))}.")
+    return kind
+
+
 def attach_variant(
     model: nn.Module,
     variant: Variant,
@@ -46,12 +90,7 @@ def attach_variant(
     calibration_settings: CalibrationSettings | None = None,
 ) -> Prepared:
     """Attach one variant to ``model`` and return its handle (attached)."""
-    measurements = measurements or Measurements(None)
-    if isinstance(variant, WeightPruningConfig):
-        return prune_weights(model, variant, measurements.windows, measurements.batch_size)
-    if isinstance(variant, Recipe):
-        return sparsify(model, recipe=variant)
-    return sparsify(model, variant, calibration_settings=calibration_settings, measurements=measurements)
+    return variant_kind(variant).attach(model, variant, measurements or Measurements(None), calibration_settings)
 
 
 def prepare_variants(
@@ -80,10 +119,7 @@ def prepare_variants(
         start = time.perf_counter()
         handle = attach_variant(model, variant, measurements, calibration_settings)
         handle.remove()
-        seconds = time.perf_counter() - start
-        if isinstance(variant, Recipe):  # and the time its calibration took, as the recipe says
-            seconds += (variant.calibration or {}).get("seconds", 0.0)
-        handle.record_preparation(seconds)
+        handle.record_preparation(time.perf_counter() - start + variant_kind(variant).made_in(variant))
         prepared.append(handle)
     return prepared
 
@@ -154,11 +190,11 @@ def read_variants(path: Path, inherited: Mapping[str, Any] | None = None) -> lis
 
 def unique_variants(variants: list[Variant]) -> list[Variant]:
     """``variants`` without repeats, in their order: a variant given twice is prepared and evaluated
-    once (recipes count as the same when they are the same object)."""
+    once (``VariantKind.identity``: recipes count as the same when they are the same object)."""
     seen: set[Any] = set()
     unique = []
     for variant in variants:
-        key = id(variant) if isinstance(variant, Recipe) else variant
+        key = variant_kind(variant).identity(variant)
         if key not in seen:
             seen.add(key)
             unique.append(variant)
