@@ -86,5 +86,7 @@ def test_a_registered_pruning_method_runs_by_name(llama, tokens):
             assert torch.count_nonzero(weight[:, 2::4]) == 0 and torch.count_nonzero(weight[:, 0::4]) > 0
     finally:
         WEIGHT_PRUNING.unregister("toy-first")
-    with pytest.raises(ActsparseError, match="Unknown weight-pruning method 'toy-first'; choose one of magnitude"):
+    with pytest.raises(
+        ActsparseError, match="Unknown weight-pruning method 'toy-first'; choose one of magnitude"
+    ):
         WeightPruningConfig(method="toy-first")

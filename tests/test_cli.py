@@ -326,16 +326,16 @@ def test_sweep_hands_the_calibration_settings_to_its_evaluations(monkeypatch, ca
 def test_a_local_text_file_never_calibrates_on_its_evaluation_part(
     monkeypatch, capsys, local_model, tmp_path
 ):
-    import actsparse.cli
+    import actsparse.cli.commands
 
     seen = {}
-    original = actsparse.cli.prepare_variants
+    original = actsparse.cli.commands.prepare_variants
 
     def capture(model, variants, calibration, settings, **options):
         seen["calibration"] = calibration
         return original(model, variants, calibration, settings, **options)
 
-    monkeypatch.setattr(actsparse.cli, "prepare_variants", capture)
+    monkeypatch.setattr(actsparse.cli.commands, "prepare_variants", capture)
     model, text = local_model
     out = tmp_path / "eval.json"
     code, output = run(

@@ -47,7 +47,7 @@ def never_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the refusal")
 
-    monkeypatch.setattr("actsparse.cli.load_model", refuse)
+    monkeypatch.setattr("actsparse.cli.options.load_model", refuse)
 
 
 # ---- 1-3: results lost or overwritten ------------------------------------------------------------
@@ -57,20 +57,20 @@ def test_a_failed_final_write_keeps_the_finished_evaluation(monkeypatch, capsys,
     out = tmp_path / "eval.json"
     args = ["eval", *common(local_model), "--windows", "2", "--pattern", "2:4", "--criterion", "magnitude",
             "--out", str(out)]  # fmt: skip
-    import actsparse.cli
+    import actsparse.cli.commands
 
-    original = actsparse.cli.write_json_atomic
+    original = actsparse.cli.commands.write_json_atomic
 
     def disk_full(path, data):
         raise ActsparseError(f"Could not write {path} (No space left on device); free space there.")
 
-    monkeypatch.setattr(actsparse.cli, "write_json_atomic", disk_full)
+    monkeypatch.setattr(actsparse.cli.commands, "write_json_atomic", disk_full)
     code, _, err = run(monkeypatch, capsys, *args)
     assert code == 2 and "No space left" in error_line(err)
     partial = json.loads(out.with_name("eval.json.partial").read_text())
     assert partial["windows_done"] == 2  # every window's totals survived
 
-    monkeypatch.setattr(actsparse.cli, "write_json_atomic", original)
+    monkeypatch.setattr(actsparse.cli.commands, "write_json_atomic", original)
     forwards = {"n": 0}
     original_forward = LlamaForCausalLM.forward
 
@@ -92,7 +92,7 @@ def test_a_kill_during_generation_keeps_the_finished_evaluation(monkeypatch, cap
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("actsparse.cli.evaluate_generation", killed)
+    monkeypatch.setattr("actsparse.cli.commands.evaluate_generation", killed)
     code, _, err = run(monkeypatch, capsys, "eval", *common(local_model), "--windows", "2", "--pattern", "2:4",
                        "--generate", "1", "--prompt-tokens", "8", "--new-tokens", "2", "--out", str(out))  # fmt: skip
     assert code == 130 and not out.exists()
@@ -195,7 +195,7 @@ def test_a_sweep_file_of_nested_aliases_is_refused_before_any_model_loads(
 ):
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(ALIAS_BOMB)
-    monkeypatch.setattr("actsparse.cli.model_skeleton", lambda *a: pytest.fail("the model was read"))
+    monkeypatch.setattr("actsparse.cli.commands.model_skeleton", lambda *a: pytest.fail("the model was read"))
     code, _, err = run(monkeypatch, capsys, "sweep", *common(local_model), "--config", str(bomb),
                        "--out", str(tmp_path / "sweep"))  # fmt: skip
     assert code == 2 and "not a nested list or mapping" in error_line(err)

@@ -134,8 +134,28 @@ def test_imports_run_down_the_layers_without_a_cycle():
         visit(module)
 
 
+def test_every_command_is_at_most_40_lines_and_declares_no_run_option_itself():
+    """A command parses and calls: its options come from the declarations in actsparse.cli.options."""
+    from actsparse.cli import commands
+    from actsparse.cli.options import RUN_OPTIONS
+
+    command_functions = {command.callback.__wrapped__ if hasattr(command.callback, "__wrapped__") else command.callback
+                         for command in typer.main.get_command(app).commands.values()}  # fmt: skip
+    names = {function.__name__ for function in command_functions}
+    checked = set()
+    for node in ast.parse(Path(commands.__file__).read_text()).body:
+        if isinstance(node, ast.FunctionDef) and node.name in names:
+            lines = node.end_lineno - node.lineno + 1 + len(node.decorator_list)
+            assert lines <= 40, f"{node.name} is {lines} lines"
+            own = {a.arg for a in node.args.args + node.args.kwonlyargs}
+            if "run" in own:
+                assert not own & set(RUN_OPTIONS), f"{node.name} declares {own & set(RUN_OPTIONS)} itself"
+            checked.add(node.name)
+    assert checked == names and {"eval_command", "calibrate", "sweep", "sensitivity", "info"} <= checked
+
+
 OWN_OR_LIBRARY_OBJECTS = {
-    ("actsparse.cli", "wrapper.__signature__"),  # the command's own wrapper function
+    ("actsparse.cli.options", "wrapper.__signature__"),  # the command's own wrapper function
     ("actsparse.core.cpu", "linear.weight.data"),  # a layer it builds to time the dense products
     ("actsparse.core.devices", "carried.weights_map"),  # accelerate's offload hook, carried over
     ("actsparse.core.devices", "carried.tied_params_names"),
@@ -163,7 +183,11 @@ def test_no_module_assigns_attributes_on_another_modules_objects():
             if isinstance(node, (ast.AugAssign, ast.AnnAssign)):
                 targets = [node.target]
             for target in targets:
-                stores = [s for s in ast.walk(target) if isinstance(s, ast.Attribute) and isinstance(s.ctx, ast.Store)]
+                stores = [
+                    s
+                    for s in ast.walk(target)
+                    if isinstance(s, ast.Attribute) and isinstance(s.ctx, ast.Store)
+                ]
                 if any(_root(store.value) not in ("self", "cls") for store in stores):
                     found.add((module, ast.unparse(target)))
     assert found == OWN_OR_LIBRARY_OBJECTS, found ^ OWN_OR_LIBRARY_OBJECTS
@@ -190,7 +214,9 @@ def test_every_script_behind_a_table_runs_and_names_only_options_that_exist(scri
     work = tmp_path / "work"
     (work / "docs").mkdir(parents=True)
     (work / "docs" / "variants").symlink_to(ROOT / "docs" / "variants")
-    done = subprocess.run(["bash", str(script)], cwd=work, env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        ["bash", str(script)], cwd=work, env=env, capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stderr
     calls = [line.split() for line in (tmp_path / "calls").read_text().splitlines() if line]
     commands = [call for call in calls if call and call[0] in CONFIG_COMMANDS]

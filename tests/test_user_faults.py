@@ -261,12 +261,12 @@ def test_an_unknown_task_is_refused_before_any_evaluation(monkeypatch, capsys, l
 
 
 def test_ctrl_c_says_the_run_can_be_resumed(monkeypatch, capsys, local_model):
-    import actsparse.cli
+    import actsparse.cli.options
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(actsparse.cli, "load_model", interrupted)
+    monkeypatch.setattr(actsparse.cli.options, "load_model", interrupted)
     code, _, err = run(monkeypatch, capsys, "eval", *common(local_model))
     assert code == 130 and "interrupted" in err and "run the same command again" in err
 

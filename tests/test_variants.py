@@ -66,5 +66,7 @@ def test_missing_variants_file(tmp_path):
 def test_something_that_is_no_kind_of_variant_is_refused(llama):
     from actsparse.eval.variants import attach_variant
 
-    with pytest.raises(ActsparseError, match="A variant is one of SparsityConfig, WeightPruningConfig, Recipe"):
+    with pytest.raises(
+        ActsparseError, match="A variant is one of SparsityConfig, WeightPruningConfig, Recipe"
+    ):
         attach_variant(llama, "pattern=2:4")

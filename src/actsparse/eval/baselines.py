@@ -28,6 +28,7 @@ from actsparse.core.registry import Registry
 from actsparse.sparse.density import DensityCounter
 from actsparse.sparse.targets import target_layers
 
+
 @dataclass(frozen=True)
 class WeightPruningConfig:
     """One weight-pruning setting: ``method`` at ``pattern`` (N:M) on the layers the filters select."""
@@ -259,7 +260,9 @@ class SparseGpt(PruningMethod):
         self, weight: torch.Tensor, statistics: Any, pattern: Pattern, config: WeightPruningConfig
     ) -> torch.Tensor:
         hessian, tokens = statistics
-        return sparsegpt_prune(weight, hessian / tokens, pattern.n, pattern.m, config.blocksize, config.damping)
+        return sparsegpt_prune(
+            weight, hessian / tokens, pattern.n, pattern.m, config.blocksize, config.damping
+        )
 
 
 for _method in (Magnitude(), Wanda(), SparseGpt()):

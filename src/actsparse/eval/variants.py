@@ -90,7 +90,9 @@ def attach_variant(
     calibration_settings: CalibrationSettings | None = None,
 ) -> Prepared:
     """Attach one variant to ``model`` and return its handle (attached)."""
-    return variant_kind(variant).attach(model, variant, measurements or Measurements(None), calibration_settings)
+    return variant_kind(variant).attach(
+        model, variant, measurements or Measurements(None), calibration_settings
+    )
 
 
 def prepare_variants(
