@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--pattern", default="8:16")
     parser.add_argument("--criterion", default="magnitude")
-    parser.add_argument("--mitigation", default="learnable")
+    parser.add_argument("--corrections", default="learnable")
     parser.add_argument("--windows", type=int, default=32, help="calibration windows (default settings)")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=16)
@@ -44,7 +44,7 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model)
     print(f"model loaded: peak RSS {peak_rss_gib():.2f} GiB, {torch.get_num_threads()} threads")
-    config = SparsityConfig(args.pattern, args.criterion, mitigation=args.mitigation)
+    config = SparsityConfig(args.pattern, args.criterion, corrections=args.corrections)
     runs = {"actsparse defaults": (args.windows, CalibrationSettings())}
     if args.reference:
         runs["authors' settings"] = (AUTHORS["windows"], AUTHORS["settings"])

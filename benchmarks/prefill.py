@@ -56,7 +56,7 @@ def main() -> None:
     sparsify(kernel_model, kernel_config)
     sparsify(emulated_model, config)
     permuted_model = copy.deepcopy(model)  # the order's values do not change the time: calibrated on ids
-    sparsify(permuted_model, replace(kernel_config, mitigation="permute"), ids)
+    sparsify(permuted_model, replace(kernel_config, corrections="permute"), ids)
     mixed_config = replace(kernel_config, policy=Budget(flop_share=0.1), rest_pattern=args.rest_pattern)
     mixed_model = copy.deepcopy(model)  # which layers take which pattern barely changes the time
     sparsify(mixed_model, mixed_config, ids)

@@ -9,7 +9,7 @@ from actsparse.config import CalibrationSettings
 from actsparse.pieces.corrections import LEARNABLE_PARTS, Learnable, Shift
 
 CONFIG = SparsityConfig(
-    pattern="2:4", criterion="amber", mitigation=(Shift(), Learnable(objective="block-mse"))
+    pattern="2:4", criterion="amber", corrections=(Shift(), Learnable(objective="block-mse"))
 )
 
 
@@ -160,7 +160,7 @@ def test_the_normed_objective_measures_each_block_through_the_norm_that_reads_it
         "model.layers.1": llama.model.norm,
     }
     config = SparsityConfig(
-        pattern="2:4", criterion="amber", mitigation=(Learnable(objective="block-normed"),)
+        pattern="2:4", criterion="amber", corrections=(Learnable(objective="block-normed"),)
     )
     handle = sparsify(
         llama, config, calibration, calibration_settings=CalibrationSettings(steps=6, lr=1e-3, holdout=0.0)
@@ -182,7 +182,7 @@ def test_the_output_kl_objective_fits_every_layer_together_and_lowers_the_kl(lla
         handle = sparsify(llama, plain)
         before = _kl(llama(calibration, use_cache=False).logits, dense).item()
         handle.remove()
-    config = SparsityConfig(pattern="2:4", criterion="amber", mitigation=(Learnable(objective="output-kl"),))
+    config = SparsityConfig(pattern="2:4", criterion="amber", corrections=(Learnable(objective="output-kl"),))
     handle = sparsify(
         llama, config, calibration, calibration_settings=CalibrationSettings(steps=24, lr=1e-3, holdout=0.0)
     )
@@ -201,7 +201,7 @@ def test_the_output_kl_objective_fits_every_layer_together_and_lowers_the_kl(lla
 @pytest.mark.parametrize("objective", ["block-mse", "output-kl"])
 def test_input_only_corrections_leave_the_output_ones_neutral(llama, calibration, objective):
     config = SparsityConfig(
-        pattern="2:4", criterion="amber", mitigation=(Learnable(objective=objective, learn="input"),)
+        pattern="2:4", criterion="amber", corrections=(Learnable(objective=objective, learn="input"),)
     )
     handle = sparsify(
         llama, config, calibration, calibration_settings=CalibrationSettings(steps=4, lr=1e-3, holdout=0.0)
@@ -217,7 +217,7 @@ def test_input_only_corrections_leave_the_output_ones_neutral(llama, calibration
 def test_the_end_to_end_fit_takes_a_lower_rate_when_the_output_vectors_are_fitted_too(llama, calibration):
     rates = {}
     for learn in LEARNABLE_PARTS:
-        config = SparsityConfig(pattern="2:4", mitigation=(Learnable(learn=learn),))
+        config = SparsityConfig(pattern="2:4", corrections=(Learnable(learn=learn),))
         handle = sparsify(llama, config, calibration, calibration_settings=CalibrationSettings(steps=2))
         rates[learn] = handle.calibration["settings"]["lr"]
         assert handle.label == config.label  # each its own default: no lr word
@@ -227,21 +227,21 @@ def test_the_end_to_end_fit_takes_a_lower_rate_when_the_output_vectors_are_fitte
 
 def test_labels_say_when_the_output_corrections_are_fitted_too():
     fitted = {
-        learn: SparsityConfig(pattern="2:4", mitigation=(Learnable(learn=learn),))
+        learn: SparsityConfig(pattern="2:4", corrections=(Learnable(learn=learn),))
         for learn in LEARNABLE_PARTS
     }
-    assert fitted["input"] == SparsityConfig(pattern="2:4", mitigation="learnable")  # the default
+    assert fitted["input"] == SparsityConfig(pattern="2:4", corrections="learnable")  # the default
     assert "learn=" not in fitted["input"].label and "learn=input+output" in fitted["input+output"].label
 
 
 def test_an_unknown_objective_is_refused():
     with pytest.raises(ActsparseError, match="Unknown objective 'mse'; choose one of block-mse"):
-        SparsityConfig(pattern="2:4", mitigation=(Learnable(objective="mse"),))
+        SparsityConfig(pattern="2:4", corrections=(Learnable(objective="mse"),))
 
 
 def test_unknown_learned_parts_are_refused():
     with pytest.raises(ActsparseError, match="Unknown learn='output'; choose one of input"):
-        SparsityConfig(pattern="2:4", mitigation=(Learnable(learn="output"),))
+        SparsityConfig(pattern="2:4", corrections=(Learnable(learn="output"),))
 
 
 def test_calibration_holds_out_the_last_windows_to_judge_the_fit():

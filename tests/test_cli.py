@@ -33,7 +33,7 @@ def run(monkeypatch, capsys, *args):
         (["eval", "--weights", "obs"], "Unknown weight-pruning method 'obs'"),
         (["eval", "--variants", "no-such-file.txt"], "Variants file 'no-such-file.txt' does not exist"),
         (["eval", "--policy", "greedy"], "Unknown policy 'greedy'"),
-        (["eval", "--mitigation", "shift+learn"], "Unknown mitigation 'shift+learn'"),
+        (["eval", "--corrections", "shift+learn"], "Unknown corrections 'shift+learn'"),
         (["eval", "--pattern", "unstructured:0.5", "--backend", "cpu-kernel"], "runs N:M patterns only"),
         (["info", "--backend", "gpu"], "Unknown backend 'gpu'"),
     ],
@@ -120,10 +120,10 @@ def test_eval_and_info_with_the_cpu_kernel_backend(monkeypatch, capsys, local_mo
     assert expected in " ".join(output.split())
 
 
-def test_mitigation_option_expands_to_settings():
+def test_corrections_option_expands_to_settings():
     from actsparse.config import configs_from_settings
 
-    settings = {"pattern": "8:16", "mitigation": "none,shift+var,smoothquant", "include": ["proj"]}
+    settings = {"pattern": "8:16", "corrections": "none,shift+var,smoothquant", "include": ["proj"]}
     configs = configs_from_settings(settings)
     assert [c.label for c in configs] == ["8:16 amber", "8:16 amber shift+var", "8:16 amber smoothquant"]
     assert all(c.include == ("proj",) for c in configs)
@@ -155,7 +155,7 @@ def test_calibrate_writes_a_recipe_that_eval_reads(monkeypatch, capsys, local_mo
     recipe, out = tmp_path / "recipe", tmp_path / "eval.json"
     common = ["--model", str(model), "--dataset", str(text), "--seqlen", "32"]
     code, output = run(
-        monkeypatch, capsys, "calibrate", *common, "--pattern", "2:4", "--mitigation", "shift+learnable",
+        monkeypatch, capsys, "calibrate", *common, "--pattern", "2:4", "--corrections", "shift+learnable",
         "--objective", "block-mse", "--calib-windows", "3", "--calib-steps", "2", "--lr", "1e-3", "--out", str(recipe),
     )  # fmt: skip
     assert code in (0, None), output
@@ -176,7 +176,7 @@ def test_calibrate_searches_comma_separated_learning_rates(monkeypatch, capsys, 
     recipe = tmp_path / "recipe"
     code, output = run(
         monkeypatch, capsys, "calibrate", "--model", str(model), "--dataset", str(text), "--seqlen", "32",
-        "--pattern", "2:4", "--mitigation", "learnable", "--calib-windows", "3", "--calib-steps", "2",
+        "--pattern", "2:4", "--corrections", "learnable", "--calib-windows", "3", "--calib-steps", "2",
         "--lr", "1e-3, 1e-4", "--out", str(recipe),
     )  # fmt: skip
     assert code in (0, None), output
@@ -274,7 +274,7 @@ def test_a_learnable_variant_is_calibrated_once_for_perplexity_tasks_and_generat
     out = tmp_path / "eval.json"
     code, output = run(
         monkeypatch, capsys, "eval", "--model", str(model), "--dataset", str(text), "--seqlen", "32",
-        "--windows", "2", "--pattern", "2:4", "--criterion", "magnitude", "--mitigation", "learnable",
+        "--windows", "2", "--pattern", "2:4", "--criterion", "magnitude", "--corrections", "learnable",
         "--calib-windows", "2", "--calib-steps", "1", "--tasks", "lastword", "--limit", "4",
         "--generate", "2", "--prompt-tokens", "8", "--new-tokens", "2", "--out", str(out),
     )  # fmt: skip
@@ -313,7 +313,7 @@ def test_sweep_hands_the_calibration_settings_to_its_evaluations(monkeypatch, ca
     code, output = run(
         monkeypatch, capsys, "sweep", "--model", str(model), "--dataset", str(text), "--seqlen", "32",
         "--windows", "1", "--calib-windows", "2", "--pattern", "2:4", "--criterion", "magnitude",
-        "--mitigation", "learnable", "--calib-steps", "1", "--lr", "0.0123", "--out", str(out),
+        "--corrections", "learnable", "--calib-steps", "1", "--lr", "0.0123", "--out", str(out),
     )  # fmt: skip
     assert code in (0, None), output
     (record,) = [json.loads(p.read_text()) for p in (out / "configs").glob("*.json")]
@@ -340,7 +340,7 @@ def test_a_local_text_file_never_calibrates_on_its_evaluation_part(
     out = tmp_path / "eval.json"
     code, output = run(
         monkeypatch, capsys, "eval", "--model", str(model), "--dataset", str(text), "--seqlen", "32",
-        "--windows", "0", "--pattern", "2:4", "--mitigation", "smoothquant", "--calib-windows", "100",
+        "--windows", "0", "--pattern", "2:4", "--corrections", "smoothquant", "--calib-windows", "100",
         "--out", str(out),
     )  # fmt: skip
     assert code in (0, None), output

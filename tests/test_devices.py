@@ -38,15 +38,15 @@ def _logits(model, tokens):
         return model(tokens, use_cache=False).logits
 
 
-@pytest.mark.parametrize("mitigation", ["none", "smoothquant+shift", "permute", "learnable"])
+@pytest.mark.parametrize("corrections", ["none", "smoothquant+shift", "permute", "learnable"])
 def test_an_offloaded_model_is_sparsified_calibrated_and_restored_like_one_in_memory(
-    llama, offloaded_llama, tokens, mitigation
+    llama, offloaded_llama, tokens, corrections
 ):
     down = offloaded_llama.model.layers[1].mlp.down_proj
     assert offloaded(down) and down.weight.device.type == "meta"
     dense = _logits(offloaded_llama, tokens)
     calibration = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(2))
-    config = SparsityConfig(pattern="8:16", criterion="amber", mitigation=mitigation)
+    config = SparsityConfig(pattern="8:16", criterion="amber", corrections=corrections)
     in_memory = sparsify(llama, config, calibration, calibration_settings=None)
     handle = sparsify(offloaded_llama, config, calibration)
     sparse = _logits(offloaded_llama, tokens)
@@ -111,7 +111,7 @@ def test_batches_give_the_figures_of_one_window_at_a_time(llama):
         assert b.kl_to_dense == pytest.approx(a.kl_to_dense, rel=1e-4, abs=1e-7)
         assert b.top1_agreement == a.top1_agreement
         assert b.flops == a.flops
-    config = SparsityConfig(pattern="2:4", mitigation="smoothquant")
+    config = SparsityConfig(pattern="2:4", corrections="smoothquant")
     one, batched = (measure_sensitivity(llama, config, windows, size)[0] for size in (1, 4))
     assert batched == pytest.approx(one, rel=1e-5)
 
@@ -119,7 +119,7 @@ def test_batches_give_the_figures_of_one_window_at_a_time(llama):
 @CUDA
 @pytest.mark.cuda
 def test_a_model_on_cuda_gives_the_cpu_figures(llama, tokens):
-    config = SparsityConfig(pattern="8:16", criterion="amber", mitigation="shift")
+    config = SparsityConfig(pattern="8:16", criterion="amber", corrections="shift")
     cpu = evaluate(llama, tokens, [config], progress=False)
     gpu = evaluate(llama.to("cuda"), tokens, [config], progress=False)
     assert gpu[1].kl_to_dense == pytest.approx(cpu[1].kl_to_dense, rel=1e-3, abs=1e-5)

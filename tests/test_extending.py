@@ -114,20 +114,20 @@ def test_a_toy_criterion_runs_end_to_end(toys, llama, tokens):
 
 
 def test_a_toy_correction_runs_end_to_end_with_its_own_setting(toys, llama, tokens):
-    (config,) = configs_from_settings({"pattern": "2:4", "mitigation": "shift+toy-scale", "toy_gain": "3"})
-    assert config.mitigation[-1] == ScaleKept(toy_gain=3.0)
+    (config,) = configs_from_settings({"pattern": "2:4", "corrections": "shift+toy-scale", "toy_gain": "3"})
+    assert config.corrections[-1] == ScaleKept(toy_gain=3.0)
     assert config.label == "2:4 amber shift+toy-scale toy_gain=3.0"
     assert SparsityConfig.from_dict(config.to_dict()) == config
     assert "toy_gain" in {s.name for s in config_settings()}
-    plain = SparsityConfig(pattern="2:4", mitigation="shift")
+    plain = SparsityConfig(pattern="2:4", corrections="shift")
     with sparsify(llama, plain):
         expected = logits(llama, tokens)
     with sparsify(llama, config):
         assert not torch.allclose(logits(llama, tokens), expected)
     rows = evaluate(llama, tokens, [config, plain], progress=False)
     assert rows[1].kl_to_dense > rows[2].kl_to_dense  # tripling the kept values hurts
-    with pytest.raises(Exception, match="does not rescale the kept values; drop the toy-scale mitigation"):
-        SparsityConfig(pattern="2:4", mitigation="toy-scale", backend="cpu-kernel")
+    with pytest.raises(Exception, match="does not rescale the kept values; drop the toy-scale correction"):
+        SparsityConfig(pattern="2:4", corrections="toy-scale", backend="cpu-kernel")
 
 
 def test_a_toy_policy_runs_end_to_end(toys, llama, tokens):
@@ -141,9 +141,9 @@ def test_a_toy_policy_runs_end_to_end(toys, llama, tokens):
 
 
 def test_a_toy_backend_runs_end_to_end(toys, llama, tokens):
-    config = SparsityConfig(pattern="8:16", criterion="wina", mitigation="shift", backend="toy-float64")
+    config = SparsityConfig(pattern="8:16", criterion="wina", corrections="shift", backend="toy-float64")
     Float64.calls = 0
-    with sparsify(llama, SparsityConfig(pattern="8:16", criterion="wina", mitigation="shift")):
+    with sparsify(llama, SparsityConfig(pattern="8:16", criterion="wina", corrections="shift")):
         expected = logits(llama, tokens)
     with sparsify(llama, config):
         torch.testing.assert_close(logits(llama, tokens), expected, rtol=1e-4, atol=1e-4)

@@ -70,7 +70,7 @@ def test_corrections_fitted_end_to_end_lower_the_kl_more_than_block_by_block():
             pattern="8:16",
             criterion="amber",
             include=first_blocks,
-            mitigation=(Learnable(objective=objective),),
+            corrections=(Learnable(objective=objective),),
         )
         for objective in ("block-mse", "output-kl")
     ]
@@ -89,7 +89,7 @@ def test_regrouped_channels_lower_the_kl_at_8_16(name):
     # In the models' own channel order, inputs that are large together share groups; dealt across
     # the groups by their calibration statistics, each group keeps more of what matters.
     model, calibration, windows = model_and_windows(name)
-    configs = [SparsityConfig(pattern="8:16", criterion="amber", mitigation=m) for m in ("none", "permute")]
+    configs = [SparsityConfig(pattern="8:16", criterion="amber", corrections=m) for m in ("none", "permute")]
     _, plain, permuted = evaluate(model, windows, configs, calibration, progress=False)
     assert permuted.kl_to_dense < plain.kl_to_dense
 

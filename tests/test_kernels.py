@@ -226,11 +226,11 @@ def logits(model, tokens):
 
 @needs_kernel
 @pytest.mark.parametrize("criterion", ["magnitude", "wina", "amber", "clact", "variance"])
-@pytest.mark.parametrize("mitigation", ["none", "shift"])
+@pytest.mark.parametrize("corrections", ["none", "shift"])
 @pytest.mark.parametrize("model", ["llama", "qwen2"])
-def test_models_give_the_emulated_logits(model, criterion, mitigation, tokens, request):
+def test_models_give_the_emulated_logits(model, criterion, corrections, tokens, request):
     model = request.getfixturevalue(model)
-    config = SparsityConfig(pattern="8:16", criterion=criterion, mitigation=mitigation, phase="all")
+    config = SparsityConfig(pattern="8:16", criterion=criterion, corrections=corrections, phase="all")
     with sparsify(model, config):
         expected = logits(model, tokens)
     with sparsify(model, replace(config, backend="cpu-kernel")) as handle:
@@ -239,11 +239,11 @@ def test_models_give_the_emulated_logits(model, criterion, mitigation, tokens, r
 
 
 @needs_kernel
-@pytest.mark.parametrize("mitigation", ["smoothquant+shift+learnable", "smoothquant+permute+shift+learnable"])
-def test_learned_corrections_and_smoothing_run_through_the_kernel(llama, tokens, mitigation):
+@pytest.mark.parametrize("corrections", ["smoothquant+shift+learnable", "smoothquant+permute+shift+learnable"])
+def test_learned_corrections_and_smoothing_run_through_the_kernel(llama, tokens, corrections):
     calibration = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
     settings = CalibrationSettings(steps=3, lr=1e-3)
-    config = SparsityConfig(pattern="2:4", mitigation=mitigation)
+    config = SparsityConfig(pattern="2:4", corrections=corrections)
     handle = sparsify(llama, config, calibration, calibration_settings=settings)
     expected = logits(llama, tokens)
     recipe = handle.recipe()
@@ -289,15 +289,15 @@ def count_product_calls(monkeypatch, product="actsparse_nm_gemv"):
 
 
 @needs_kernel
-@pytest.mark.parametrize("mitigation", ["none", "shift"])
+@pytest.mark.parametrize("corrections", ["none", "shift"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("model", ["llama", "qwen2"])
 def test_decode_steps_give_the_emulated_logits_through_the_gemv(
-    model, mitigation, batch, request, monkeypatch
+    model, corrections, batch, request, monkeypatch
 ):
     model = request.getfixturevalue(model)
     tokens = torch.randint(0, 128, (batch, 16), generator=torch.Generator().manual_seed(5))
-    config = SparsityConfig(pattern="8:16", criterion="amber", mitigation=mitigation, phase="all")
+    config = SparsityConfig(pattern="8:16", criterion="amber", corrections=corrections, phase="all")
     with sparsify(model, config):
         expected = decode_logits(model, tokens)
     calls = count_product_calls(monkeypatch)
@@ -310,7 +310,7 @@ def test_decode_steps_give_the_emulated_logits_through_the_gemv(
 def test_decode_with_folded_learned_corrections_runs_through_the_gemv(llama, monkeypatch):
     calibration = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
     settings = CalibrationSettings(steps=3, lr=1e-3)
-    config = SparsityConfig(pattern="2:4", mitigation="shift+learnable", phase="all")
+    config = SparsityConfig(pattern="2:4", corrections="shift+learnable", phase="all")
     handle = sparsify(llama, config, calibration, calibration_settings=settings)
     tokens = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(6))
     expected = decode_logits(llama, tokens)
@@ -394,7 +394,7 @@ def test_nan_activations_are_reported_with_the_layer(llama, tokens):
         ({"pattern": "unstructured:0.5"}, "N:M patterns only"),
         ({"pattern": "64:128"}, "M up to 64"),
         ({"quant": "w8a8"}, "does not quantise"),
-        ({"mitigation": "shift+var"}, "var mitigation"),
+        ({"corrections": "shift+var"}, "var correction"),
         ({"backend": "gpu"}, "Unknown backend 'gpu'"),
     ],
 )

@@ -22,9 +22,9 @@ SEEDS = (0, 1)
 def command(name, model, text, out):
     common = ["--model", str(model), "--dataset", str(text), "--seqlen", "16"]
     specific = {
-        "eval": ["--windows", "0", "--pattern", "2:4,8:16", "--criterion", "magnitude", "--mitigation", "none,smoothquant",
+        "eval": ["--windows", "0", "--pattern", "2:4,8:16", "--criterion", "magnitude", "--corrections", "none,smoothquant",
                  "--calib-windows", "4"],
-        "calibrate": ["--pattern", "2:4", "--mitigation", "shift+learnable", "--calib-windows", "8"],
+        "calibrate": ["--pattern", "2:4", "--corrections", "shift+learnable", "--calib-windows", "8"],
         "sweep": ["--windows", "20", "--pattern", "2:4,4:8,8:16", "--criterion", "magnitude,wina"],
     }[name]  # fmt: skip
     return [sys.executable, "-m", "actsparse", name, *common, *specific, "--out", str(out)]

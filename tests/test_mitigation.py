@@ -20,7 +20,7 @@ def layer(config: SparsityConfig, weight: torch.Tensor, bias: torch.Tensor | Non
 def test_shift_by_hand():
     # median of [1, 2, 3, 10] is 2 (the lower middle value); x − η = [-1, 0, 1, 8]; 2:4 keeps 8 and
     # -1 (a tie with 1, lower index first); + η gives [1, 2, 2, 10]
-    sparse = layer(SparsityConfig(pattern="2:4", criterion="magnitude", mitigation="shift"), torch.eye(4))
+    sparse = layer(SparsityConfig(pattern="2:4", criterion="magnitude", corrections="shift"), torch.eye(4))
     x = torch.tensor([[[1.0, 2.0, 3.0, 10.0], [1.0, 2.0, 3.0, 10.0]]])
     torch.testing.assert_close(sparse(x)[0, 0], torch.tensor([1.0, 2.0, 2.0, 10.0]))
 
@@ -29,7 +29,7 @@ def test_shift_by_hand():
 def test_shift_adds_eta_times_row_sums_exactly_as_the_dense_form(statistic):
     torch.manual_seed(0)
     weight, bias = torch.randn(24, 32), torch.randn(24)
-    config = SparsityConfig(pattern="8:16", criterion="amber", mitigation=(Shift(shift_statistic=statistic),))
+    config = SparsityConfig(pattern="8:16", criterion="amber", corrections=(Shift(shift_statistic=statistic),))
     sparse = layer(config, weight, bias)
     x = torch.randn(2, 5, 32) + 3
     eta = x.median(-1, keepdim=True).values if statistic == "median" else x.mean(-1, keepdim=True)
@@ -39,7 +39,7 @@ def test_shift_adds_eta_times_row_sums_exactly_as_the_dense_form(statistic):
 
 
 def test_variance_restoration_by_hand():
-    sparse = layer(SparsityConfig(pattern="2:4", criterion="magnitude", mitigation="var"), torch.eye(4))
+    sparse = layer(SparsityConfig(pattern="2:4", criterion="magnitude", corrections="var"), torch.eye(4))
     x = torch.tensor([[[3.0, -1.0, 1.0, -3.0], [3.0, -1.0, 1.0, -3.0]]])
     scale = (20 / 18) ** 0.5  # Var(x) = 20/3, Var([3, 0, 0, -3]) = 18/3
     torch.testing.assert_close(sparse(x)[0, 0], torch.tensor([3.0, 0.0, 0.0, -3.0]) * scale)
@@ -47,7 +47,7 @@ def test_variance_restoration_by_hand():
 
 def test_corrections_leave_decode_steps_dense():
     weight = torch.randn(8, 16)
-    sparse = layer(SparsityConfig(pattern="2:4", mitigation="shift+var"), weight)
+    sparse = layer(SparsityConfig(pattern="2:4", corrections="shift+var"), weight)
     x = torch.randn(1, 1, 16)
     torch.testing.assert_close(sparse(x), F.linear(x, weight))
 
@@ -55,30 +55,30 @@ def test_corrections_leave_decode_steps_dense():
 def test_shift_and_var_run_on_a_model(llama, tokens):
     with torch.no_grad():
         dense = llama(tokens, use_cache=False).logits
-    with sparsify(llama, SparsityConfig(pattern="2:4", mitigation="shift+var")):
+    with sparsify(llama, SparsityConfig(pattern="2:4", corrections="shift+var")):
         with torch.no_grad():
             sparse = llama(tokens, use_cache=False).logits
     assert torch.isfinite(sparse).all() and not torch.equal(sparse, dense)
-    assert SparsityConfig(pattern="2:4", mitigation="shift+var").label == "2:4 amber shift+var"
+    assert SparsityConfig(pattern="2:4", corrections="shift+var").label == "2:4 amber shift+var"
 
 
-@pytest.mark.parametrize("mitigation", ["shfit", "smooth", "+"])
-def test_unknown_mitigation(mitigation):
-    with pytest.raises(ActsparseError, match="Unknown mitigation"):
-        SparsityConfig(mitigation=mitigation)
+@pytest.mark.parametrize("corrections", ["shfit", "smooth", "+"])
+def test_unknown_mitigation(corrections):
+    with pytest.raises(ActsparseError, match="Unknown corrections"):
+        SparsityConfig(corrections=corrections)
 
 
 def test_a_correction_named_twice_or_two_smoothings_are_refused():
-    with pytest.raises(ActsparseError, match="names a correction twice"):
-        SparsityConfig(mitigation="shift+shift")
+    with pytest.raises(ActsparseError, match="name a correction twice"):
+        SparsityConfig(corrections="shift+shift")
     with pytest.raises(ActsparseError, match="two smoothing corrections"):
-        SparsityConfig(mitigation="smoothquant+outstanding")
+        SparsityConfig(corrections="smoothquant+outstanding")
 
 
 def learned_layer(
-    weight, bias, mitigation="learnable", criterion="magnitude", pattern="2:4", phase="prefill"
+    weight, bias, corrections="learnable", criterion="magnitude", pattern="2:4", phase="prefill"
 ):
-    config = SparsityConfig(pattern=pattern, criterion=criterion, mitigation=mitigation, phase=phase)
+    config = SparsityConfig(pattern=pattern, criterion=criterion, corrections=corrections, phase=phase)
     return layer(config, weight, bias)
 
 
@@ -103,12 +103,12 @@ def test_learned_corrections_by_hand():
 
 
 @pytest.mark.parametrize("criterion", ["magnitude", "amber", "clact"])
-@pytest.mark.parametrize("mitigation", ["learnable", "shift+learnable"])
+@pytest.mark.parametrize("corrections", ["learnable", "shift+learnable"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_folded_corrections_equal_the_unfolded_form(criterion, mitigation, bias):
+def test_folded_corrections_equal_the_unfolded_form(criterion, corrections, bias):
     torch.manual_seed(0)
     weight = torch.randn(24, 32)
-    sparse = learned_layer(weight, torch.randn(24) if bias else None, mitigation, criterion, "8:16")
+    sparse = learned_layer(weight, torch.randn(24) if bias else None, corrections, criterion, "8:16")
     correction = sparse.state("learnable")
     for parameter, spread in zip(correction.parameters(), (0.5, 0.3, 0.2, 0.1)):
         parameter.data += spread * torch.randn_like(parameter)
@@ -133,8 +133,8 @@ def test_learned_corrections_start_as_the_plain_layer():
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"mitigation": "var+learnable"}, r"var\+learnable is not supported"),
-        ({"mitigation": "learnable", "quant": "w8a8"}, "cannot be combined with quant='w8a8'"),
+        ({"corrections": "var+learnable"}, r"var\+learnable are not supported"),
+        ({"corrections": "learnable", "quant": "w8a8"}, "cannot be combined with quant='w8a8'"),
     ],
 )
 def test_unsupported_learnable_combinations(settings, message):
@@ -158,7 +158,7 @@ def permuted(
 ) -> SparseLinear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     linear.weight.data = weight
-    config = SparsityConfig(pattern=pattern, criterion="magnitude", mitigation="permute", **settings)
+    config = SparsityConfig(pattern=pattern, criterion="magnitude", corrections="permute", **settings)
     return SparseLinear(linear, "up_proj", config, {"input_mean_square": mean_square})
 
 
@@ -193,4 +193,25 @@ def test_permute_puts_the_most_important_inputs_in_the_dense_tail():
 
 def test_permute_is_refused_without_groups():
     with pytest.raises(ActsparseError, match="unstructured sparsity has none"):
-        SparsityConfig(pattern="unstructured:0.5", mitigation="permute")
+        SparsityConfig(pattern="unstructured:0.5", corrections="permute")
+
+
+def test_the_old_name_mitigation_is_still_accepted_wherever_users_give_it(tmp_path):
+    from actsparse.config import configs_from_settings
+    from actsparse.eval.sweep import read_sweep_file
+    from actsparse.eval.variants import parse_variant
+
+    expected = SparsityConfig(pattern="2:4", corrections="shift+var")
+    assert SparsityConfig(pattern="2:4", mitigation="shift+var") == expected
+    assert configs_from_settings({"pattern": "2:4", "mitigation": "shift+var"}) == [expected]
+    assert parse_variant("pattern=2:4 mitigation=shift+var") == [expected]
+    stored = expected.to_dict()
+    stored["mitigation"] = stored.pop("corrections")  # as recipes and results of formats 2 and 3 hold it
+    assert SparsityConfig.from_dict(stored) == expected
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("mitigation: shift+var\n")
+    assert read_sweep_file(sweep) == {"corrections": "shift+var"}
+    with pytest.raises(ActsparseError, match="mitigation is the old name of corrections and both are given"):
+        SparsityConfig(corrections="shift", mitigation="var")
+    with pytest.raises(ActsparseError, match="mitigation is the old name of corrections and both are given"):
+        configs_from_settings({"corrections": "shift", "mitigation": "var"})

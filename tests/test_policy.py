@@ -222,7 +222,7 @@ def test_rest_pattern_needs_a_policy_that_leaves_layers_out():
     with pytest.raises(ActsparseError, match="cpu-kernel backend takes M up to 64"):
         SparsityConfig(pattern="8:16", policy="kl", rest_pattern="96:128", backend="cpu-kernel")
     with pytest.raises(ActsparseError, match="permute correction"):
-        SparsityConfig(pattern="8:16", policy="kl", rest_pattern="unstructured:0.7", mitigation="permute")
+        SparsityConfig(pattern="8:16", policy="kl", rest_pattern="unstructured:0.7", corrections="permute")
     config = SparsityConfig(pattern="8:16", policy="kl", rest_pattern=" 12 : 16 ")
     assert config.rest_pattern == "12:16" and "rest=12:16" in config.label
     assert SparsityConfig.from_dict(config.to_dict()) == config

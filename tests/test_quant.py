@@ -29,7 +29,7 @@ def test_smoothing_leaves_dense_outputs_unchanged_before_quantisation(llama, tok
     with torch.no_grad():
         dense = llama(tokens, use_cache=False).logits
     for smooth in ("smoothquant", "outstanding"):
-        with sparsify(llama, SparsityConfig(pattern="dense", mitigation=smooth), tokens) as handle:
+        with sparsify(llama, SparsityConfig(pattern="dense", corrections=smooth), tokens) as handle:
             layer = handle.layers["model.layers.0.mlp.down_proj"]
             scale = layer.state(smooth).value
             assert not torch.allclose(scale, torch.ones_like(scale))
@@ -58,10 +58,10 @@ def test_w8a8_alone_makes_nothing_sparse(llama, tokens):
 
 def test_w8a8_with_exclusion_and_label(llama, tokens):
     config = SparsityConfig(
-        pattern="8:16", mitigation="outstanding", quant="w8a8", quant_exclude=("down_proj",)
+        pattern="8:16", corrections="outstanding", quant="w8a8", quant_exclude=("down_proj",)
     )
     handle = sparsify(llama, config, tokens)
-    assert config.label == "8:16 amber outstanding w8a8" and config.mitigation[0].smooth_alpha == 0.1
+    assert config.label == "8:16 amber outstanding w8a8" and config.corrections[0].smooth_alpha == 0.1
     assert not handle.layers["model.layers.0.mlp.down_proj"].quantize
     assert handle.layers["model.layers.0.mlp.up_proj"].quantize
     with torch.no_grad():
@@ -84,12 +84,12 @@ def test_alpha_outside_unit_interval_is_refused(alpha):
     from actsparse import ActsparseError
 
     with pytest.raises(ActsparseError, match="smooth_alpha"):
-        SparsityConfig(mitigation=(SmoothQuant(smooth_alpha=alpha),))
+        SparsityConfig(corrections=(SmoothQuant(smooth_alpha=alpha),))
 
 
 def test_outstanding_sparse_under_the_amber_policy(llama, tokens):
     config = SparsityConfig(
-        pattern="8:16", policy=AmberRule(flop_share=0.3), mitigation="outstanding", quant="w8a8"
+        pattern="8:16", policy=AmberRule(flop_share=0.3), corrections="outstanding", quant="w8a8"
     )
     handle = sparsify(llama, config, tokens)
     assert any(not layer.sparse for layer in handle.layers.values())

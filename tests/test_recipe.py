@@ -14,7 +14,7 @@ from actsparse.pieces.policies import AmberRule
 CONFIG = SparsityConfig(
     pattern="2:4",
     criterion="amber",
-    mitigation="smoothquant+shift+learnable",
+    corrections="smoothquant+shift+learnable",
     policy=AmberRule(flop_share=0.3),
 )
 
@@ -117,7 +117,7 @@ FORMAT_1_CONFIG = {  # actsparse 0.1's flat config of CONFIG, as its recipes hol
 def test_a_format_1_recipe_still_loads_bit_for_bit(llama, tokens, saved):
     folder, logits = saved
     description = json.loads((folder / "recipe.json").read_text())
-    assert description["format"] == 3 and description["config"]["policy"]["name"] == "amber"
+    assert description["format"] == 4 and description["config"]["policy"]["name"] == "amber"
     (folder / "recipe.json").write_text(json.dumps(description | {"format": 1, "config": FORMAT_1_CONFIG}))
     recipe = load_recipe(folder)
     assert recipe.config == as_saved_before_learn(CONFIG)
@@ -127,19 +127,20 @@ def test_a_format_1_recipe_still_loads_bit_for_bit(llama, tokens, saved):
 
 def as_saved_before_learn(config: SparsityConfig) -> SparsityConfig:
     """``config`` with its learnable corrections fitting the output too, as all did before ``learn``."""
-    mitigation = tuple(
-        replace(c, learn="input+output") if c.name == "learnable" else c for c in config.mitigation
+    corrections = tuple(
+        replace(c, learn="input+output") if c.name == "learnable" else c for c in config.corrections
     )
-    return replace(config, mitigation=mitigation)
+    return replace(config, corrections=corrections)
 
 
 def test_a_recipe_saved_before_learn_existed_reads_as_fitting_the_output_too(llama, tokens, saved):
     folder, logits = saved
     description = json.loads((folder / "recipe.json").read_text())
-    assert CONFIG.mitigation[-1].learn == "input"  # the default now
-    [learnable] = [piece for piece in description["config"]["mitigation"] if piece["name"] == "learnable"]
+    assert CONFIG.corrections[-1].learn == "input"  # the default now
+    [learnable] = [piece for piece in description["config"]["corrections"] if piece["name"] == "learnable"]
     del learnable["learn"]  # as saved before the setting existed, in format 2
-    (folder / "recipe.json").write_text(json.dumps(description | {"format": 2}))
+    config = {("mitigation" if key == "corrections" else key): value for key, value in description["config"].items()}
+    (folder / "recipe.json").write_text(json.dumps(description | {"format": 2, "config": config}))
     recipe = load_recipe(folder)
     assert recipe.config == as_saved_before_learn(CONFIG) and "learn=input+output" in recipe.config.label
     with sparsify(llama, recipe=recipe), torch.no_grad():
@@ -149,14 +150,14 @@ def test_a_recipe_saved_before_learn_existed_reads_as_fitting_the_output_too(lla
 def test_a_recipe_of_an_unknown_format_is_refused(saved):
     description = json.loads((saved[0] / "recipe.json").read_text())
     (saved[0] / "recipe.json").write_text(json.dumps(description | {"format": 7}))
-    with pytest.raises(ActsparseError, match="format 7.*reads formats 1, 2 and 3"):
+    with pytest.raises(ActsparseError, match="format 7.*reads formats 1, 2, 3 and 4"):
         load_recipe(saved[0])
 
 
 def test_a_regrouped_recipe_round_trips_bit_for_bit(llama, tokens, tmp_path):
     # The channel order is not saved: it is derived again from the saved statistics and weights,
     # after smoothing, and the learned corrections live in that order.
-    config = SparsityConfig(pattern="8:16", criterion="amber", mitigation="smoothquant+permute+learnable")
+    config = SparsityConfig(pattern="8:16", criterion="amber", corrections="smoothquant+permute+learnable")
     logits = calibrate_and_save(llama, tokens, config, tmp_path / "recipe")
     recipe = load_recipe(tmp_path / "recipe")
     assert any(name.endswith(".input_mean_square") for name in recipe.tensors)
@@ -171,7 +172,7 @@ def test_a_mixed_pattern_recipe_round_trips_bit_for_bit(llama, tokens, tmp_path)
         pattern="2:4",
         rest_pattern="3:4",
         policy=OutputKl(flop_share=0.4, kl_windows=2),
-        mitigation="permute+learnable",
+        corrections="permute+learnable",
     )
     logits = calibrate_and_save(llama, tokens, config, tmp_path / "recipe")
     recipe = load_recipe(tmp_path / "recipe")

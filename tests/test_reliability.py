@@ -145,7 +145,7 @@ def test_a_full_disk_leaves_no_half_written_file(tmp_path):
 @pytest.fixture
 def recipe(llama, tmp_path):
     calibration = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
-    handle = sparsify(llama, SparsityConfig(pattern="2:4", mitigation="smoothquant+learnable"), calibration,
+    handle = sparsify(llama, SparsityConfig(pattern="2:4", corrections="smoothquant+learnable"), calibration,
                       calibration_settings=CalibrationSettings(steps=1))  # fmt: skip
     handle.recipe().save(tmp_path / "recipe")
     handle.remove()
@@ -234,7 +234,7 @@ def test_config_values_of_the_wrong_type_are_refused_in_one_sentence(llama):
         ({"pattern": 8}, "Pattern 8 is a int, not text"),
         ({"criterion": ["amber"]}, "criterion must be a name"),
         ({"exclude": None}, "exclude must be a regular expression or a list of them"),
-        ({"mitigation": 5}, "mitigation must be spelled as text"),
+        ({"corrections": 5}, "corrections must be spelled as text"),
     ):
         with pytest.raises(ActsparseError, match=message):
             SparsityConfig(**settings)

@@ -50,7 +50,7 @@ def test_each_shipped_recipe_was_made_by_the_documented_command():
             "sotu", "calibration", 64, 512, "spread",
         )  # fmt: skip
         assert recipe.config.pattern == "8:16" and recipe.config.policy.name == "kl"
-        assert [c.name for c in recipe.config.mitigation] == ["permute", "learnable"]
+        assert [c.name for c in recipe.config.corrections] == ["permute", "learnable"]
 
 
 def test_the_shipped_recipes_give_the_recorded_kl_on_a_short_run():

@@ -31,6 +31,7 @@ def test_every_config_setting_is_an_option_of_the_same_name(command):
     expected = {"--" + setting.name.replace("_", "-") for setting in config_settings()}
     assert expected <= found, expected - found
     assert set(SHARED_OPTIONS) <= found
+    assert "--mitigation" in found  # the old name of --corrections, still accepted
 
 
 @pytest.mark.parametrize("command", ("eval", "calibrate", "sweep"))

@@ -43,7 +43,7 @@ def test_a_model_through_the_fused_pass_gives_the_pytorch_logits(
     monkeypatch, llama, tokens, dtype, criterion
 ):
     model, tokens = llama.to(DEVICE, dtype), tokens.to(DEVICE)
-    config = SparsityConfig(pattern="8:16", criterion=criterion, mitigation="shift")
+    config = SparsityConfig(pattern="8:16", criterion=criterion, corrections="shift")
     monkeypatch.setattr(kernels, "supports", lambda x, m: False)
     monkeypatch.setattr(kernels, "ranks_scores", lambda x, m: False)
     monkeypatch.setattr(triton_select, "supports", lambda x, m: False)  # the PyTorch path first

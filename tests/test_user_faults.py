@@ -75,7 +75,7 @@ def test_a_resumed_eval_never_mixes_runs_calibrated_differently(monkeypatch, cap
     distribution = sys.modules["actsparse.core.distribution"]
     out = tmp_path / "eval.json"
     args = [*common(local_model), "--windows", "3", "--pattern", "8:16", "--criterion", "magnitude",
-            "--mitigation", "smoothquant", "--out", str(out)]  # fmt: skip
+            "--corrections", "smoothquant", "--out", str(out)]  # fmt: skip
     calls = {"n": 0}
     original = distribution.Totals.add
 
@@ -203,7 +203,7 @@ def test_a_binary_file_is_not_a_text(monkeypatch, capsys, local_model, tmp_path)
 @pytest.fixture
 def recipe_folder(llama, tmp_path):
     calibration = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
-    config = SparsityConfig(pattern="2:4", mitigation="smoothquant+learnable")
+    config = SparsityConfig(pattern="2:4", corrections="smoothquant+learnable")
     from actsparse.config import CalibrationSettings
 
     handle = sparsify(llama, config, calibration, calibration_settings=CalibrationSettings(steps=1))

@@ -14,7 +14,7 @@ def test_activation_variant_with_defaults():
 
 
 def test_comma_separated_values_give_one_variant_each():
-    variants = parse_variant("pattern=2:4,8:16 mitigation=none,shift+var")
+    variants = parse_variant("pattern=2:4,8:16 corrections=none,shift+var")
     assert [v.label for v in variants] == [
         "2:4 amber",
         "2:4 amber shift+var",

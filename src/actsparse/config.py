@@ -2,10 +2,10 @@
 the one parser of its spelled-out form (command-line options, ``--variant`` strings, sweep files).
 
 The config nests its pieces: ``policy`` is a ``Policy`` (``AmberRule(flop_share=0.55,
-amber_skip=5)``) and ``mitigation`` a tuple of ``Correction`` pieces (``(Shift("median"),
+amber_skip=5)``) and ``corrections`` a tuple of ``Correction`` pieces (``(Shift("median"),
 RestoreVariance())``); each validates its own settings. Spelled out, every setting is one flat
 ``key=value`` whose key is a field of the config or of one of its pieces (``policy=amber
-flop_share=0.6 mitigation=shift+var shift_statistic=mean``); ``configs_from_settings`` reads that
+flop_share=0.6 corrections=shift+var shift_statistic=mean``); ``configs_from_settings`` reads that
 form, whatever it came from. ``CalibrationSettings`` says how learned corrections are fitted.
 
 The config imports no piece: it looks names up in the registries of ``actsparse.pieces.base``,
@@ -19,7 +19,7 @@ import itertools
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 from typing import Any
 
 from actsparse.core.errors import ActsparseError, shorten
@@ -32,11 +32,29 @@ from actsparse.pieces.base import (
     POLICIES,
     Correction,
     Policy,
-    parse_mitigation,
+    parse_corrections,
 )
 
 DEFAULT_TARGETS = r"(q|k|v|o|gate|up|down)_proj$"
 """The decoder's attention and MLP projections in Llama, Gemma, Qwen2, Mistral and their kin."""
+
+OLD_NAMES = {"mitigation": "corrections"}
+"""Settings by the names they had before, still accepted wherever a user or a file gives them:
+``SparsityConfig(mitigation=...)``, ``--mitigation``, variant keys, sweep files, recipes and results."""
+
+
+def current_names(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` with old names (``OLD_NAMES``) replaced by the current ones; a setting given
+    under both names is refused."""
+    renamed = {OLD_NAMES.get(key, key): value for key, value in settings.items()}
+    if len(renamed) < len(settings):
+        raise _given_twice(next(old for old in OLD_NAMES if old in settings and OLD_NAMES[old] in settings))
+    return renamed
+
+
+def _given_twice(old: str) -> ActsparseError:
+    return ActsparseError(f"{old} is the old name of {OLD_NAMES[old]} and both are given; give {OLD_NAMES[old]} only.")
+
 
 PHASES = ("prefill", "all")
 REMAINDERS = ("error", "dense")
@@ -67,7 +85,7 @@ class SparsityConfig:
         rest_pattern: the pattern of the target layers the policy leaves out: ``"dense"``, or a
             denser N:M (``"12:16"``) for a mixed pattern, the sparser ``pattern`` on the layers the
             policy chose and ``rest_pattern`` on the others.
-        mitigation: the corrections (``actsparse.pieces.corrections.CORRECTIONS``), as pieces or spelled
+        corrections: the corrections (``actsparse.pieces.corrections``), as pieces or spelled
             with ``+`` (``"shift+var"``, ``"smoothquant+shift+learnable"``); ``"none"`` for none.
         quant: ``"w8a8"`` adds int8 weights per output channel and int8 activations per token
             (simulated) to every target layer not matched by ``quant_exclude``.
@@ -100,7 +118,7 @@ class SparsityConfig:
         default="dense",
         metadata=_about("Pattern of the target layers the policy leaves out: dense, or N:M (12:16) to mix patterns."),
     )
-    mitigation: tuple[Correction, ...] = field(
+    corrections: tuple[Correction, ...] = field(
         default=(), metadata=_about("Corrections, joined with + (shift+var): none, {corrections}.")
     )
     quant: str = field(
@@ -113,9 +131,15 @@ class SparsityConfig:
     backend: str = field(default="emulated", metadata=_about("How products are computed: {backends}."))
     parsed_pattern: Pattern = field(init=False, repr=False, compare=False)
     parsed_rest_pattern: Pattern = field(init=False, repr=False, compare=False)
+    mitigation: InitVar[tuple[Correction, ...] | str | None] = None
+    """The old name of ``corrections`` (``OLD_NAMES``), still accepted."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, mitigation: tuple[Correction, ...] | str | None) -> None:
         set_ = object.__setattr__
+        if mitigation is not None:
+            if self.corrections:
+                raise _given_twice("mitigation")
+            set_(self, "corrections", mitigation)
         for name in ("criterion", "phase", "remainder", "quant", "backend"):
             if not isinstance(getattr(self, name), str):
                 raise ActsparseError(
@@ -129,7 +153,7 @@ class SparsityConfig:
         for name in ("include", "exclude", "quant_exclude"):
             set_(self, name, _expressions(name, getattr(self, name)))
         set_(self, "policy", _policy(self.policy))
-        set_(self, "mitigation", _mitigation(self.mitigation))
+        set_(self, "corrections", _corrections(self.corrections))
         CRITERIA.get(self.criterion)
         if self.phase not in PHASES:
             raise ActsparseError(f"Unknown phase '{self.phase}'; choose 'prefill' or 'all'.")
@@ -143,7 +167,7 @@ class SparsityConfig:
                 f"rest_pattern {self.rest_pattern} applies to the target layers a layer policy leaves "
                 "out, and policy=all leaves none; choose a policy (kl, budget, amber) or drop rest_pattern."
             )
-        for correction in self.mitigation:
+        for correction in self.corrections:
             correction.check(self)
         if refusal := BACKENDS.get(self.backend).refusal(self):
             raise ActsparseError(f"The {self.backend} backend {refusal}, or use backend='emulated'.")
@@ -163,9 +187,9 @@ class SparsityConfig:
         return (self.parsed_pattern, self.parsed_rest_pattern)
 
     @property
-    def mitigation_name(self) -> str:
+    def corrections_name(self) -> str:
         """The corrections spelled out, e.g. ``"shift+var"`` (``"none"`` without any)."""
-        return "+".join(c.name for c in self.mitigation) or "none"
+        return "+".join(c.name for c in self.corrections) or "none"
 
     @property
     def label(self) -> str:
@@ -175,9 +199,9 @@ class SparsityConfig:
             parts.append(f"policy={self.policy.name}")
         if not self.parsed_rest_pattern.dense:
             parts.append(f"rest={self.rest_pattern}")
-        if self.mitigation:
-            parts.append(self.mitigation_name)
-        for piece in (self.policy, *self.mitigation):
+        if self.corrections:
+            parts.append(self.corrections_name)
+        for piece in (self.policy, *self.corrections):
             parts += [f"{key}={value}" for key, value in piece.changed_settings().items()]
         if self.quant != "none":
             parts.append(self.quant)
@@ -190,18 +214,18 @@ class SparsityConfig:
     @property
     def learned(self) -> bool:
         """True when a correction is learned on calibration text (``learnable``)."""
-        return any(c.learned for c in self.mitigation)
+        return any(c.learned for c in self.corrections)
 
     @property
     def needs_calibration(self) -> bool:
         """True when attaching measures or learns something on calibration text first."""
-        return self.policy.needs_calibration or any(c.needs_calibration for c in self.mitigation)
+        return self.policy.needs_calibration or any(c.needs_calibration for c in self.corrections)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; ``SparsityConfig.from_dict`` reads it back."""
         data: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         data["policy"] = self.policy.to_dict()
-        data["mitigation"] = [c.to_dict() for c in self.mitigation]
+        data["corrections"] = [c.to_dict() for c in self.corrections]
         for name in ("include", "exclude", "quant_exclude"):
             data[name] = list(data[name])
         if self.parsed_rest_pattern.dense:  # configs without it keep the form (and keys) they had
@@ -213,11 +237,11 @@ class SparsityConfig:
         """Read back ``to_dict`` (or the flat form of actsparse 0.1's recipes, format 1)."""
         if not isinstance(data.get("policy", {}), dict):
             return cls(**_from_flat(data))
-        data = dict(data)
+        data = current_names(data)
         if "policy" in data:
             data["policy"] = piece_from_dict(POLICIES, data["policy"])
-        if "mitigation" in data:
-            data["mitigation"] = tuple(piece_from_dict(CORRECTIONS, c) for c in data["mitigation"])
+        if "corrections" in data:
+            data["corrections"] = tuple(piece_from_dict(CORRECTIONS, c) for c in data["corrections"])
         return cls(**data)
 
 
@@ -244,26 +268,26 @@ def _policy(value: Policy | str) -> Policy:
     return POLICIES.get(value)()
 
 
-def _mitigation(value: tuple[Correction | str, ...] | str) -> tuple[Correction, ...]:
+def _corrections(value: tuple[Correction | str, ...] | str) -> tuple[Correction, ...]:
     """The corrections of ``value`` (a spelled string, or pieces and names), in registration order."""
     if isinstance(value, str):
-        value = tuple(cls() for cls in parse_mitigation(value))
+        value = tuple(cls() for cls in parse_corrections(value))
     if not isinstance(value, (tuple, list)) or not all(isinstance(c, (Correction, str)) for c in value):
         raise ActsparseError(
-            "mitigation must be spelled as text (shift+var), or be a tuple of Correction pieces and "
+            "corrections must be spelled as text (shift+var), or be a tuple of Correction pieces and "
             f"names, not {shorten(repr(value))}."
         )
-    pieces = [c if isinstance(c, Correction) else parse_mitigation(c)[0]() for c in value]
+    pieces = [c if isinstance(c, Correction) else parse_corrections(c)[0]() for c in value]
     order = list(CORRECTIONS)
     pieces.sort(key=lambda c: order.index(c.name) if c.name in order else len(order))
     names = [c.name for c in pieces]
     if len(set(names)) < len(names):
-        raise ActsparseError(f"Mitigation {'+'.join(names)} names a correction twice; name each once.")
+        raise ActsparseError(f"Corrections {'+'.join(names)} name a correction twice; name each once.")
     for group in {c.exclusive for c in pieces if c.exclusive}:
         clashing = [c.name for c in pieces if c.exclusive == group]
         if len(clashing) > 1:
             raise ActsparseError(
-                f"Mitigation {'+'.join(names)} combines {' and '.join(clashing)}, two {group} "
+                f"Corrections {'+'.join(names)} combine {' and '.join(clashing)}, two {group} "
                 "corrections; choose one."
             )
     return tuple(pieces)
@@ -273,20 +297,20 @@ _FLAT_PIECE_SETTINGS = ("flop_share", "amber_skip", "smooth_alpha", "shift_stati
 
 
 def _from_flat(data: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments from the flat config of format-1 recipes (policy, smooth, mitigation and
-    their settings side by side)."""
+    """Keyword arguments from the flat config of format-1 recipes (policy, smooth, the corrections
+    under their old name ``mitigation``, and their settings side by side)."""
     data = dict(data)
     settings = {key: data.pop(key) for key in _FLAT_PIECE_SETTINGS if key in data}
-    smooth, mitigation = data.pop("smooth", "none"), data.pop("mitigation", "none")
+    smooth, corrections = data.pop("smooth", "none"), data.pop("mitigation", "none")
     spelled = "+".join(
-        ([smooth] if smooth != "none" else []) + [p for p in mitigation.split("+") if p != "none"]
+        ([smooth] if smooth != "none" else []) + [p for p in corrections.split("+") if p != "none"]
     )
 
     def piece(cls: type[Piece]) -> Piece:
         return stored_piece(cls, {k: v for k, v in own_settings(cls, settings).items() if v is not None})
 
     data["policy"] = piece(POLICIES.get(data.get("policy", "all")))
-    data["mitigation"] = tuple(piece(cls) for cls in parse_mitigation(spelled or "none"))
+    data["corrections"] = tuple(piece(cls) for cls in parse_corrections(spelled or "none"))
     return data
 
 
@@ -381,6 +405,7 @@ class Setting:
     parse: Callable[[str], Any]
     repeatable: bool = False
     owners: tuple[str, ...] = ()
+    old_names: tuple[str, ...] = ()
 
 
 def _registry_names(registry: Registry) -> str:
@@ -401,13 +426,13 @@ def config_settings() -> list[Setting]:
         if not f.init:
             continue
         default = f.default
-        if f.name == "mitigation":
+        if f.name == "corrections":
             default = "none"
-        settings.append(
-            Setting(f.name, f.metadata["help"].format(**names), default, str, f.metadata["repeatable"])
-        )
+        old = tuple(key for key, name in OLD_NAMES.items() if name == f.name)
+        help = f.metadata["help"].format(**names)
+        settings.append(Setting(f.name, help, default, str, f.metadata["repeatable"], old_names=old))
     pieces: dict[str, Setting] = {}
-    for kind, registry in (("policy", POLICIES), ("mitigation", CORRECTIONS)):
+    for kind, registry in (("policy", POLICIES), ("correction", CORRECTIONS)):
         for cls in registry.values():
             for f in cls.settings():
                 owner = f"the {cls.name} {kind}"
@@ -477,7 +502,8 @@ def configs_from_settings(
     an unknown setting.
     """
     settings = {s.name: s for s in config_settings()}
-    given = {**(inherited or {}), **values}
+    values, inherited = current_names(values), current_names(inherited or {})
+    given = {**inherited, **values}
     if unknown := set(given) - set(settings):
         raise ActsparseError(
             f"Unknown setting(s) {shorten(', '.join(sorted(unknown)))}; known: {', '.join(settings)}."
@@ -499,8 +525,8 @@ def configs_from_settings(
 
         arguments = {k: v for k, v in chosen.items() if k in top}
         arguments["policy"] = build(POLICIES.get(arguments.get("policy", "all")))
-        spelled = arguments.get("mitigation", "none")
-        arguments["mitigation"] = tuple(build(cls) for cls in parse_mitigation(spelled))
+        spelled = arguments.get("corrections", "none")
+        arguments["corrections"] = tuple(build(cls) for cls in parse_corrections(spelled))
         configs.append(SparsityConfig(**arguments))
     if unused := [k for k in values if k not in top and k not in used]:
         name = unused[0]

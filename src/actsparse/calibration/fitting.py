@@ -1,4 +1,4 @@
-"""Calibration of the learned corrections (``mitigation="learnable"``), by one of three objectives.
+"""Fitting of the learned corrections (``corrections="learnable"``), by one of three objectives.
 
 - ``block-mse``: decoder block by decoder block, the corrections of the block's sparse layers are
   fitted so that the sparse block, fed the output of the already-calibrated sparse blocks before
@@ -87,7 +87,7 @@ def decoder_blocks(model: nn.Module, layer_names: list[str]) -> dict[str, nn.Mod
     raise ActsparseError(
         "Block-wise calibration needs the decoder blocks in one nn.ModuleList (as in transformers' "
         "Llama, Gemma or Qwen2 models); this model has none holding all sparse layers, so use a "
-        "training-free mitigation."
+        "training-free correction."
     )
 
 

@@ -32,14 +32,14 @@ def sensitivity_config(config: SparsityConfig) -> SparsityConfig:
     dense, whatever ``rest_pattern``), criterion and training-free corrections (smoothing included),
     emulated, without quantisation and before anything is learned. Calibration windows have many
     tokens, so every call is sparsified under either phase: one measurement serves both."""
-    mitigation = tuple(c for c in config.mitigation if not c.learned)
+    training_free = tuple(c for c in config.corrections if not c.learned)
     return replace(
         config,
         quant="none",
         policy="all",
         rest_pattern="dense",
         backend="emulated",
-        mitigation=mitigation,
+        corrections=training_free,
         phase="prefill",
     )
 

@@ -174,7 +174,7 @@ def eval_command(config: ConfigOptions, run: RunOptions, options: EvalOptions) -
     --tasks, zero-shot accuracy through lm-eval; with --generate, agreement of greedy continuations.
 
     Without --variant/--variants/--recipe: the cross product of every setting's comma-separated
-    values (pattern × criterion × policy × mitigation × ...), plus weight pruning per pattern.
+    values (pattern × criterion × policy × corrections × ...), plus weight pruning per pattern.
     Each variant is prepared (measured, calibrated) once and serves perplexity, tasks and generation.
     """
     run.calibration_settings()  # a bad --lr is refused before any work
@@ -220,7 +220,7 @@ def calibrated_recipe(run: RunOptions, sparsity: SparsityConfig, dtype: str, out
 
 
 @app.command()
-@config_options(mitigation="learnable")
+@config_options(corrections="learnable")
 @run_options(LOADING, TEXTS, FITTING, BATCHES, calib_windows=32)
 def calibrate(
     config: ConfigOptions,
@@ -267,7 +267,7 @@ def sweep_data(run: RunOptions, configs: list[SparsityConfig], windows: int) -> 
 @run_options(LOADING, TEXTS, FITTING, BATCHES)
 @option_group("options", SweepOptions, SWEEP_OPTIONS)
 def sweep(config: ConfigOptions, run: RunOptions, options: SweepOptions) -> None:
-    """Evaluate the cross product of every setting's values (pattern × criterion × mitigation ×
+    """Evaluate the cross product of every setting's values (pattern × criterion × corrections ×
     policy × ...) against one dense pass per window; an interrupted sweep resumes. Writes JSON per
     configuration, CSV, Markdown and plots.
 

@@ -273,7 +273,7 @@ class SweepOptions:
 SWEEP_OPTIONS: dict[str, Any] = {
     "config_file": typer.Option(
         "--config",
-        help="YAML file mapping setting names (pattern, criterion, mitigation, policy, ...) to values or lists.",
+        help="YAML file mapping setting names (pattern, criterion, corrections, policy, ...) to values or lists.",
     ),
     "windows": typer.Option(min=0, help="Evaluation windows per configuration; 0 for the whole split."),
     "out": typer.Option(help="Results directory (resumes a sweep left there)."),
@@ -325,9 +325,8 @@ def config_options(**defaults: Any) -> Callable[[Callable[..., Any]], Callable[.
             help = setting.help
             if setting.owners:
                 help = f"{help.rstrip('.')} (setting of {' and '.join(setting.owners)})."
-            option = typer.Option(
-                f"--{setting.name.replace('_', '-')}", help=f"{help} Default: {shown or 'none'}."
-            )
+            names = [f"--{name.replace('_', '-')}" for name in (setting.name, *setting.old_names)]
+            option = typer.Option(*names, help=f"{help} Default: {shown or 'none'}.")
             kind = list[str] | None if setting.repeatable else str | None
             added.append(
                 inspect.Parameter(

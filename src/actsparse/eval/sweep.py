@@ -1,4 +1,4 @@
-"""Sweeps: the cross product of any settings (patterns × criteria × mitigations × policies × ...),
+"""Sweeps: the cross product of any settings (patterns × criteria × corrections × policies × ...),
 evaluated together against one dense pass per window, resumable.
 
 Every finished configuration is written at once, atomically, to ``<out>/configs/<key>.json``; a
@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from actsparse.config import CalibrationSettings, SparsityConfig, config_settings
+from actsparse.config import CalibrationSettings, SparsityConfig, config_settings, current_names
 from actsparse.core.devices import resolve_device
 from actsparse.core.errors import ActsparseError, shorten
 from actsparse.core.paths import write_json_atomic, write_text_atomic
@@ -46,7 +46,7 @@ MANIFEST = "sweep.json"
 
 def read_sweep_file(path: Path) -> dict[str, Any]:
     """A sweep file: a YAML mapping from setting names (those of the command-line options, e.g.
-    ``pattern``, ``criterion``, ``mitigation``, ``policy``, ``flop_share``) to a value, a list of
+    ``pattern``, ``criterion``, ``corrections``, ``policy``, ``flop_share``) to a value, a list of
     values or comma-separated values; read by ``configs_from_settings``."""
     if not path.is_file():
         raise ActsparseError(f"Sweep file '{path}' does not exist; pass a YAML file (see README).")
@@ -56,8 +56,9 @@ def read_sweep_file(path: Path) -> dict[str, Any]:
         raise ActsparseError(f"Sweep file '{path}' is not valid YAML ({error}); fix it.") from None
     if not isinstance(data, dict):
         raise ActsparseError(f"Sweep file '{path}' must be a mapping such as pattern: \"2:4,8:16\".")
+    data = current_names({str(key): value for key, value in data.items()})
     known = [setting.name for setting in config_settings()]
-    if unknown := set(map(str, data)) - set(known):
+    if unknown := set(data) - set(known):
         raise ActsparseError(
             f"Unknown key(s) {shorten(', '.join(sorted(unknown)))} in sweep file '{path}'; "
             f"known: {', '.join(known)}."
@@ -351,7 +352,7 @@ def sweep_table(records: list[dict[str, Any]], description: dict[str, Any], sour
 
 def plot_sweep(records: list[dict[str, Any]], out: Path, subtitle: str = "") -> None:
     """``quality_vs_pattern.png`` (perplexity and KL against pattern, a line per criterion,
-    mitigation and policy) and ``quality_vs_flops.png`` (KL against the share of FLOPs removed)."""
+    corrections and policy) and ``quality_vs_flops.png`` (KL against the share of FLOPs removed)."""
     import matplotlib
     import matplotlib.ticker
 

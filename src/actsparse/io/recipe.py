@@ -33,11 +33,12 @@ from actsparse.core.paths import (
 
 RECIPE_FILE = "recipe.json"
 TENSORS_FILE = "tensors.safetensors"
-FORMAT = 3
-READABLE_FORMATS = (1, 2, 3)
-"""Format 1 (actsparse 0.1) kept policy and mitigation settings flat in its config; format 2 nested
+FORMAT = 4
+READABLE_FORMATS = (1, 2, 3, 4)
+"""Format 1 (actsparse 0.1) kept policy and correction settings flat in its config; format 2 nested
 them. Format 3 adds the checksum of ``recipe.json`` itself and a sample of the model's weights, so an
-edited recipe, or one on a model of the same shapes with other weights, is refused; 1 and 2 still load."""
+edited recipe, or one on a model of the same shapes with other weights, is refused. Format 4 names
+the corrections ``corrections`` (``mitigation`` before). All of them load."""
 SAMPLES_PER_LAYER = 8
 """Values of each linear layer's weight in a recipe's weight sample, evenly spaced over the weight."""
 SAMPLE_TOLERANCE = 1 / 64

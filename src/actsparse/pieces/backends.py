@@ -55,9 +55,9 @@ class CpuKernel(Backend):
                 return f"takes M up to {kernels.MAX_GROUP}; choose a smaller group"
         if config.quant != "none":
             return "computes in float32 and does not quantise; drop quant='w8a8'"
-        for correction in config.mitigation:
+        for correction in config.corrections:
             if correction.rescales_kept:
-                return f"does not rescale the kept values; drop the {correction.name} mitigation"
+                return f"does not rescale the kept values; drop the {correction.name} correction"
         return None
 
     def dtype_refusal(self, dtype: torch.dtype, device: torch.device) -> str | None:

@@ -87,7 +87,7 @@ class SparsitySettings(Protocol):
 
     parsed_pattern: Pattern
     layer_patterns: tuple[Pattern, ...]
-    mitigation: tuple[Correction, ...]
+    corrections: tuple[Correction, ...]
     quant: str
 
 
@@ -255,18 +255,18 @@ class Correction(CallHooks, Piece):
         """Set what ``save_tensors`` returned (from a recipe) and fold it."""
 
 
-CORRECTIONS: Registry[type[Correction]] = Registry("mitigation")
+CORRECTIONS: Registry[type[Correction]] = Registry("correction")
 """The corrections by name, in the order they are spelled and shown."""
 
 
-def parse_mitigation(text: str) -> tuple[type[Correction], ...]:
-    """The correction classes of a spelled mitigation such as ``"shift+var"`` (``"none"``: none)."""
+def parse_corrections(text: str) -> tuple[type[Correction], ...]:
+    """The correction classes of spelled corrections such as ``"shift+var"`` (``"none"``: none)."""
     if text == "none":
         return ()
     parts = text.split("+")
     if not all(parts) or any(part not in CORRECTIONS for part in parts):
         raise ActsparseError(
-            f"Unknown mitigation '{shorten(text)}'; use none, one of {', '.join(CORRECTIONS)}, or several "
+            f"Unknown corrections '{shorten(text)}'; use none, one of {', '.join(CORRECTIONS)}, or several "
             "joined with + such as shift+var or smoothquant+shift+learnable."
         )
     return tuple(CORRECTIONS.get(part) for part in parts)

@@ -357,15 +357,15 @@ class Learnable(Correction):
             )
         if self.learn not in LEARNABLE_PARTS:
             raise ActsparseError(f"Unknown learn='{self.learn}'; choose one of {', '.join(LEARNABLE_PARTS)}.")
-        if any(c.rescales_kept for c in config.mitigation):
+        if any(c.rescales_kept for c in config.corrections):
             raise ActsparseError(
-                "Mitigation var+learnable is not supported: the learned per-channel scale already "
+                "Corrections var+learnable are not supported: the learned per-channel scale already "
                 "restores the kept values' size; use learnable or shift+learnable."
             )
         if config.quant != "none":
             raise ActsparseError(
                 "Learnable corrections are calibrated without quantisation and cannot be combined "
-                "with quant='w8a8' yet; use a training-free mitigation with W8A8."
+                "with quant='w8a8' yet; use a training-free correction with W8A8."
             )
 
     def derive(

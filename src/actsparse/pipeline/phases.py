@@ -47,7 +47,7 @@ def _statistics(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Every correction's per-layer statistics (smoothing maxima), each measured once."""
     statistics: dict[str, dict[str, torch.Tensor]] = {}
-    for correction in config.mitigation:
+    for correction in config.corrections:
         for name, values in correction.measure(model, candidates, measurements).items():
             statistics.setdefault(name, {}).update(values)
     return statistics
@@ -143,7 +143,7 @@ def plan(
 
 def _recipe_plan(recipe: Recipe, candidates: dict[str, nn.Linear]) -> Plan:
     """Phase 1 from a recipe: its layers and statistics as saved."""
-    names = [key for correction in recipe.config.mitigation for key in correction.statistics]
+    names = [key for correction in recipe.config.corrections for key in correction.statistics]
     statistics = {
         name: {key: recipe.tensor(f"{name}.{key}", (layer.in_features,)) for key in names}
         for name, layer in candidates.items()
@@ -199,7 +199,7 @@ def calibrate(
     fitter = Fitter(handle, windows, settings or CalibrationSettings())
     record: dict = {}
     try:
-        for correction in handle.config.mitigation:
+        for correction in handle.config.corrections:
             record |= correction.fit(handle.layers, fitter) or {}
     except BaseException:
         handle.remove()

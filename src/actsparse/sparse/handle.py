@@ -43,7 +43,7 @@ class SparsityHandle:
         rate other than its objective's, ``lr=0.0001``, or the rates it searched, ``lr=0.001,0.0001``),
         so recipes that differ in it are told apart."""
         record = self.calibration or {}
-        words = [word for piece in self.config.mitigation for word in piece.calibration_label(record)]
+        words = [word for piece in self.config.corrections for word in piece.calibration_label(record)]
         return " ".join([self.config.label, *words])
 
     @property

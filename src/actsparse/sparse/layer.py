@@ -77,7 +77,7 @@ class SparseLinear(nn.Linear):
         self.pattern = pattern
         self.criterion = CRITERIA.get(config.criterion)
         self.backend = BACKENDS.get(config.backend)
-        self.corrections = sorted(config.mitigation, key=lambda c: c.stage)
+        self.corrections = sorted(config.corrections, key=lambda c: c.stage)
         self.sparsify_single_token = config.phase == "all"
         self.quantize = config.quant == "w8a8" and not any(re.search(e, name) for e in config.quant_exclude)
         # An offloaded layer (accelerate's device_map) has its weights loaded for the build, then
@@ -282,8 +282,8 @@ class SparseLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         sparsity = f"pattern={self.pattern}, criterion={self.criterion.name}" if self.sparse else "dense"
-        mitigation = "+".join(c.name for c in self.config.mitigation) or "none"
+        corrections = self.config.corrections_name
         return (
-            f"{super().extra_repr()}, {sparsity}, mitigation={mitigation}, w8a8={self.quantize}, "
+            f"{super().extra_repr()}, {sparsity}, corrections={corrections}, w8a8={self.quantize}, "
             f"backend={self.backend.name}"
         )
