@@ -25,7 +25,7 @@ for lr in ${LRS:-1e-3 3e-4 1e-4}; do
   out=results/learning-rates/$model/$sample-$calib_windows-$learn/$lr
   if [ ! -f "$out/recipe.json" ]; then
     "$actsparse" calibrate "${common[@]}" --dataset sotu --pattern 8:16 --criterion amber --policy kl \
-      --kl-windows 2 --mitigation learnable --objective output-kl --learn "$learn" --lr "$lr" --out "$out"
+      --kl-windows 2 --corrections learnable --objective output-kl --learn "$learn" --lr "$lr" --out "$out"
   fi
   recipes+=(--recipe "$out")
 done

@@ -12,7 +12,7 @@ for name in "${models[@]}"; do
   windows=16 calib=32
   if [ "$name" = gemma3-270m ]; then windows=8 calib=16; fi
   "$actsparse" eval --model "$name" --pattern 2:4,8:16 --criterion magnitude,amber \
-    --mitigation none,shift,var,shift+var,smoothquant,learnable,shift+learnable \
+    --corrections none,shift,var,shift+var,smoothquant,learnable,shift+learnable \
     --objective block-mse --learn input+output \
     --windows "$windows" --calib-windows "$calib" --calib-sample start \
     --out "docs/results/mitigation-$name.json" --markdown "docs/results/mitigation-$name.md"

@@ -13,7 +13,7 @@ out=results/mixed-ranking/$model
 mkdir -p "$out"
 for pattern in 8:16 12:16; do
   "$actsparse" sensitivity --model "$model" --dataset sotu --pattern "$pattern" --criterion amber \
-    --mitigation permute --policy kl --kl-windows 2 --calib-windows 64 --calib-sample spread \
+    --corrections permute --policy kl --kl-windows 2 --calib-windows 64 --calib-sample spread \
     --batch-size "$batch" --device cpu --dtype float32 --out "$out/${pattern/:/-}.json"
 done
 "$(dirname "$actsparse")/python" - "$model" "$out" <<'EOF'

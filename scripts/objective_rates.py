@@ -20,8 +20,8 @@ FIRST_BLOCKS = (r"layers\.[0-3]\..*_proj$",)
 
 
 def config(objective: str | None = None) -> SparsityConfig:
-    mitigation = () if objective is None else (Learnable(objective=objective),)
-    return SparsityConfig(pattern="8:16", criterion="amber", include=FIRST_BLOCKS, corrections=mitigation)
+    corrections = () if objective is None else (Learnable(objective=objective),)
+    return SparsityConfig(pattern="8:16", criterion="amber", include=FIRST_BLOCKS, corrections=corrections)
 
 
 for name in ("smollm2-135m", "gemma3-270m"):

@@ -1,5 +1,7 @@
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,4 +137,7 @@ def test_results_keep_per_layer_details_only_when_asked_and_say_where_they_come_
     assert source["machine"] and source["threads"] == torch.get_num_threads() and source["command"]
     line = provenance_line(source)
     assert line.startswith("Measured on ") and source["date"] in line
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / ".git").exists() and shutil.which("git"):  # run from actsparse's own checkout
+        assert source["commit"] and f"commit {source['commit']}" in line
     assert quality_table(rows, "t", line).markdown().rstrip().endswith(f"`{source['command']}`")

@@ -224,8 +224,9 @@ def versions() -> dict[str, str]:
 def _commit() -> str | None:
     """The git commit actsparse runs from (``-dirty`` with uncommitted changes), or None when it
     was installed from a package (or lies in a checkout of something else)."""
-    root = Path(__file__).resolve().parents[2]  # src/actsparse/ of a checkout
-    if not (root / ".git").exists() or not (root / "src" / "actsparse" / "evaluate.py").is_file():
+    here = Path(__file__).resolve()
+    root = here.parents[3]  # the checkout, if this is its src/actsparse/eval/evaluate.py
+    if not (root / ".git").exists() or here != root / "src" / "actsparse" / "eval" / "evaluate.py":
         return None
     try:
         described = subprocess.run(

@@ -1,1 +1,1 @@
-"""``sparsify``: the plan → insert → calibrate → fold phases that attach a config or a recipe."""
+"""``sparsify``: the plan → insert → fit → fold phases that attach a config or a recipe."""

@@ -5,7 +5,7 @@
 1. ``plan``: the corrections measure their statistics on calibration text (smoothing maxima), and
    the policy chooses the sparse layers (measuring sensitivities if it ranks by them);
 2. ``insert``: each target layer is replaced by a ``SparseLinear``;
-3. ``calibrate``: the corrections that learn are fitted on the attached model;
+3. ``fit``: the corrections that learn are fitted on the attached model;
 4. ``fold``: what was learned is folded into each layer's sparse-call weight, bias and factor.
 
 A recipe replaces phases 1 and 3 with what it saved.
@@ -191,7 +191,7 @@ def _return_freed_memory() -> None:
         pass
 
 
-def calibrate(
+def fit(
     handle: SparsityHandle, windows: torch.Tensor | None, settings: CalibrationSettings | None = None
 ) -> None:
     """Phase 3: fit the corrections that learn (``learnable``) on ``windows``; on failure the
@@ -268,6 +268,6 @@ def sparsify(
         return handle
     measurements = measurements or Measurements(calibration)
     handle = insert(model, config, candidates, plan(model, config, candidates, measurements))
-    calibrate(handle, measurements.windows, calibration_settings)
+    fit(handle, measurements.windows, calibration_settings)
     fold(handle)
     return handle
