@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from safetensors import SafetensorError
 
@@ -126,22 +126,32 @@ def _fix(target: Path) -> str:
     return "free space there or choose a path you can write to"
 
 
-def write_text_atomic(path: Path | str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+@contextmanager
+def atomic_file(path: Path | str, mode: str = "w") -> Iterator[IO[Any]]:
+    """A file to write (``mode`` ``"w"``, UTF-8 text, or ``"wb"``) at a temporary name beside
+    ``path``, renamed onto ``path`` when the block ends; a failure (a full disk) leaves neither
+    half a file nor the temporary one."""
     path = Path(path)
     check_file_target(path)
     scratch = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, scratch = tempfile.mkstemp(dir=path.parent, prefix=scratch_prefix(path))
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(text)
+        with os.fdopen(descriptor, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as file:
+            yield file
         honour_umask(scratch)
         os.replace(scratch, path)
-    except OSError as error:  # a full disk leaves no half-written scratch file behind
-        if scratch is not None:
-            Path(scratch).unlink(missing_ok=True)
+    except OSError as error:
         raise write_error(path, error) from None
+    finally:
+        if scratch is not None and Path(scratch).exists():
+            Path(scratch).unlink()
+
+
+def write_text_atomic(path: Path | str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    with atomic_file(path) as file:
+        file.write(text)
 
 
 def write_json_atomic(path: Path | str, data: Any) -> None:

