@@ -239,7 +239,9 @@ def test_models_give_the_emulated_logits(model, criterion, corrections, tokens, 
 
 
 @needs_kernel
-@pytest.mark.parametrize("corrections", ["smoothquant+shift+learnable", "smoothquant+permute+shift+learnable"])
+@pytest.mark.parametrize(
+    "corrections", ["shift+learnable", "smoothquant+shift+learnable", "smoothquant+permute+shift+learnable"]
+)
 def test_learned_corrections_and_smoothing_run_through_the_kernel(llama, tokens, corrections):
     calibration = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
     settings = CalibrationSettings(steps=3, lr=1e-3)
@@ -248,9 +250,12 @@ def test_learned_corrections_and_smoothing_run_through_the_kernel(llama, tokens,
     expected = logits(llama, tokens)
     recipe = handle.recipe()
     handle.remove()
+    originals = {name: p.detach().clone() for name, p in llama.named_parameters()}
     with sparsify(llama, recipe=recipe.with_backend("cpu-kernel")) as handle:
         assert all(layer.folded and layer.state("backend") is not None for layer in handle.layers.values())
         torch.testing.assert_close(logits(llama, tokens), expected, rtol=1e-4, atol=1e-4)
+    for name, parameter in llama.named_parameters():  # folded after packing: each weight its own again
+        assert parameter.is_contiguous() and torch.equal(parameter, originals[name]), name
 
 
 @needs_kernel

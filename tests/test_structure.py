@@ -163,7 +163,6 @@ OWN_OR_LIBRARY_OBJECTS = {
     ("actsparse.io.models", "model.hf_quantizer"),  # transformers' model, dequantised
     ("actsparse.io.text", "member.name"),  # a tar member it reads
     ("actsparse.kernels", "(function.restype, function.argtypes)"),  # ctypes' signatures
-    ("actsparse.pieces.backends", "state.weight_is_view"),  # its own per-layer state
 }
 """Attribute assignments on objects other than ``self``: each on the module's own objects or on a
 library's, never on another actsparse module's (those change through their owner's methods)."""

@@ -21,13 +21,11 @@ class Emulated(Backend):
 
 
 class PackedWeights(nn.Module):
-    """The cpu-kernel backend's state for one layer: the kernels' packed weight, bias and row sums,
-    and whether the layer's weight Parameter is now a view of that storage (one stored copy)."""
+    """The cpu-kernel backend's state for one layer: the kernels' packed weight, bias and row sums."""
 
     def __init__(self, packed: kernels.PackedLinear) -> None:
         super().__init__()
         self.packed = packed
-        self.weight_is_view = False
 
 
 class CpuKernel(Backend):
@@ -82,13 +80,10 @@ class CpuKernel(Backend):
     def attach(self, layer: SparseLayer) -> None:
         state = layer.state(self)
         if state is not None:
-            state.weight_is_view = layer.use_weight_view(state.packed.weight)
+            layer.use_weight_view(state.packed.weight)
 
     def detach(self, layer: SparseLayer) -> None:
-        state = layer.state(self)
-        if state is not None and state.weight_is_view:
-            layer.restore_weight_layout()
-            state.weight_is_view = False
+        layer.restore_weight_layout()
 
     def sparse(self, layer: SparseLayer, call: SparseCall) -> torch.Tensor:
         n, m = layer.pattern.keep_count(layer.in_features)

@@ -112,6 +112,7 @@ class SparseLinear(nn.Linear):
         # A separate weight and bias for sparsified calls, once learned corrections are folded.
         self.register_buffer("sparse_weight", None, persistent=False)
         self.register_buffer("sparse_bias", None, persistent=False)
+        self.weight_is_view = False  # True while the weight Parameter is a view of a backend's storage
         for correction in self.corrections:
             correction.attach(self)
         self._prepare_backend()  # layer by layer, so that at most one extra weight copy exists at once
@@ -156,19 +157,21 @@ class SparseLinear(nn.Linear):
         self.row_sum, self.channel_factor = row_sum, factor
         self._prepare_backend()
 
-    def use_weight_view(self, view: torch.Tensor) -> bool:
+    def use_weight_view(self, view: torch.Tensor) -> None:
         """Let the sparse-call weight be ``view`` (a backend's storage of the same values), so that
-        one copy is held; True when the layer's weight Parameter is now that view."""
+        one copy is held: the folded sparse-call weight, or else the weight Parameter itself."""
         if self.sparse_weight is not None:
             self.sparse_weight = view
-            return False
-        if self.weight.data_ptr() != view.data_ptr():
+        elif self.weight.data_ptr() != view.data_ptr():
             self.weight.data = view
-        return True
+            self.weight_is_view = True
 
     def restore_weight_layout(self) -> None:
-        """Give the weight Parameter its own contiguous storage again (the layer leaves the model)."""
-        self.weight.data = self.weight.data.contiguous()
+        """Give the weight Parameter its own contiguous storage again, if it is a backend's view
+        (the layer leaves the model, and the original module gets its weight back as it was)."""
+        if self.weight_is_view:
+            self.weight.data = self.weight.data.contiguous()
+            self.weight_is_view = False
 
     @property
     def folded(self) -> bool:
