@@ -63,7 +63,7 @@ from actsparse.eval.variants import (
 )
 from actsparse.io.models import check_context, model_skeleton, resolve_model
 from actsparse.io.recipe import check_recipe_target, load_recipe
-from actsparse.io.text import calibration_text, evaluation_text, token_windows
+from actsparse.io.text import TextPart, evaluation_text, token_windows
 from actsparse.pieces.policies import least_cost_by_share
 from actsparse.pipeline.phases import insert, measure_sensitivity, plan, sparsify
 from actsparse.sparse.handle import SparsityHandle
@@ -105,21 +105,23 @@ def measure_quality(
     loaded: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     variants: list[Variant],
-    text: str,
+    texts: tuple[str, TextPart],
     windows: int,
     checkpoint: Path,
 ) -> tuple[list[EvalRow], list[Prepared], dict]:
-    """Every variant prepared once (calibrated where it needs it) and evaluated against dense on
-    ``windows`` windows of the evaluation ``text``; the rows, the handles, and what was read."""
+    """Every variant prepared once (calibrated on the calibration part of ``texts`` where it needs
+    it) and evaluated against dense on ``windows`` windows of the evaluation text; the rows, the
+    handles, and what was read."""
+    text, part = texts
     tokens = token_windows(tokenizer, text, run.seqlen, windows or None)
     calibration, calibrated_by = None, None
     if any(v.needs_calibration for v in variants):
-        calibration, calibrated_by = run.calibration(tokenizer)
+        calibration, calibrated_by = run.calibration(tokenizer, part)
     settings = run.calibration_settings()
     handles = prepare_variants(loaded, variants, calibration, settings, batch_size=run.batch_size)
     rows = evaluate(loaded, tokens, handles, calibration, checkpoint=checkpoint,
                     calibration_settings=settings, batch_size=run.batch_size)  # fmt: skip
-    read = evaluation_text(run.dataset).describe() | {
+    read = {
         "seqlen": run.seqlen,
         "windows": len(tokens),
         "tokens": tokens.numel(),
@@ -182,8 +184,7 @@ def eval_command(config: ConfigOptions, run: RunOptions, options: EvalOptions) -
     if split(options.tasks) or options.task_dir is not None:
         check_tasks(split(options.tasks), options.task_dir)
     check_file_outputs(options.out, options.markdown)
-    evaluation = evaluation_text(run.dataset)
-    calibration_text(run.dataset, run.calib_dataset)  # refuses overlapping texts before any work
+    evaluation, part = run.texts()
     dtype = run.checked_dtype(found)
     with output_lock(options.out):
         text = evaluation.text()
@@ -193,10 +194,10 @@ def eval_command(config: ConfigOptions, run: RunOptions, options: EvalOptions) -
         # command resumes from them.
         checkpoint = options.out.with_name(options.out.name + ".partial")
         rows, handles, read = measure_quality(
-            run, loaded, tokenizer, found, text, options.windows, checkpoint
+            run, loaded, tokenizer, found, (text, part), options.windows, checkpoint
         )
         rows = add_tasks_and_generation(rows, loaded, tokenizer, handles, text, options, run.batch_size)
-        table = write_quality(rows, run, dtype, read, options)
+        table = write_quality(rows, run, dtype, evaluation.describe() | read, options)
         checkpoint.unlink(missing_ok=True)
     output.quality(table, rows, options.out)
 
@@ -204,10 +205,12 @@ def eval_command(config: ConfigOptions, run: RunOptions, options: EvalOptions) -
 # ---- calibrate -----------------------------------------------------------------------------------
 
 
-def calibrated_recipe(run: RunOptions, sparsity: SparsityConfig, dtype: str, out: Path) -> SparsityHandle:
-    """Calibrate ``sparsity`` on the calibration text and save its recipe in ``out``; the handle."""
+def calibrated_recipe(
+    run: RunOptions, sparsity: SparsityConfig, dtype: str, part: TextPart, out: Path
+) -> SparsityHandle:
+    """Calibrate ``sparsity`` on the calibration text ``part`` and save its recipe in ``out``; the handle."""
     loaded, tokenizer = run.load(dtype)
-    calibration, text = run.calibration(tokenizer)
+    calibration, text = run.calibration(tokenizer, part)
     measurements = Measurements(calibration, run.batch_size)
     start = time.perf_counter()
     settings = run.calibration_settings()
@@ -236,9 +239,9 @@ def calibrate(
     dtype = run.checked_dtype([sparsity])
     settings = run.calibration_settings()
     check_recipe_target(out)
-    calibration_text(run.dataset, run.calib_dataset)
+    part = run.texts()[1]
     with output_lock(out):
-        handle = calibrated_recipe(run, sparsity, dtype, out)
+        handle = calibrated_recipe(run, sparsity, dtype, part, out)
     output.calibration(handle, run.model, len(settings.rates) > 1, out)
 
 
@@ -249,8 +252,7 @@ def sweep_data(run: RunOptions, configs: list[SparsityConfig], windows: int) -> 
     """What every configuration of a sweep is evaluated on, each setting checked before any work."""
     dtype = run.checked_dtype(configs)  # the manifest and records name the dtype that ran
     check_device_map(run.device_map, run.device)
-    evaluation_text(run.dataset)
-    calibration_text(run.dataset, run.calib_dataset)  # refuses overlapping texts before any work
+    run.texts()  # refuses overlapping texts before any work
     check_context(run.model, run.seqlen)
     skeleton = model_skeleton(run.model)
     for sparsity in configs:  # the workers load the model; its layer filters are checked here
@@ -313,10 +315,10 @@ def sensitivity(
     sparsity = config.one()
     dtype = run.checked_dtype([sparsity])
     check_file_outputs(out)
-    calibration_text(run.dataset, run.calib_dataset)
+    part = run.texts()[1]
     with output_lock(out):
         loaded, tokenizer = run.load(dtype)
-        calibration, calibrated_by = run.calibration(tokenizer)
+        calibration, calibrated_by = run.calibration(tokenizer, part)
         costs, choice = measure_sensitivity(loaded, sparsity, calibration, run.batch_size)
         ranked = dict(sorted(costs.items(), key=lambda kv: -kv[1]))
         by_share = least_cost_by_share(costs, choice.flops, choice.total_flops, SENSITIVITY_SHARES)
@@ -336,9 +338,9 @@ def info(config: ConfigOptions, run: RunOptions) -> None:
     the sparse calls are computed (planned and inserted; nothing is learned)."""
     sparsity = config.one()
     dtype = run.checked_dtype([sparsity])
-    calibration_text(run.dataset, run.calib_dataset)
+    part = run.texts()[1]
     loaded, tokenizer = run.load(dtype)
-    calibration = run.calibration(tokenizer)[0] if sparsity.needs_calibration else None
+    calibration = run.calibration(tokenizer, part)[0] if sparsity.needs_calibration else None
     candidates = target_layers(loaded, sparsity)
     handle = insert(
         loaded, sparsity, candidates, plan(loaded, sparsity, candidates, Measurements(calibration))

@@ -24,7 +24,7 @@ from actsparse.core.paths import check_file_target, check_writable
 from actsparse.eval.variants import Variant
 from actsparse.io.models import DTYPES, load_model, resolve_dtype
 from actsparse.io.recipe import Recipe
-from actsparse.io.text import WindowSample, calibration_text, calibration_windows
+from actsparse.io.text import TextPart, WindowSample, calibration_text, calibration_windows, evaluation_text
 from actsparse.pieces.base import BACKENDS
 
 
@@ -84,9 +84,15 @@ class RunOptions:
         (``seqlen`` by default)."""
         return load_model(self.model, dtype, longest or self.seqlen, self.device, self.device_map)
 
-    def calibration(self, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The calibration windows and the description of the text they were cut from."""
-        part = calibration_text(self.dataset, self.calib_dataset)
+    def texts(self) -> tuple[TextPart, TextPart]:
+        """The evaluation text and the text that calibrates, each checked (and the pair refused when
+        the calibration file is the evaluation text) before any work."""
+        return evaluation_text(self.dataset), calibration_text(self.dataset, self.calib_dataset)
+
+    def calibration(
+        self, tokenizer: PreTrainedTokenizerBase, part: TextPart
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The calibration windows cut from ``part`` and the description of what they were cut from."""
         return calibration_windows(tokenizer, part, self.seqlen, self.calib_windows, self.calib_sample)
 
 
