@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/decode.py layers [--shape 4096x4096] [--stack-gib 1] [--threads 1,2]
     .venv/bin/python benchmarks/decode.py generate [--models smollm2-135m,llama-3.2-1b-shape]
+        [--recipes DIR,...]
 
 ``layers``: one decode step (a single token) through a stack of distinct layers whose weights
 together are many times the last-level cache, so that every product streams its weights from
@@ -16,7 +17,9 @@ copy reaches with the same threads (bytes read plus bytes written). Ratios are b
 ``generate``: greedy decoding through ``model.generate`` (``--new-tokens`` after a
 ``--prompt-tokens`` prompt; decode time is generate(1 + K) − generate(1), so the prompt does not
 count), dense against ``phase="all"`` with every decoder projection at the pattern and with the
-amber layer policy, both on the cpu-kernel backend, interleaved round by round; and the peak
+amber layer policy, both on the cpu-kernel backend, and each ``--recipes`` folder (calibrated for
+the one model given) run the same way (``recipe.computed(phase="all", backend="cpu-kernel")``),
+interleaved round by round; and the peak
 resident memory while a process attaches each configuration (none for dense) and decodes, each in
 its own process, measured from after the model is built (``VmHWM`` reset through
 ``/proc/self/clear_refs``; Linux only). ``llama-3.2-1b-shape`` is a
@@ -34,6 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +45,8 @@ from torch.utils import mkldnn
 
 from actsparse import SparsityConfig, kernels, load_model, parse_pattern, sparsify
 from actsparse.core.cpu import this_cpu
+from actsparse.io.recipe import Recipe, load_recipe
+from actsparse.sparse.handle import SparsityHandle
 
 LLAMA_32_1B = dict(
     vocab_size=128256,
@@ -163,12 +169,23 @@ def build_model(name: str, dtype_name: str) -> torch.nn.Module:
     return model.eval()
 
 
-def configurations(pattern: str) -> dict[str, SparsityConfig]:
+def configurations(pattern: str, recipes: str = "") -> dict[str, SparsityConfig | Recipe]:
+    """The timed configurations by label: the pattern on every projection, under the amber policy,
+    and each recipe folder (labelled by its name), all on every call through the cpu-kernel backend."""
     common = dict(pattern=pattern, criterion="amber", phase="all", backend="cpu-kernel")
-    return {
+    found: dict[str, SparsityConfig | Recipe] = {
         f"{pattern} every projection": SparsityConfig(**common),
         f"{pattern} amber policy": SparsityConfig(**common, policy="amber"),
     }
+    for folder in filter(None, recipes.split(",")):
+        found[Path(folder).name] = load_recipe(folder).computed(phase="all", backend="cpu-kernel")
+    return found
+
+
+def attach(model: torch.nn.Module, configuration: SparsityConfig | Recipe) -> SparsityHandle:
+    if isinstance(configuration, Recipe):
+        return sparsify(model, recipe=configuration)
+    return sparsify(model, configuration, calibration_windows(model))
 
 
 def calibration_windows(model: torch.nn.Module) -> torch.Tensor:
@@ -203,8 +220,7 @@ def peak_rss(args: argparse.Namespace) -> None:
     with open("/proc/self/clear_refs", "w", encoding="utf-8") as clear_refs:
         clear_refs.write("5")  # resets VmHWM, the peak resident set size
     if args.config != "dense":
-        config = configurations(args.pattern)[args.config]
-        sparsify(model, config, calibration_windows(model))
+        attach(model, configurations(args.pattern, args.recipes)[args.config])
     greedy(model, prompt(model, args.prompt_tokens), 4)
     with open("/proc/self/status", encoding="utf-8") as status:
         kib = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith("Vm")}
@@ -215,6 +231,7 @@ def measured_rss(args: argparse.Namespace, model: str, dtype: str, config: str) 
     """``peak_rss``'s figures, from a process of its own."""
     command = [sys.executable, __file__, "rss", "--model", model, "--dtype", dtype, "--config", config]
     command += ["--pattern", args.pattern, "--prompt-tokens", str(args.prompt_tokens)]
+    command += ["--recipes", args.recipes]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -240,8 +257,8 @@ def decode_rows(args: argparse.Namespace, model_name: str, dtype_name: str) -> N
     model = build_model(model_name, dtype_name)
     ids = prompt(model, args.prompt_tokens)
     handles = {}
-    for label, config in configurations(args.pattern).items():  # one attached at a time
-        handles[label] = sparsify(model, config, calibration_windows(model))
+    for label, configuration in configurations(args.pattern, args.recipes).items():  # one attached at a time
+        handles[label] = attach(model, configuration)
         handles[label].remove()
 
     # generate(1) and generate(1 + K) of each configuration, timed without the attach and
@@ -293,12 +310,14 @@ def main() -> None:
     decoding.add_argument("--prompt-tokens", type=int, default=16)
     decoding.add_argument("--new-tokens", type=int, default=32)
     decoding.add_argument("--rounds", type=int, default=5)
+    decoding.add_argument("--recipes", default="", help="comma-separated recipe folders of the one model")
     rss = commands.add_parser("rss", help=argparse.SUPPRESS)
     rss.add_argument("--model", required=True)
     rss.add_argument("--dtype", required=True)
     rss.add_argument("--config", required=True)
     rss.add_argument("--pattern", required=True)
     rss.add_argument("--prompt-tokens", type=int, required=True)
+    rss.add_argument("--recipes", default="")
     args = parser.parse_args()
     if not kernels.AVAILABLE:
         raise SystemExit(

@@ -169,6 +169,14 @@ def test_calibrate_writes_a_recipe_that_eval_reads(monkeypatch, capsys, local_mo
     assert [r["label"] for r in rows] == ["dense", "2:4 amber shift+learnable objective=block-mse lr=0.001"]
     assert rows[1]["config"]["calibration"]["text"]["windows"] == 3
     assert rows[1]["config"]["calibration"]["text"]["sample"] == "spread"
+    every_call = tmp_path / "all.json"
+    code, output = run(
+        monkeypatch, capsys, "eval", *common, "--windows", "2", "--recipe", str(recipe), "--phase", "all",
+        "--out", str(every_call),
+    )  # fmt: skip
+    assert code in (0, None), output
+    [_, row] = json.loads(every_call.read_text())["rows"]
+    assert row["config"]["phase"] == "all" and row["kl_to_dense"] == rows[1]["kl_to_dense"]
 
 
 def test_calibrate_searches_comma_separated_learning_rates(monkeypatch, capsys, local_model, tmp_path):

@@ -251,7 +251,7 @@ def test_learned_corrections_and_smoothing_run_through_the_kernel(llama, tokens,
     recipe = handle.recipe()
     handle.remove()
     originals = {name: p.detach().clone() for name, p in llama.named_parameters()}
-    with sparsify(llama, recipe=recipe.with_backend("cpu-kernel")) as handle:
+    with sparsify(llama, recipe=recipe.computed(backend="cpu-kernel")) as handle:
         assert all(layer.folded and layer.state("backend") is not None for layer in handle.layers.values())
         torch.testing.assert_close(logits(llama, tokens), expected, rtol=1e-4, atol=1e-4)
     for name, parameter in llama.named_parameters():  # folded after packing: each weight its own again
@@ -322,7 +322,7 @@ def test_decode_with_folded_learned_corrections_runs_through_the_gemv(llama, mon
     recipe = handle.recipe()
     handle.remove()
     calls = count_product_calls(monkeypatch)
-    with sparsify(llama, recipe=recipe.with_backend("cpu-kernel")):
+    with sparsify(llama, recipe=recipe.computed(backend="cpu-kernel")):
         torch.testing.assert_close(decode_logits(llama, tokens), expected, rtol=1e-4, atol=1e-4)
     assert calls
 

@@ -139,7 +139,7 @@ def test_a_recipe_saved_before_learn_existed_reads_as_fitting_the_output_too(lla
     assert CONFIG.corrections[-1].learn == "input"  # the default now
     [learnable] = [piece for piece in description["config"]["corrections"] if piece["name"] == "learnable"]
     del learnable["learn"]  # as saved before the setting existed, in format 2
-    config = {("mitigation" if key == "corrections" else key): value for key, value in description["config"].items()}
+    config = {("mitigation" if key == "corrections" else key): v for key, v in description["config"].items()}
     (folder / "recipe.json").write_text(json.dumps(description | {"format": 2, "config": config}))
     recipe = load_recipe(folder)
     assert recipe.config == as_saved_before_learn(CONFIG) and "learn=input+output" in recipe.config.label
@@ -180,3 +180,15 @@ def test_a_mixed_pattern_recipe_round_trips_bit_for_bit(llama, tokens, tmp_path)
         assert torch.equal(llama(tokens, use_cache=False).logits, logits)
         patterns = {str(layer.pattern) for layer in handle.layers.values()}
         assert patterns == {"2:4", "3:4"} and set(handle.policy_layers) == set(recipe.sparse_layers)
+
+
+def test_a_recipe_runs_at_another_phase_and_refuses_other_changes(llama, tokens, saved):
+    folder, logits = saved
+    recipe = load_recipe(folder)
+    every_call = recipe.computed(phase="all")
+    assert every_call.config.phase == "all" and every_call.tensors is recipe.tensors
+    with sparsify(llama, recipe=every_call):
+        with torch.no_grad():  # one forward over the window is a prefill either way
+            assert torch.equal(llama(tokens, use_cache=False).logits, logits)
+    with pytest.raises(ActsparseError, match="pattern is part of what was calibrated"):
+        recipe.computed(pattern="2:4")

@@ -91,7 +91,8 @@ def eval_variants(config: ConfigOptions, options: EvalOptions) -> list[Variant]:
         folders.setdefault(folder.resolve(), folder)
     for folder in folders.values():
         recipe = load_recipe(folder)
-        found.append(recipe.with_backend(config.given["backend"]) if "backend" in config.given else recipe)
+        run_as = {key: value for key, value in config.given.items() if key in recipe.RUN_SETTINGS}
+        found.append(recipe.computed(**run_as))
     if found:
         check_plan_size(len(found))
         return unique_variants(found)

@@ -133,9 +133,19 @@ class Recipe:
             )
         return tensor
 
-    def with_backend(self, backend: str) -> Recipe:
-        """The same recipe computed by another backend (``"emulated"`` or ``"cpu-kernel"``)."""
-        return replace(self, config=replace(self.config, backend=backend))
+    RUN_SETTINGS = ("backend", "phase")
+    """The settings a recipe may be run with other than those it was calibrated with: they change
+    how and when its products are computed, not what was calibrated."""
+
+    def computed(self, **settings: str) -> Recipe:
+        """The same recipe with other ``RUN_SETTINGS``: another backend (``backend="cpu-kernel"``)
+        or other calls sparse (``phase="all"``: decode steps too)."""
+        if unknown := sorted(set(settings) - set(self.RUN_SETTINGS)):
+            raise ActsparseError(
+                f"A recipe's {', '.join(unknown)} is part of what was calibrated; only its "
+                f"{' and '.join(self.RUN_SETTINGS)} can change, so calibrate a recipe with the other setting."
+            )
+        return replace(self, config=replace(self.config, **settings))
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model other than the one the recipe was calibrated for: another type, other
