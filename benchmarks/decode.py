@@ -16,7 +16,7 @@ copy reaches with the same threads (bytes read plus bytes written). Ratios are b
 
 ``generate``: greedy decoding through ``model.generate`` (``--new-tokens`` after a
 ``--prompt-tokens`` prompt; decode time is generate(1 + K) − generate(1), so the prompt does not
-count), dense against ``phase="all"`` with every decoder projection at the pattern and with the
+count), dense against ``phase="all"`` with every decoder projection at each pattern and with the
 amber layer policy, both on the cpu-kernel backend, and each ``--recipes`` folder (calibrated for
 the one model given) run the same way (``recipe.computed(phase="all", backend="cpu-kernel")``),
 interleaved round by round; and the peak
@@ -169,14 +169,15 @@ def build_model(name: str, dtype_name: str) -> torch.nn.Module:
     return model.eval()
 
 
-def configurations(pattern: str, recipes: str = "") -> dict[str, SparsityConfig | Recipe]:
-    """The timed configurations by label: the pattern on every projection, under the amber policy,
-    and each recipe folder (labelled by its name), all on every call through the cpu-kernel backend."""
-    common = dict(pattern=pattern, criterion="amber", phase="all", backend="cpu-kernel")
-    found: dict[str, SparsityConfig | Recipe] = {
-        f"{pattern} every projection": SparsityConfig(**common),
-        f"{pattern} amber policy": SparsityConfig(**common, policy="amber"),
-    }
+def configurations(patterns: str, recipes: str = "") -> dict[str, SparsityConfig | Recipe]:
+    """The timed configurations by label: each pattern (comma-separated) on every projection and
+    under the amber policy, and each recipe folder (labelled by its name), all on every call through
+    the cpu-kernel backend."""
+    common = dict(criterion="amber", phase="all", backend="cpu-kernel")
+    found: dict[str, SparsityConfig | Recipe] = {}
+    for pattern in patterns.split(","):
+        found[f"{pattern} every projection"] = SparsityConfig(pattern=pattern, **common)
+        found[f"{pattern} amber policy"] = SparsityConfig(pattern=pattern, policy="amber", **common)
     for folder in filter(None, recipes.split(",")):
         found[Path(folder).name] = load_recipe(folder).computed(phase="all", backend="cpu-kernel")
     return found
@@ -306,7 +307,7 @@ def main() -> None:
     decoding = commands.add_parser("generate", help="greedy decode tokens/s and peak RSS")
     decoding.add_argument("--models", default="smollm2-135m,llama-3.2-1b-shape")
     decoding.add_argument("--dtypes", default="float32,bfloat16")
-    decoding.add_argument("--pattern", default="8:16")
+    decoding.add_argument("--pattern", default="8:16", help="one pattern or several, comma-separated")
     decoding.add_argument("--prompt-tokens", type=int, default=16)
     decoding.add_argument("--new-tokens", type=int, default=32)
     decoding.add_argument("--rounds", type=int, default=5)
