@@ -45,6 +45,7 @@ from torch.utils import mkldnn
 
 from actsparse import SparsityConfig, kernels, load_model, parse_pattern, sparsify
 from actsparse.core.cpu import this_cpu
+from actsparse.core.paths import write_json_atomic
 from actsparse.io.recipe import Recipe, load_recipe
 from actsparse.sparse.handle import SparsityHandle
 
@@ -238,7 +239,8 @@ def measured_rss(args: argparse.Namespace, model: str, dtype: str, config: str) 
 
 
 def generate(args: argparse.Namespace) -> None:
-    print(f"{this_cpu().describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    machine = f"{this_cpu().describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    print(machine)
     print(
         f"greedy decode through model.generate: {args.new_tokens} new tokens after a "
         f"{args.prompt_tokens}-token prompt, phase='all', amber criterion, cpu-kernel backend"
@@ -248,13 +250,20 @@ def generate(args: argparse.Namespace) -> None:
         "| RSS after GiB | × dense |"
     )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-    for model_name in args.models.split(","):
-        for dtype_name in args.dtypes.split(","):
-            decode_rows(args, model_name, dtype_name)
+    rows = [
+        row
+        for model_name in args.models.split(",")
+        for dtype_name in args.dtypes.split(",")
+        for row in decode_rows(args, model_name, dtype_name)
+    ]
+    if args.out:
+        command = " ".join(["benchmarks/decode.py", *sys.argv[1:]])
+        provenance = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "command": command}
+        write_json_atomic(args.out, {"provenance": provenance, "new_tokens": args.new_tokens, "rows": rows})
 
 
-def decode_rows(args: argparse.Namespace, model_name: str, dtype_name: str) -> None:
-    """The table's rows of one model in one dtype (the model is freed when they are printed)."""
+def decode_rows(args: argparse.Namespace, model_name: str, dtype_name: str) -> list[dict[str, object]]:
+    """The table's rows of one model in one dtype, printed and returned (the model is freed after)."""
     model = build_model(model_name, dtype_name)
     ids = prompt(model, args.prompt_tokens)
     handles = {}
@@ -283,6 +292,7 @@ def decode_rows(args: argparse.Namespace, model_name: str, dtype_name: str) -> N
                 times[label].append((end - middle) - (middle - start))
     dense_rss = measured_rss(args, model_name, dtype_name, "dense")
     dense_rate = args.new_tokens / statistics.median(times["dense"])
+    rows = []
     for label, values in times.items():
         rate = args.new_tokens / statistics.median(values)
         rss = dense_rss if label == "dense" else measured_rss(args, model_name, dtype_name, label)
@@ -292,6 +302,11 @@ def decode_rows(args: argparse.Namespace, model_name: str, dtype_name: str) -> N
             f"| {rss['rss_gib']:.2f} | {rss['rss_gib'] / dense_rss['rss_gib']:.2f} |",
             flush=True,
         )
+        rows.append(
+            {"model": model_name, "dtype": dtype_name, "configuration": label, "tokens_per_s": rate}
+            | {"speedup": rate / dense_rate, "peak_rss_gib": rss["peak_rss_gib"], "rss_gib": rss["rss_gib"]}
+        )
+    return rows
 
 
 def main() -> None:
@@ -312,6 +327,7 @@ def main() -> None:
     decoding.add_argument("--new-tokens", type=int, default=32)
     decoding.add_argument("--rounds", type=int, default=5)
     decoding.add_argument("--recipes", default="", help="comma-separated recipe folders of the one model")
+    decoding.add_argument("--out", help="also write the rows as JSON here")
     rss = commands.add_parser("rss", help=argparse.SUPPRESS)
     rss.add_argument("--model", required=True)
     rss.add_argument("--dtype", required=True)
