@@ -11,6 +11,7 @@ result file named in ``SOURCES``; nothing is measured here.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -90,17 +91,18 @@ SOURCES: dict[str, dict[str, tuple[str, str]]] = {
 }
 
 
-def read_results(stem: str, text: str) -> dict[str, Any]:
-    return json.loads((RESULTS / f"{stem}-{text}.json").read_text(encoding="utf-8"))
+@functools.cache
+def read_results(stem: str, text: str) -> dict[str, Any] | None:
+    """The result file ``<stem>-<text>.json``, read once; None where it was not measured."""
+    path = RESULTS / f"{stem}-{text}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def find_row(model: str, row: str, text: str) -> dict[str, Any] | None:
     """The result row of ``row`` for ``model`` on ``text``, or None where it was not measured."""
     stem, label = SOURCES[row][model]
-    path = RESULTS / f"{stem}-{text}.json"
-    if not path.exists():
-        return None
-    found = [r for r in read_results(stem, text)["rows"] if r["label"] == label]
+    results = read_results(stem, text)
+    found = [r for r in results["rows"] if r["label"] == label] if results else []
     return found[0] if found else None
 
 
