@@ -16,19 +16,23 @@ copy reaches with the same threads (bytes read plus bytes written). Ratios are b
 
 ``generate``: greedy decoding through ``model.generate`` (``--new-tokens`` after a
 ``--prompt-tokens`` prompt; decode time is generate(1 + K) − generate(1), so the prompt does not
-count), dense against ``phase="all"`` with every decoder projection at each pattern and with the
-amber layer policy, both on the cpu-kernel backend, and each ``--recipes`` folder (calibrated for
-the one model given) run the same way (``recipe.computed(phase="all", backend="cpu-kernel")``),
-interleaved round by round; and the peak
-resident memory while a process attaches each configuration (none for dense) and decodes, each in
-its own process, measured from after the model is built (``VmHWM`` reset through
-``/proc/self/clear_refs``; Linux only). ``llama-3.2-1b-shape`` is a
-``LlamaConfig`` of Llama-3.2-1B's shape with random weights (speed does not depend on their values).
+count): the dense model (PyTorch's ``F.linear``), a copy of it with every linear layer on oneDNN,
+``phase="all"`` with every decoder projection at each pattern and with the amber layer policy, both
+on the cpu-kernel backend, and each ``--recipes`` folder (calibrated for the one model given) run
+the same way (``recipe.computed(phase="all", backend="cpu-kernel")``), interleaved round by round
+(each configuration kept as a recipe and attached afresh in each round, so that one
+configuration's packed weights are in memory at a time). Speed-ups are over the faster dense row.
+Then the peak resident memory while a process attaches each configuration (none for dense) and
+decodes, each in its own process, measured from after the model is built (``VmHWM`` reset through
+``/proc/self/clear_refs``; Linux only), as a multiple of the dense model's. ``llama-3.2-1b-shape``
+is a ``LlamaConfig`` of Llama-3.2-1B's shape with random weights (speed does not depend on their
+values).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -170,6 +174,15 @@ def build_model(name: str, dtype_name: str) -> torch.nn.Module:
     return model.eval()
 
 
+DENSE, ONEDNN = "dense", "dense, oneDNN"
+"""The dense rows: the model as loaded (PyTorch's ``F.linear``) and a copy of it on oneDNN."""
+
+
+def on_onednn(model: torch.nn.Module, dtype_name: str) -> torch.nn.Module:
+    """A copy of the dense model with every linear layer on oneDNN (``torch.utils.mkldnn``)."""
+    return mkldnn.to_mkldnn(copy.deepcopy(model), DTYPES[dtype_name])
+
+
 def configurations(patterns: str, recipes: str = "") -> dict[str, SparsityConfig | Recipe]:
     """The timed configurations by label: each pattern (comma-separated) on every projection and
     under the amber policy, and each recipe folder (labelled by its name), all on every call through
@@ -221,7 +234,9 @@ def peak_rss(args: argparse.Namespace) -> None:
     gc.collect()
     with open("/proc/self/clear_refs", "w", encoding="utf-8") as clear_refs:
         clear_refs.write("5")  # resets VmHWM, the peak resident set size
-    if args.config != "dense":
+    if args.config == ONEDNN:
+        model = on_onednn(model, args.dtype)
+    elif args.config != DENSE:
         attach(model, configurations(args.pattern, args.recipes)[args.config])
     greedy(model, prompt(model, args.prompt_tokens), 4)
     with open("/proc/self/status", encoding="utf-8") as status:
@@ -246,7 +261,7 @@ def generate(args: argparse.Namespace) -> None:
         f"{args.prompt_tokens}-token prompt, phase='all', amber criterion, cpu-kernel backend"
     )
     print(
-        "| model | dtype | configuration | decode tokens/s | × dense | peak RSS GiB | × dense "
+        "| model | dtype | configuration | decode tokens/s | × best dense | peak RSS GiB | × dense "
         "| RSS after GiB | × dense |"
     )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
@@ -265,37 +280,43 @@ def generate(args: argparse.Namespace) -> None:
 def decode_rows(args: argparse.Namespace, model_name: str, dtype_name: str) -> list[dict[str, object]]:
     """The table's rows of one model in one dtype, printed and returned (the model is freed after)."""
     model = build_model(model_name, dtype_name)
+    onednn = on_onednn(model, dtype_name)
     ids = prompt(model, args.prompt_tokens)
-    handles = {}
-    for label, configuration in configurations(args.pattern, args.recipes).items():  # one attached at a time
-        handles[label] = attach(model, configuration)
-        handles[label].remove()
+    # Each configuration as a recipe (calibrated once), attached afresh in every round and freed
+    # after it, so that one configuration's packed weights are held at a time.
+    recipes: dict[str, Recipe] = {}
+    for label, configuration in configurations(args.pattern, args.recipes).items():
+        handle = attach(model, configuration)
+        recipes[label] = handle.recipe()
+        handle.remove()
+        del handle
 
     # generate(1) and generate(1 + K) of each configuration, timed without the attach and
     # remove around them: each round attaches once and times both.
-    times: dict[str, list[float]] = {"dense": []} | {label: [] for label in handles}
+    times: dict[str, list[float]] = {DENSE: [], ONEDNN: []} | {label: [] for label in recipes}
     for round_ in range(args.rounds + 1):
         for label in times:
-            handle = handles.get(label)
-            if handle is not None:
-                handle.attach()
+            net = onednn if label == ONEDNN else model
+            handle = sparsify(model, recipe=recipes[label]) if label in recipes else None
             try:
                 start = time.perf_counter()
-                greedy(model, ids, 1)
+                greedy(net, ids, 1)
                 middle = time.perf_counter()
-                greedy(model, ids, 1 + args.new_tokens)
+                greedy(net, ids, 1 + args.new_tokens)
                 end = time.perf_counter()
             finally:
                 if handle is not None:
                     handle.remove()
+                del handle
+                gc.collect()
             if round_:  # the first round warms up
                 times[label].append((end - middle) - (middle - start))
-    dense_rss = measured_rss(args, model_name, dtype_name, "dense")
-    dense_rate = args.new_tokens / statistics.median(times["dense"])
+    dense_rss = measured_rss(args, model_name, dtype_name, DENSE)
+    dense_rate = args.new_tokens / min(statistics.median(times[DENSE]), statistics.median(times[ONEDNN]))
     rows = []
     for label, values in times.items():
         rate = args.new_tokens / statistics.median(values)
-        rss = dense_rss if label == "dense" else measured_rss(args, model_name, dtype_name, label)
+        rss = dense_rss if label == DENSE else measured_rss(args, model_name, dtype_name, label)
         print(
             f"| {model_name} | {dtype_name} | {label} | {rate:.2f} | {rate / dense_rate:.2f} "
             f"| {rss['peak_rss_gib']:.2f} | {rss['peak_rss_gib'] / dense_rss['peak_rss_gib']:.2f} "
