@@ -4,9 +4,11 @@
 
 Writes ``docs/results/scale-three-sizes.md`` (KL, perplexity, top-1 and lastword of each row at each
 size, on both texts), ``docs/scale/kl_by_size.png`` (KL against the parameters of the decoder
-projections, a line per row) and ``docs/scale/speed_at_quality.png`` (the 1.5B model's decode
-speed-up against its KL, from ``scale-qwen2.5-coder-1.5b-decode.json``). Every figure comes from a
-result file named in ``SOURCES``; nothing is measured here.
+projections, a line per row), and, once ``scale-qwen2.5-coder-1.5b-decode.json`` is measured,
+``docs/results/scale-qwen2.5-coder-1.5b-speed-at-quality.md`` (the 1.5B model's decode speed-up
+beside the same configurations' KL, perplexity and generation agreement under both phases) and
+``docs/scale/speed_at_quality.png`` (speed-up against KL). Every figure comes from a result file
+named in ``SOURCES`` or ``DECODE_ROWS``; nothing is measured here.
 """
 
 from __future__ import annotations
@@ -142,6 +144,18 @@ def three_size_table() -> str:
     return "\n".join(lines)
 
 
+def size_ticks(sizes: dict[str, float]) -> tuple[list[float], list[str]]:
+    """Tick places and labels for the models' sizes: names stacked where sizes are within 20%."""
+    ticks: list[tuple[float, list[str]]] = []
+    for model, size in sorted(sizes.items(), key=lambda item: item[1]):
+        label = f"{MODELS[model]} ({size / 1e6:,.0f}M)"
+        if ticks and size < 1.2 * ticks[-1][0]:
+            ticks[-1][1].append(label)
+        else:
+            ticks.append((size, [label]))
+    return [size for size, _ in ticks], ["\n".join(labels) for _, labels in ticks]
+
+
 def plot_kl_by_size(path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     sizes = {model: projection_parameters(model) for model in MODELS}
@@ -151,7 +165,7 @@ def plot_kl_by_size(path: Path) -> None:
             axis.plot(*zip(*points), marker="o", label=row)
         axis.set_xscale("log")
         axis.set_yscale("log")
-        axis.set_xticks(list(sizes.values()), [MODELS[m] for m in sizes], fontsize=7, rotation=30)
+        axis.set_xticks(*size_ticks(sizes), fontsize=7)
         axis.minorticks_off()
         axis.set_xlabel("parameters in the decoder projections (log)")
         axis.set_title(f"KL to dense, {text} evaluation split (log)")
@@ -160,42 +174,96 @@ def plot_kl_by_size(path: Path) -> None:
     save(figure, path)
 
 
-def plot_speed_at_quality(path: Path) -> None:
+DECODE_ROWS = {  # decode benchmark configuration → the row of SOURCES with the same configuration
+    "dense": "dense",
+    "dense, oneDNN": "dense",
+    "8:16 every projection": "8:16 on every projection (amber score)",
+    "2:4 every projection": "2:4 on every projection (amber score)",
+    f"{QWEN}-8-16-amber-55": "8:16, amber rule at 55% (1.5B: + learnable)",
+    f"{QWEN}-2-4-amber-55": "2:4, amber rule at 55% (1.5B: + learnable)",
+    f"{QWEN}-8-16-kl-55": "best 8:16 at 55%: kl policy, permute, learned input shift and scale",
+    f"{QWEN}-8-16-mixed-12-16": "mixed: 8:16 on 10%, 12:16 on the rest, permute, learnable",
+}
+"""The amber-policy decode rows are left out: their layers were chosen on random tokens (speed only)."""
+
+
+def decode_results() -> dict[str, Any] | None:
     source = RESULTS / f"scale-{QWEN}-decode.json"
-    if not source.exists():
-        print(f"{source} is not measured yet (STEP=decode bash scripts/scale.sh); no speed plot.")
-        return
-    decode = json.loads(source.read_text(encoding="utf-8"))
-    kl = {row["label"]: row["kl_to_dense"] for row in read_results(f"scale-{QWEN}", "sotu")["rows"]}
-    figure, axis = plt.subplots(figsize=(6.5, 4.5))
-    for row in decode["rows"]:
-        label = DECODE_ROWS.get(row["configuration"])
-        if label is None or label not in kl:
+    return json.loads(source.read_text(encoding="utf-8")) if source.exists() else None
+
+
+def rouge_l(row: dict[str, Any] | None) -> str:
+    generation = (row or {}).get("generation")
+    return f"{generation['mean_rouge_l']:.3f}" if generation else "—"
+
+
+def speed_at_quality() -> list[dict[str, Any]]:
+    """The 1.5B model's decode rows beside the quality of the same configurations: speed-up, KL on
+    both texts, perplexity, removed FLOPs and generation agreement under each phase."""
+    decode = decode_results()
+    joined = []
+    for timed in decode["rows"] if decode else []:
+        row = DECODE_ROWS.get(timed["configuration"])
+        if row is None:
             continue
-        axis.scatter(kl[label], row["speedup"])
-        axis.annotate(
-            row["configuration"], (kl[label], row["speedup"]), (6, 0), textcoords="offset points", fontsize=7
+        sotu, emails = (find_row(QWEN, row, text) for text in TEXTS)
+        label = SOURCES[row][QWEN][1]
+        generated = read_results(f"scale-{QWEN}-generation", "all")
+        all_phase = [r for r in generated["rows"] if r["label"] == f"{label} phase=all"] if generated else []
+        joined.append(
+            {"configuration": timed["configuration"], "row": row, "timed": timed, "sotu": sotu}
+            | {"emails": emails, "generation_all": all_phase[0] if all_phase else None}
         )
+    return joined
+
+
+def speed_at_quality_table() -> str | None:
+    rows = speed_at_quality()
+    if not rows:
+        return None
+    decode = decode_results()
+    lines = [
+        f"Decode: {decode['provenance']['machine']}, {decode['provenance']['date']}, "
+        f"`{decode['provenance']['command']}` ({decode['new_tokens']} new tokens, phase=all, cpu-kernel); "
+        "quality: the sotu and emails evaluation results beside it.",
+        "",
+        "| configuration | decode tokens/s | × best dense | peak RSS GiB | removed | sotu KL | emails KL "
+        "| sotu ppl | gen. ROUGE-L phase=prefill | gen. ROUGE-L phase=all |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        timed, sotu, emails = row["timed"], row["sotu"], row["emails"]
+        dense = row["row"] == "dense"
+        lines.append(
+            f"| {row['configuration']} | {timed['tokens_per_s']:.2f} | {timed['speedup']:.2f} "
+            f"| {timed['peak_rss_gib']:.2f} | {100 * sotu['flops']['removed_share']:.1f}% "
+            f"| {sotu['kl_to_dense']:.4f} | {emails['kl_to_dense']:.4f} | {sotu['perplexity']:.2f} "
+            f"| {'1' if dense else rouge_l(sotu)} | {'1' if dense else rouge_l(row['generation_all'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_speed_at_quality(path: Path) -> None:
+    rows = speed_at_quality()
+    if not rows:
+        print(
+            f"scale-{QWEN}-decode.json is not measured yet (STEP=decode bash scripts/scale.sh): no speed plot"
+        )
+        return
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    below = {"dense, oneDNN", "8-16-kl-55", "2-4-amber-55"}  # labels set under their points, apart
+    for row in rows:
+        point = (row["sotu"]["kl_to_dense"], row["timed"]["speedup"])
+        axis.scatter(*point)
+        label = row["configuration"].removeprefix(f"{QWEN}-")  # recipe folders without the model
+        axis.annotate(label, point, (6, -9 if label in below else 3), textcoords="offset points", fontsize=7)
     axis.axhline(1, color="grey", linestyle="--", linewidth=1)
     axis.axvline(0.10, color="grey", linestyle=":", linewidth=1)
     axis.set_xlabel("KL to dense, sotu evaluation split")
-    axis.set_ylabel("decode tokens/s ÷ dense (bfloat16)")
+    axis.set_ylabel("decode tokens/s ÷ best dense (bfloat16)")
     axis.set_title(f"{MODELS[QWEN]}: decode speed-up against quality (phase=all, cpu-kernel)", fontsize=9)
     axis.grid(alpha=0.3)
     save(figure, path)
-
-
-DECODE_ROWS = {  # decode benchmark configuration → label of the same configuration's quality row
-    "dense": "dense",
-    "8:16 every projection": "8:16 amber",
-    "2:4 every projection": "2:4 amber",
-    f"{QWEN}-8-16-amber-55": SOURCES["8:16, amber rule at 55% (1.5B: + learnable)"][QWEN][1],
-    f"{QWEN}-2-4-amber-55": SOURCES["2:4, amber rule at 55% (1.5B: + learnable)"][QWEN][1],
-    f"{QWEN}-8-16-kl-55": SOURCES["best 8:16 at 55%: kl policy, permute, learned input shift and scale"][
-        QWEN
-    ][1],
-    f"{QWEN}-8-16-mixed-12-16": SOURCES["mixed: 8:16 on 10%, 12:16 on the rest, permute, learnable"][QWEN][1],
-}
 
 
 def save(figure: Any, path: Path) -> None:
@@ -208,6 +276,8 @@ def save(figure: Any, path: Path) -> None:
 def main() -> None:
     write_text_atomic(RESULTS / "scale-three-sizes.md", three_size_table())
     plot_kl_by_size(PLOTS / "kl_by_size.png")
+    if speed := speed_at_quality_table():
+        write_text_atomic(RESULTS / f"scale-{QWEN}-speed-at-quality.md", speed)
     plot_speed_at_quality(PLOTS / "speed_at_quality.png")
 
 
