@@ -297,7 +297,7 @@ def decode_rows(args: argparse.Namespace, model_name: str, dtype_name: str) -> l
     for round_ in range(args.rounds + 1):
         for label in times:
             net = onednn if label == ONEDNN else model
-            handle = sparsify(model, recipe=recipes[label]) if label in recipes else None
+            handle = attach(model, recipes[label]) if label in recipes else None
             try:
                 start = time.perf_counter()
                 greedy(net, ids, 1)

@@ -187,7 +187,9 @@ DECODE_ROWS = {  # decode benchmark configuration → the row of SOURCES with th
 """The amber-policy decode rows are left out: their layers were chosen on random tokens (speed only)."""
 
 
+@functools.cache
 def decode_results() -> dict[str, Any] | None:
+    """The decode benchmark's result file, read once; None where it was not measured."""
     source = RESULTS / f"scale-{QWEN}-decode.json"
     return json.loads(source.read_text(encoding="utf-8")) if source.exists() else None
 
@@ -201,6 +203,7 @@ def speed_at_quality() -> list[dict[str, Any]]:
     """The 1.5B model's decode rows beside the quality of the same configurations: speed-up, KL on
     both texts, perplexity, removed FLOPs and generation agreement under each phase."""
     decode = decode_results()
+    generated = read_results(f"scale-{QWEN}-generation", "all")  # the phase=all generation file
     joined = []
     for timed in decode["rows"] if decode else []:
         row = DECODE_ROWS.get(timed["configuration"])
@@ -208,7 +211,6 @@ def speed_at_quality() -> list[dict[str, Any]]:
             continue
         sotu, emails = (find_row(QWEN, row, text) for text in TEXTS)
         label = SOURCES[row][QWEN][1]
-        generated = read_results(f"scale-{QWEN}-generation", "all")
         all_phase = [r for r in generated["rows"] if r["label"] == f"{label} phase=all"] if generated else []
         joined.append(
             {"configuration": timed["configuration"], "row": row, "timed": timed, "sotu": sotu}
@@ -217,10 +219,7 @@ def speed_at_quality() -> list[dict[str, Any]]:
     return joined
 
 
-def speed_at_quality_table() -> str | None:
-    rows = speed_at_quality()
-    if not rows:
-        return None
+def speed_at_quality_table(rows: list[dict[str, Any]]) -> str:
     decode = decode_results()
     lines = [
         f"Decode: {decode['provenance']['machine']}, {decode['provenance']['date']}, "
@@ -243,13 +242,7 @@ def speed_at_quality_table() -> str | None:
     return "\n".join(lines) + "\n"
 
 
-def plot_speed_at_quality(path: Path) -> None:
-    rows = speed_at_quality()
-    if not rows:
-        print(
-            f"scale-{QWEN}-decode.json is not measured yet (STEP=decode bash scripts/scale.sh): no speed plot"
-        )
-        return
+def plot_speed_at_quality(rows: list[dict[str, Any]], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
     below = {"dense, oneDNN", "8-16-kl-55", "2-4-amber-55"}  # labels set under their points, apart
     for row in rows:
@@ -276,9 +269,11 @@ def save(figure: Any, path: Path) -> None:
 def main() -> None:
     write_text_atomic(RESULTS / "scale-three-sizes.md", three_size_table())
     plot_kl_by_size(PLOTS / "kl_by_size.png")
-    if speed := speed_at_quality_table():
-        write_text_atomic(RESULTS / f"scale-{QWEN}-speed-at-quality.md", speed)
-    plot_speed_at_quality(PLOTS / "speed_at_quality.png")
+    if not (rows := speed_at_quality()):
+        print(f"scale-{QWEN}-decode.json is not measured (STEP=decode bash scripts/scale.sh): no speed table")
+        return
+    write_text_atomic(RESULTS / f"scale-{QWEN}-speed-at-quality.md", speed_at_quality_table(rows))
+    plot_speed_at_quality(rows, PLOTS / "speed_at_quality.png")
 
 
 if __name__ == "__main__":
